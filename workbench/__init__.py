@@ -1,0 +1,1 @@
+"""workbench: record and explore what happens inside transformer inference."""

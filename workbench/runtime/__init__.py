@@ -1,0 +1,1 @@
+"""Runtime: KV cache, sampler, tokenizers, checkpoints, the generate loop, tensor parallelism."""

@@ -1,0 +1,129 @@
+"""Load and save local Hugging Face Llama checkpoints (config.json + safetensors, sharded or not)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workbench.errors import WorkbenchError
+from workbench.models.config import LlamaConfig
+from workbench.models.llama import Llama
+
+# HF parameter names -> ours, below the "model." prefix (the rest of the name is identical).
+_RENAMES = [(".self_attn.", ".attn."), (".post_attention_layernorm.", ".post_attn_norm."),
+            (".input_layernorm.", ".input_norm.")]
+
+
+def hf_to_ours(name: str) -> str:
+    name = name.removeprefix("model.")
+    for a, b in _RENAMES:
+        name = name.replace(a, b)
+    return name
+
+
+def ours_to_hf(name: str) -> str:
+    for a, b in _RENAMES:
+        name = name.replace(b, a)
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError):
+            raise WorkbenchError(f"{index} is not a valid safetensors index") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WorkbenchError(f"no *.safetensors weights in {path}")
+    for f in files:
+        if not f.exists():
+            raise WorkbenchError(f"weight shard {f.name} listed in the index is missing from {path}")
+    return files
+
+
+def read_config(path: str | Path) -> LlamaConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise WorkbenchError(f"model directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise WorkbenchError(f"{path} has no config.json")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise WorkbenchError(f"{cfg_file} is not valid JSON: {e}") from None
+    return LlamaConfig.from_hf_dict(hf)
+
+
+def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
+    """Build a Llama from a local HF checkpoint directory; errors name the problem."""
+    path = Path(path)
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    state: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    ours = hf_to_ours(key)
+                    if ours.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if ours not in expected:
+                        if cfg.tie_embeddings and ours == "lm_head.weight":
+                            continue
+                        raise WorkbenchError(f"unexpected tensor {key!r} in {f.name}")
+                    t = sf.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[ours].shape):
+                        raise WorkbenchError(f"tensor {key!r} has shape {tuple(t.shape)}, config implies "
+                                             f"{tuple(expected[ours].shape)}")
+                    state[ours] = t
+        except (OSError, RuntimeError) as e:
+            raise WorkbenchError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WorkbenchError(f"checkpoint lacks {len(missing)} tensors, e.g. {ours_to_hf(missing[0])!r}")
+    dtype = dtype or torch.float32
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=False)
+    model.rotary = type(model.rotary)(cfg).to(device)  # buffers are not in the checkpoint
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.to(dtype)
+    model.setup_hook_points()
+    return model.eval()
+
+
+def save_llama(model: Llama, path: str | Path, tokenizer=None) -> None:
+    """Write config.json and model.safetensors in the HF layout (loadable by transformers)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(model.cfg.to_hf_dict(), indent=2))
+    state = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None and hasattr(tokenizer, "to_dict") and tokenizer.to_dict()["kind"] == "bytes":
+        (path / "workbench_tokenizer.json").write_text(json.dumps(tokenizer.to_dict(), indent=2))
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """sha256 over config.json and the weight files, so a replay can tell it runs the same model."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in [path / "config.json", *_weight_files(path)]:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
