@@ -1,0 +1,125 @@
+"""Command line: ``workbench generate / serve / replay / compare / train``.
+
+Thin: every command parses its flags into a spec and calls the library. Bad input exits with
+code 2 and one line naming the problem, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from workbench.errors import WorkbenchError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse would print the usage too)
+        sys.stderr.write(f"workbench: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v < 0 or v != v:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return v
+
+
+def _add_generate(sub) -> None:
+    from workbench.runtime.session import DEFAULT_MODEL
+    p = sub.add_parser("generate", help="generate text, optionally recording a trace")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="local checkpoint directory (default: %(default)s)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _spec_from_args(args):
+    from workbench.runtime.sampler import SamplerConfig
+    from workbench.runtime.session import RunSpec
+    spec = RunSpec(model=args.model, max_new_tokens=args.max_new_tokens,
+                   sampler=SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         seed=args.seed),
+                   stop_strings=list(args.stop), device=args.device, block_size=args.block_size)
+    if args.prompt:
+        spec.prompts = list(args.prompt)
+    return spec
+
+
+def _cmd_generate(args) -> int:
+    from workbench.runtime import session
+    spec = _spec_from_args(args)
+    if args.json:
+        result = session.run(spec)
+        print(session.result_json(spec, result))
+        return 0
+    streamer = None
+    if len(spec.prompts) == 1:
+        streamer = _Streamer(spec)
+    result = session.run(spec, on_step=streamer)
+    if streamer is None:
+        for prompt, text in zip(spec.prompts, result.texts):
+            print(f"--- {prompt!r}\n{prompt}{text}")
+    else:
+        print()
+    print(f"[{len(result.step_seconds)} steps, prefill {result.prefill_seconds * 1e3:.1f} ms, "
+          f"decode {result.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+class _Streamer:
+    """Streams sequence 0's text; built lazily because the tokenizer is loaded inside the run."""
+
+    def __init__(self, spec) -> None:
+        self.spec, self.inner = spec, None
+
+    def __call__(self, event) -> None:
+        if self.inner is None:
+            from workbench.runtime.session import TextStreamer, load_tokenizer_only
+            self.inner = TextStreamer(load_tokenizer_only(self.spec.model))
+            sys.stdout.write(self.spec.prompts[0])
+        self.inner(event)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="workbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except WorkbenchError as e:
+        sys.stderr.write(f"workbench: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("workbench: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
