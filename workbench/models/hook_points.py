@@ -55,6 +55,13 @@ class HookPoint(nn.Module):
         return f"name={self.name!r}, listeners={len(self.listeners)}"
 
 
+def hook_name(module_path: str) -> str:
+    """``layers.3.mlp.hook_act_pre`` -> ``layers.3.mlp.act.pre``: the attribute says what is hooked."""
+    head, _, last = module_path.rpartition(".")
+    last = last.removeprefix("hook_").replace("_", ".")
+    return f"{head}.{last}" if head else last
+
+
 class HookedModule(nn.Module):
     """Base for models with hook points: naming, lookup by glob, and scoped listeners."""
 
@@ -64,8 +71,9 @@ class HookedModule(nn.Module):
         """Name every HookPoint after its place in the module tree; call at the end of __init__."""
         self.info = ForwardInfo()
         self._hook_points: dict[str, HookPoint] = {}
-        for name, mod in self.named_modules():
+        for path, mod in self.named_modules():
             if isinstance(mod, HookPoint):
+                name = hook_name(path)
                 mod.name = name
                 parts = name.split(".")
                 if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit():
