@@ -51,6 +51,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    _add_arm_options(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -63,7 +64,45 @@ def _spec_from_args(args):
                    stop_strings=list(args.stop), device=args.device, block_size=args.block_size)
     if args.prompt:
         spec.prompts = list(args.prompt)
+    spec.arm = _arm_settings(args)
     return spec
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        layers = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("expected at least one layer number")
+    return layers
+
+
+_ARM_FLAGS = {"arm_layers": "layers", "arm_c": "c", "arm_k": "k", "arm_clip_lo": "clip_lo",
+              "arm_clip_hi": "clip_hi", "arm_percentile": "percentile", "arm_seed": "seed"}
+
+
+def _add_arm_options(p) -> None:
+    g = p.add_argument_group("activation redistribution (ARM, docs/arm.md)")
+    g.add_argument("--arm", action="store_true", help="redistribute MLP activations (default: layer 0)")
+    g.add_argument("--arm-layers", type=_layer_list, help="comma-separated layers, e.g. 0,1 (default: 0)")
+    g.add_argument("--arm-c", type=float, help="near-zero threshold factor c (default: 0.13)")
+    g.add_argument("--arm-k", type=float, help="fraction factor k (default: 1)")
+    g.add_argument("--arm-clip-lo", type=float, help="lowest fraction replaced (default: 0.2)")
+    g.add_argument("--arm-clip-hi", type=float, help="highest fraction replaced (default: 0.25)")
+    g.add_argument("--arm-percentile", type=float, help="percentile scaling positive draws (default: 99.5)")
+    g.add_argument("--arm-seed", type=int, help="ARM seed (default: the run's --seed)")
+
+
+def _arm_settings(args) -> dict | None:
+    """RunSpec.arm from the --arm* flags (None when ARM is off); validated by ARMConfig."""
+    given = {key: getattr(args, flag) for flag, key in _ARM_FLAGS.items() if getattr(args, flag, None) is not None}
+    if not getattr(args, "arm", False):
+        if given:
+            raise WorkbenchError(f"--{next(f for f, k in _ARM_FLAGS.items() if k in given).replace('_', '-')} needs --arm")
+        return None
+    from workbench.models.arm import ARMConfig
+    return ARMConfig(**given).to_dict()
 
 
 def _cmd_generate(args) -> int:

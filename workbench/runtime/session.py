@@ -95,6 +95,8 @@ def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, wor
     from workbench.runtime.generate import generate
     device = pick_device(spec.device)
     model, tok = load_model(spec.model, device)
+    from workbench.models.arm import apply_arm  # ARM reads TP rank/world from model.info at call time
+    apply_arm(model, spec.arm, seed=spec.sampler.seed)
     prompts = encode_prompts(spec, tok, model.cfg.max_seq_len)
     stop_ids = [tok.eos_id] if tok.eos_id is not None else []
     result = generate(model, prompts, spec.max_new_tokens, sampler=Sampler(spec.sampler), stop_ids=stop_ids,
