@@ -124,9 +124,14 @@ def mad_threshold(a: torch.Tensor, c: float = 0.13) -> float:
     return float(MAD_TO_SIGMA * lower_median((mag - med).abs()) * c)
 
 
+def near_zero_count(a: torch.Tensor, eps: float) -> int:
+    """Number of elements with |a| < eps (adds across ranks and steps, unlike a fraction)."""
+    return int((a.detach().abs() < eps).sum())
+
+
 def near_zero_fraction(a: torch.Tensor, eps: float) -> float:
     """mean(|a| < eps) over all elements (strict: an entry equal to eps is not near zero)."""
-    return float((a.detach().abs() < eps).float().mean()) if a.numel() else 0.0
+    return near_zero_count(a, eps) / a.numel() if a.numel() else 0.0
 
 
 def smallest_magnitude_mask(mag: torch.Tensor, n: int) -> torch.Tensor:
@@ -213,7 +218,7 @@ class ARM(nn.Module):
         med = lower_median(mag)
         mad = lower_median((mag - med).abs())
         eps = float(MAD_TO_SIGMA * mad * cfg.c)
-        s_before = float((mag < eps).sum()) / n_all
+        s_before = near_zero_count(mag, eps) / n_all
         frac = min(max(cfg.k * s_before, cfg.clip_lo), cfg.clip_hi)
         n = int(round(frac * n_all))
         chosen = smallest_magnitude_mask(mag, n)
@@ -228,7 +233,7 @@ class ARM(nn.Module):
         out[idx] = new
         self.stats = ARMStats(
             numel=n_all, median=float(med), mad=float(mad), eps=eps, near_zero_before=s_before,
-            near_zero_after=float((out.abs() < eps).sum()) / n_all, frac=frac, n_replaced=n,
+            near_zero_after=near_zero_count(out, eps) / n_all, frac=frac, n_replaced=n,
             n_negative=int(neg.sum()), pos_scale=float(pos_scale), neg_scale=float(neg_scale))
         return out.to(a.dtype).view(a.shape)
 
