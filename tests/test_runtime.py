@@ -1,0 +1,118 @@
+"""Runtime pieces on their own: paged KV cache accounting, sampler, stop conditions, CLI errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from workbench.models.config import LlamaConfig
+from workbench.models.llama import Llama
+from workbench.runtime.checkpoint import save_llama
+from workbench.runtime.generate import generate
+from workbench.runtime.kv_cache import CacheFullError, PagedKVCache
+from workbench.runtime.sampler import Sampler, SamplerConfig
+from workbench.runtime.tokenizer import ByteTokenizer
+
+CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+           bos_id=256, eos_id=257)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny")
+    save_llama(Llama(LlamaConfig(**CFG)), path, ByteTokenizer())
+    return path
+
+
+def test_kv_cache_reports_tokens_blocks_and_bytes():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**CFG)).eval()
+    seen = []
+    generate(model, [[1] * 5, [2] * 11], 8, block_size=4, on_step=lambda e: seen.append(e.cache.stats()))
+    per_token = 2 * 2 * 8 * 4  # K and V, 2 kv heads, head_dim 8, float32
+    # After step s: lengths 5+s and 11+s tokens -> ceil(./4) blocks each (prefill pads to 11 for both).
+    for s, st in enumerate(seen):
+        tokens = (5 + s) + (11 + s)
+        blocks = max(3, -(-(5 + s + 1) // 4)) + -(-(11 + s + 1) // 4) if s else 3 + 3
+        assert st.tokens == tokens
+        assert st.bytes_used == tokens * per_token
+        assert st.bytes_reserved == st.blocks * 4 * per_token
+        assert st.bytes_reserved >= st.bytes_used
+    assert seen[0].blocks == 6  # both sequences were written up to position 10 in the padded prefill
+
+
+def test_kv_cache_full_is_a_clear_error():
+    model = Llama(LlamaConfig(**CFG)).eval()
+    with pytest.raises(CacheFullError, match="KV cache is full"):
+        generate(model, [[1] * 10], 10, block_size=4, num_blocks=3)
+
+
+def test_top_k_and_top_p_filter_the_distribution():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    p = Sampler(SamplerConfig(temperature=1.0, top_k=2)).probabilities(logits)
+    assert (p[0, 2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
+    p = Sampler(SamplerConfig(temperature=1.0, top_p=0.7)).probabilities(logits)  # p = .64, .23, .09, ...
+    assert (p[0] > 0).tolist() == [True, True, False, False, False]
+    p = Sampler(SamplerConfig(temperature=1.0, top_p=0.6)).probabilities(logits)
+    assert (p[0] > 0).tolist() == [True, False, False, False, False]
+    greedy = Sampler(SamplerConfig()).sample(logits)
+    assert greedy.tokens.tolist() == [0] and greedy.cand_ids[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_stop_on_eos_and_stop_strings():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**CFG)).eval()
+    free = generate(model, [[1, 2, 3]], 10).generated[0]
+    res = generate(model, [[1, 2, 3]], 10, stop_ids=[free[3]])
+    assert res.generated[0] == free[:free.index(free[3]) + 1] and res.finish_reasons == ["eos"]
+    tok = ByteTokenizer()
+    target = tok.decode(free[2:4])
+    res = generate(model, [[1, 2, 3]], 10, stop_strings=[target], decode=tok.decode)
+    assert res.finish_reasons == ["stop"] and target not in res.texts[0]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_json_output(model_dir):
+    out = _cli("generate", "--model", str(model_dir), "--prompt", "ab", "--prompt", "cde",
+               "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["prompt_ids"] == [[256, 97, 98], [256, 99, 100, 101]]
+    assert [len(g) for g in d["generated_ids"]] == [4, 4]
+    assert d["timings"]["steps"] == 4 and d["timings"]["decode_tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/dir"], "does not exist"),
+    (["--max-new-tokens", "0"], "expected a number >= 1"),
+    (["--temperature", "-1"], "expected a number >= 0"),
+    (["--top-p", "2"], "top-p must be in (0, 1]"),
+    (["--prompt", "x" * 80, "--max-new-tokens", "4"], "exceeds the model's context of 64"),
+])
+def test_cli_bad_input_is_one_line_exit_2(model_dir, args, message):
+    if "--model" not in args:
+        args = ["--model", str(model_dir), *args]
+    out = _cli("generate", *args)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_rejects_unsupported_architecture_and_bad_shapes(model_dir, tmp_path):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    bad = tmp_path / "bert"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertModel"], "model_type": "bert"}))
+    out = _cli("generate", "--model", str(bad))
+    assert out.returncode == 2 and "unsupported architecture 'BertModel'" in out.stderr
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    (wrong / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48, "head_dim": 12}))
+    out = _cli("generate", "--model", str(wrong))
+    assert out.returncode == 2 and "has shape" in out.stderr and "config implies" in out.stderr
