@@ -258,3 +258,25 @@ def test_tp2_equals_tp1_with_real_gloo_processes(tmp_path):
     for p in parts:
         assert p["stats"] == ref.stats.to_dict()
         assert p["bytes"] == full.numel() * 4  # the all-gather receives the whole tensor
+
+
+@pytest.mark.slow
+def test_model_tp2_with_arm_equals_tp1(tiny_dir):
+    """Whole model: ARM on layers 0 and 1 under TP=2 (spawned gloo ranks) gives TP=1's run."""
+    from workbench.runtime.session import RunSpec, run, run_local
+
+    def probs(tp, arm):
+        seen = []
+        spec = RunSpec(model=str(tiny_dir), prompts=["a" + "/" * 20], max_new_tokens=4, device="cpu", arm=arm,
+                       tp=tp)
+        result = (run if tp > 1 else run_local)(spec, on_step=lambda ev: seen.append(ev.cand_probs.clone()))
+        return result.generated, torch.stack(seen)
+
+    on = {"layers": [0, 1]}
+    t1, p1 = probs(1, on)
+    t2, p2 = probs(2, on)
+    _, p_off = probs(1, None)
+    assert t1 == t2
+    gap = float((p1 - p2).abs().max())
+    assert gap < 1e-5
+    assert float((p1 - p_off).abs().max()) > 100 * gap + 1e-6  # ARM's effect dwarfs the TP rounding

@@ -243,13 +243,14 @@ class ARM(nn.Module):
                 f"percentile={c.percentile}, seed={self.seed}")
 
 
-def apply_arm(model: nn.Module, cfg: "ARMConfig | dict | None", seed: int = 0) -> list[ARM]:
+def apply_arm(model: nn.Module, cfg: "ARMConfig | dict | None", seed: int = 0, group=None) -> list[ARM]:
     """Install ARM into ``model.layers[i].mlp.redistribute`` for each configured layer.
 
     Args:
         model: a built Llama (sharded or not; ARM reads rank/world from ``model.info`` at call time).
         cfg: ARMConfig, its dict form (RunSpec.arm), or None (ARM off: removes nothing, returns []).
         seed: the run seed; layer i's generator is seeded with ``(cfg.seed or seed) + i``.
+        group: the tensor-parallel process group (None: the default group; unused with one rank).
     Returns:
         The installed modules, in layer order.
     """
@@ -267,6 +268,7 @@ def apply_arm(model: nn.Module, cfg: "ARMConfig | dict | None", seed: int = 0) -
         mlp = model.layers[i].mlp
         arm = ARM(cfg, i, base, d_ff=model.cfg.d_ff)
         arm.owner = weakref.ref(model)
+        arm.group = group
         mlp.redistribute = arm
         installed.append(arm)
     return installed
