@@ -1,0 +1,91 @@
+"""A strip of clickable tokens (prompt, then generated text) rendered in the browser.
+
+Tokens after the selected step are faded rather than hidden, so replay reads like scrubbing a video
+and any future token can be clicked. New tokens arrive by appending (``extend``): the browser only
+adds the new spans, and changing the step sends one integer.
+"""
+from __future__ import annotations
+
+import param
+from panel.custom import JSComponent
+
+
+class TokenStrip(JSComponent):
+    """Clickable token text. ``clicked`` is set to a position when the user clicks a token."""
+
+    tokens = param.List(default=[], doc="token texts, by position")
+    n_prompt = param.Integer(default=0, doc="positions before this are the prompt")
+    visible = param.Integer(default=0, doc="positions before this exist at the selected step")
+    selected = param.Integer(default=-1, doc="highlighted position")
+    clicked = param.Integer(default=-1, doc="set by the browser: the position last clicked")
+
+    _stylesheets = ["""
+    :host { display: block; }
+    .strip { font: 14px/1.7 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre-wrap;
+             word-break: break-all; padding: 8px 10px; background: #fbfbfd; border: 1px solid #e3e6ec;
+             border-radius: 6px; max-height: 240px; overflow-y: auto; color: #1d2330; }
+    .tok { cursor: pointer; border-radius: 3px; padding: 1px 0; transition: background .15s; }
+    .tok:hover { outline: 1px solid #8aa4c8; }
+    .tok.prompt { color: #4a5568; background: #eef1f6; }
+    .tok.gen { background: #e3effd; }
+    .tok.gen:nth-child(even) { background: #d5e6fb; }
+    .tok.future { opacity: .22; }
+    .tok.sel { background: #ffcf5c !important; color: #1d2330; outline: 2px solid #e0a100; }
+    .nl { color: #9aa5b5; }
+    .empty { color: #8a94a6; font-style: italic; }
+    """]
+
+    _esm = """
+    function label(text) {
+      // Show whitespace the model produced: newlines as a visible mark plus a real line break.
+      return text.replace(/\\n/g, '\\u21b5\\n').replace(/\\t/g, '\\u2192   ');
+    }
+    export function render({ model, el }) {
+      const box = document.createElement('div');
+      box.className = 'strip';
+      el.appendChild(box);
+      let spans = [];
+      function cls(i) {
+        let c = 'tok ' + (i < model.n_prompt ? 'prompt' : 'gen');
+        if (i >= model.visible) c += ' future';
+        if (i === model.selected) c += ' sel';
+        return c;
+      }
+      function add(from) {
+        const toks = model.tokens;
+        for (let i = from; i < toks.length; i++) {
+          const s = document.createElement('span');
+          s.textContent = label(toks[i]);
+          s.dataset.pos = i;
+          s.className = cls(i);
+          s.title = 'position ' + i + (i < model.n_prompt ? ' (prompt)' : '');
+          s.addEventListener('click', () => { model.clicked = i; });
+          box.appendChild(s);
+          spans.push(s);
+        }
+      }
+      function rebuild() {
+        const follow = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+        const n = model.tokens.length;
+        if (n < spans.length) { box.innerHTML = ''; spans = []; }  // shrank: redraw
+        if (spans.length === 0) { box.innerHTML = ''; }  // drop the 'no tokens yet' note
+        // Same prefix as before: only the new tokens are added.
+        add(spans.length);
+        if (!n) { box.innerHTML = '<span class="empty">no tokens yet</span>'; spans = []; }
+        if (follow) box.scrollTop = box.scrollHeight;
+      }
+      function restyle() { spans.forEach((s, i) => { s.className = cls(i); }); }
+      function reset() { box.innerHTML = ''; spans = []; rebuild(); }
+      rebuild();
+      model.on('tokens', rebuild);
+      model.on(['visible', 'selected', 'n_prompt'], restyle);
+      model.on('msg:custom', (msg) => { if (msg.type === 'reset') reset(); });
+    }
+    """
+
+    def replace(self, tokens: list[str], n_prompt: int) -> None:
+        """Show a different token list (another trace or sequence): the browser redraws from scratch."""
+        with param.parameterized.batch_call_watchers(self):
+            self.n_prompt = n_prompt
+            self.tokens = list(tokens)
+        self._send_msg({"type": "reset"})
