@@ -51,6 +51,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--tp", type=_positive_int, default=1,
+                   help="tensor-parallel size: local ranks to spawn (docs/tensor-parallel.md)")
+    p.add_argument("--tp-algorithm", choices=("allreduce", "reduce_scatter"), default="allreduce",
+                   help="All-Reduce RMSNorm algorithm under --tp > 1 (default: %(default)s)")
     _add_arm_options(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -65,6 +69,7 @@ def _spec_from_args(args):
     if args.prompt:
         spec.prompts = list(args.prompt)
     spec.arm = _arm_settings(args)
+    spec.tp, spec.tp_algorithm = args.tp, args.tp_algorithm
     return spec
 
 
@@ -110,12 +115,15 @@ def _cmd_generate(args) -> int:
     spec = _spec_from_args(args)
     if args.json:
         result = session.run(spec)
-        print(session.result_json(spec, result))
+        if result is not None:  # None: a torchrun rank other than 0, which prints nothing
+            print(session.result_json(spec, result))
         return 0
     streamer = None
     if len(spec.prompts) == 1:
         streamer = _Streamer(spec)
     result = session.run(spec, on_step=streamer)
+    if result is None:  # a torchrun rank other than 0
+        return 0
     if streamer is None:
         for prompt, text in zip(spec.prompts, result.texts):
             print(f"--- {prompt!r}\n{prompt}{text}")
@@ -140,10 +148,39 @@ class _Streamer:
         self.inner(event)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a default byte-level model on the stdlib's Python sources")
+    p.add_argument("--model-kind", choices=["llama", "perceiver_ar"], default="llama")
+    p.add_argument("--out", default=None, help="checkpoint directory (default: data/models/<kind>-bytes)")
+    p.add_argument("--minutes", type=_nonneg_float, default=15.0, help="wall-clock budget (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="fixed step count instead of a time budget (reproducible with the same seed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--lr", type=_nonneg_float, default=3e-3)
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from workbench.runtime.session import PROJECT_ROOT
+    from workbench.training.train import TrainConfig, train_and_save
+    default_out = {"llama": "llama-bytes", "perceiver_ar": "perceiver-ar-bytes"}[args.model_kind]
+    tc = TrainConfig(model_kind=args.model_kind, out=args.out or str(PROJECT_ROOT / "data" / "models" / default_out),
+                     minutes=None if args.steps else args.minutes, steps=args.steps, seed=args.seed,
+                     batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, threads=args.threads,
+                     device=args.device)
+    train_and_save(tc)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="workbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
+    _add_train(sub)
     return parser
 
 
@@ -154,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except WorkbenchError as e:
         sys.stderr.write(f"workbench: error: {e}\n")
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: bad input; a failed tensor-parallel rank says 1
     except KeyboardInterrupt:
         sys.stderr.write("workbench: interrupted\n")
         return 130

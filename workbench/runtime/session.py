@@ -5,11 +5,14 @@ and the trace recorder); the CLI and notebooks call ``run``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -90,26 +93,88 @@ class TextStreamer:
         self.shown = len(text)
 
 
-def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, world: int = 1):
-    """Run one generation in this process (rank ``rank`` of ``world``); returns GenerationResult."""
+@contextlib.contextmanager
+def worker_setup(spec: RunSpec, model, rank: int, world: int) -> Iterator[Callable | None]:
+    """Per-rank setup around one generation, in the process that runs the rank (every world size).
+
+    Runs after the model is loaded and sharded, before generation; the code after ``yield`` runs
+    when generation ends (also on error). Attach per-rank things here (trace recorder, probes);
+    yield a per-step callback ``(StepEvent) -> None`` for this rank, or None.
+    """
+    yield None
+
+
+def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, world: int = 1, group=None):
+    """Run one generation in this process (rank ``rank`` of ``world``); returns GenerationResult.
+
+    With ``world > 1`` the process group must be initialised; the model is sharded for this rank
+    (workbench/runtime/tp.py) and every rank uses rank 0's sampled tokens.
+    """
     from workbench.runtime.generate import generate
     device = pick_device(spec.device)
     model, tok = load_model(spec.model, device)
+    sampler = Sampler(spec.sampler)
+    if world > 1:
+        from workbench.runtime import tp
+        tp.shard_model(model, rank, world, group, spec.tp_algorithm)
+        sampler = tp.RankZeroSampler(spec.sampler, group)
     from workbench.models.arm import apply_arm  # ARM reads TP rank/world from model.info at call time
-    apply_arm(model, spec.arm, seed=spec.sampler.seed)
+    apply_arm(model, spec.arm, seed=spec.sampler.seed, group=group)
     prompts = encode_prompts(spec, tok, model.cfg.max_seq_len)
     stop_ids = [tok.eos_id] if tok.eos_id is not None else []
-    result = generate(model, prompts, spec.max_new_tokens, sampler=Sampler(spec.sampler), stop_ids=stop_ids,
-                      stop_strings=spec.stop_strings, decode=tok.decode, on_step=on_step,
-                      block_size=spec.block_size)
+    with worker_setup(spec, model, rank, world) as rank_on_step:
+        callbacks = [f for f in (rank_on_step, on_step) if f is not None]
+        result = generate(model, prompts, spec.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
+                          stop_strings=spec.stop_strings, decode=tok.decode,
+                          on_step=(lambda ev: [f(ev) for f in callbacks]) if callbacks else None,
+                          block_size=spec.block_size)
     return result
 
 
 def run(spec: RunSpec, on_step: Callable | None = None):
-    """Run a generation as the spec says (tensor parallel across processes when spec.tp > 1)."""
-    if spec.tp != 1:
-        raise WorkbenchError("tensor parallelism is not available yet")
-    return run_local(spec, on_step=on_step)
+    """Run a generation as the spec says (tensor parallel across processes when spec.tp > 1).
+
+    ``spec.tp > 1`` spawns that many local ranks (workbench/runtime/launch.py); ``on_step`` runs in
+    this process with rank 0's steps (their ``cache`` is None). Under torchrun every process is one
+    rank; there the call returns None on ranks other than 0, which print nothing.
+    """
+    from workbench.runtime import launch
+    if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+        return _run_torchrun(spec, on_step)
+    if spec.tp == 1:
+        return run_local(spec, on_step=on_step)
+    _check_tensor_parallel(spec, spec.tp)
+    device = pick_device(spec.device)
+    return launch.launch(spec.tp, functools.partial(launch.generate_on_rank, spec, on_step is not None),
+                         device_type=device.type, on_message=on_step)
+
+
+def _check_tensor_parallel(spec: RunSpec, world: int) -> None:
+    """Bad sizes and prompts fail here, before any process starts."""
+    from workbench.runtime import tp
+    from workbench.runtime.checkpoint import read_config
+    tp.check_algorithm(spec.tp_algorithm)
+    cfg = read_config(spec.model)
+    tp.check_shardable(cfg, world)
+    encode_prompts(spec, load_tokenizer_only(spec.model), cfg.max_seq_len)
+
+
+def _run_torchrun(spec: RunSpec, on_step: Callable | None):
+    from workbench.runtime import launch
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if spec.tp not in (1, world):
+        raise WorkbenchError(f"--tp {spec.tp} does not match torchrun's WORLD_SIZE {world}")
+    _check_tensor_parallel(spec, world)
+    device = pick_device(spec.device)
+    result = launch.run_torchrun_rank(
+        functools.partial(_torchrun_body, spec, on_step if rank == 0 else None), device_type=device.type)
+    return result if rank == 0 else None
+
+
+def _torchrun_body(spec: RunSpec, on_step: Callable | None, ctx):
+    import dataclasses
+    return run_local(dataclasses.replace(spec, device=str(ctx.device)), on_step=on_step, rank=ctx.rank,
+                     world=ctx.world, group=ctx.group)
 
 
 def result_json(spec: RunSpec, result) -> str:
