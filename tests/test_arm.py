@@ -29,7 +29,7 @@ def _numpy_arm(a: np.ndarray, cfg: ARMConfig, seed: int) -> tuple[np.ndarray, di
     frac = min(max(cfg.k * s, cfg.clip_lo), cfg.clip_hi)
     n = int(round(frac * flat.size))
     idx = np.sort(np.argsort(mag, kind="stable")[:n])
-    u = torch.rand(n, generator=torch.Generator().manual_seed(seed)).double().numpy()
+    u = torch.rand(flat.size, generator=torch.Generator().manual_seed(seed)).double().numpy()[idx]
     pos_scale = np.percentile(flat, cfg.percentile)
     neg_scale = max(-flat.min(), 0.0)
     out = flat.copy()

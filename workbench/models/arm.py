@@ -9,8 +9,9 @@ Per forward call, over the whole tensor ``a`` (every batch row and position toge
 
 The n entries of smallest |a| (ties broken by flat index, lowest first) are replaced, keeping
 their sign (zero counts as positive): a positive one by ``U(0,1) * percentile(a, p)``, a negative
-one by ``-U(0,1) * |min(a)|``. One uniform is drawn per replaced entry, in flat-index order, from a
-generator the module owns (seeded with run seed + layer index), so a seed fixes the output.
+one by ``-U(0,1) * |min(a)|``. Each call draws one uniform per element of the whole tensor
+(u[j] is used if entry j is replaced) from a generator the module owns, seeded with run seed +
+layer index, so a seed fixes the output.
 
 Conventions, exactly: ``lower_median`` of n values is the ((n+1)//2)-th smallest, as torch.median
 returns (numpy's median would average the two middle values for even n). ``percentile`` is the
@@ -144,7 +145,7 @@ def smallest_magnitude_mask(mag: torch.Tensor, n: int) -> torch.Tensor:
     cut = mag.kthvalue(n).values
     mask = mag < cut
     at_cut = mag == cut
-    need = n - int(mask.sum())
+    need = n - mask.sum()  # a tensor: no host sync
     # The first `need` entries equal to the cut value, by index: deterministic, unlike topk.
     mask |= at_cut & (torch.cumsum(at_cut, 0) <= need)
     return mask
@@ -217,24 +218,26 @@ class ARM(nn.Module):
         mag = flat.abs()
         med = lower_median(mag)
         mad = lower_median((mag - med).abs())
-        eps = float(MAD_TO_SIGMA * mad * cfg.c)
-        s_before = near_zero_count(mag, eps) / n_all
+        eps_t = MAD_TO_SIGMA * mad * cfg.c
+        # The one host sync the algorithm needs: n (a count) decides the selection.
+        eps, n_near = torch.stack([eps_t.double(), (mag < eps_t).sum().double()]).tolist()
+        s_before = n_near / n_all
         frac = min(max(cfg.k * s_before, cfg.clip_lo), cfg.clip_hi)
         n = int(round(frac * n_all))
         chosen = smallest_magnitude_mask(mag, n)
-        idx = chosen.nonzero().squeeze(1)  # flat indices, ascending
-        neg = flat[idx] < 0
+        neg = flat < 0
         pos_scale = percentile(flat, cfg.percentile)
-        min_val = flat.min()
-        neg_scale = (-min_val).clamp(min=0)  # no negative values: nothing negative is drawn
-        u = torch.rand(idx.numel(), generator=self._generator(a.device), device=a.device)
-        new = torch.where(neg, -u * neg_scale, u * pos_scale)
-        out = flat.clone()
-        out[idx] = new
+        neg_scale = (-flat.min()).clamp(min=0)  # no negative values: nothing negative is drawn
+        # One uniform per element (full size, so every TP rank draws the same), used where chosen.
+        u = torch.rand(n_all, generator=self._generator(a.device), device=a.device)
+        out = torch.where(chosen, torch.where(neg, -u * neg_scale, u * pos_scale), flat)
+        med_f, mad_f, near_after, n_neg, pos_f, neg_f = torch.stack([
+            med.double(), mad.double(), (out.abs() < eps_t).sum().double(), (chosen & neg).sum().double(),
+            pos_scale.double(), neg_scale.double()]).tolist()
         self.stats = ARMStats(
-            numel=n_all, median=float(med), mad=float(mad), eps=eps, near_zero_before=s_before,
-            near_zero_after=near_zero_count(out, eps) / n_all, frac=frac, n_replaced=n,
-            n_negative=int(neg.sum()), pos_scale=float(pos_scale), neg_scale=float(neg_scale))
+            numel=n_all, median=med_f, mad=mad_f, eps=eps, near_zero_before=s_before,
+            near_zero_after=near_after / n_all, frac=frac, n_replaced=n, n_negative=int(n_neg),
+            pos_scale=pos_f, neg_scale=neg_f)
         return out.to(a.dtype).view(a.shape)
 
     def extra_repr(self) -> str:
