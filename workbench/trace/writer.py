@@ -1,0 +1,819 @@
+"""TraceWriter: records a run into a trace store without making generation wait on disk.
+
+Rank 0 creates the store (`create_store`) with every array at full size; other ranks open it after
+a barrier the caller provides (`TraceWriter.open`). Each rank owns one writer whose `write_*`
+methods only validate and copy into a bounded in-memory queue. A background thread flushes every
+`flush_interval` seconds: it takes every record of the steps ended so far, coalesces consecutive
+steps of one array into a single region write, writes all data, and only then advances this
+rank's commit marker. Readers never look past min(committed) over ranks.
+
+Typical use on one rank::
+
+    writer = TraceWriter(path, spec, metadata)            # rank 0; TraceWriter.open(path, r) else
+    writer.write_prompt(prompt_ids, prompt_text)
+    for step in range(spec.max_steps):
+        writer.write_queries(step, start, stop)
+        writer.write_attention(step, pattern, layer=3, query_start=start)
+        writer.write_activations(step, stats, layer=3, site="mlp.act.post")
+        ...
+        writer.end_step(step)
+    writer.close()                                        # or writer.fail("message")
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zarr
+
+from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
+                     STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
+from .stats import MOMENT_ARRAYS, ActivationStats
+
+Index = int | slice | str
+
+
+class TraceWriterError(RuntimeError):
+    """The writer was misused, or its background thread failed (the cause is chained)."""
+
+
+@dataclass
+class WriterStats:
+    """Counters of one writer, for benchmarks."""
+
+    steps_committed: int = 0
+    flushes: int = 0
+    region_writes: int = 0  # zarr region writes issued (each may touch many chunks)
+    bytes_written: int = 0  # uncompressed bytes handed to zarr
+    seconds_writing: float = 0.0  # time the background thread spent in flushes
+    peak_queue_bytes: int = 0
+    blocked_seconds: float = 0.0  # time callers waited because the queue was full
+    dropped_records: int = 0  # records of steps never ended (discarded at close)
+
+
+@dataclass
+class _Record:
+    step: int
+    name: str
+    region: tuple[slice, ...]
+    data: np.ndarray
+
+
+# ---------------------------------------------------------------------- store creation
+def _json_safe(value: Any) -> Any:
+    """Metadata -> strict JSON values (numpy scalars/arrays, tuples, paths, non-finite floats)."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def create_store(path: str | os.PathLike, spec: TraceSpec,
+                 metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False) -> None:
+    """Create an empty trace store with every array at full size (rank 0, before generation).
+
+    Args:
+        path: directory of the new store.
+        spec: sizes of the run.
+        metadata: run metadata stored in the root attribute `run` (model config, prompts,
+            sampler settings and seed, tp size/algorithm, redistribution/ARM settings,
+            checkpoint hash, ...); must be JSON-like.
+        overwrite: replace an existing trace at `path`.
+
+    Raises:
+        FileExistsError: `path` exists and overwrite is False.
+        ValueError: overwrite was asked but `path` is a non-empty directory that is not a trace.
+    """
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+            raise ValueError(f"refusing to overwrite {path}: not a Zarr store")
+    run = _json_safe(dict(metadata or {}))
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        "spec": _json_safe(spec.to_dict()), "run": run,
+        "status": STATUS_RUNNING, "error": "", "created": _now(),
+    })
+    for gname, group in spec.layout().items():
+        zgroup = root if gname == "" else root.create_group(gname)
+        attrs: dict[str, Any] = {"description": group.description}
+        if gname == "activations":
+            attrs["near_zero_eps"] = spec.near_zero_eps
+        if gname == "comm":
+            attrs["algorithm"] = str(run.get("tp_algorithm", "allreduce"))
+        if gname == "attention":
+            attrs["causal"] = True
+        zgroup.attrs.update(attrs)
+        for array in group.arrays:
+            arr_attrs: dict[str, Any] = {"description": array.description}
+            if array.coordinates:
+                arr_attrs["coordinates"] = " ".join(array.coordinates)
+            zarr_array = zgroup.create_array(
+                array.name, shape=array.shape, chunks=array.chunks,
+                dtype=str if array.dtype == STRING else array.dtype, fill_value=array.fill,
+                dimension_names=array.dims, attributes=arr_attrs)
+            values = coordinate_values(spec, gname, array)
+            if values is not None:
+                zarr_array[...] = values
+    status = zarr.open_array(store=str(path), path="rank_status", mode="r+")
+    status[:] = np.array([STATUS_RUNNING] * spec.world, dtype=object)
+
+
+def read_spec(path: str | os.PathLike) -> tuple[TraceSpec, dict[str, Any]]:
+    """Spec and root attributes of an existing store (no validation beyond the format name)."""
+    root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    attrs = root.attrs.asdict()
+    if attrs.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a {FORMAT_NAME} store")
+    return TraceSpec.from_dict(attrs["spec"]), attrs
+
+
+# ---------------------------------------------------------------------- the writer
+class TraceWriter:
+    """Per-rank recorder with a background flush thread and a bounded queue.
+
+    Args:
+        path: store directory.
+        spec: sizes of the run (ignored by `open`, which reads it from the store).
+        metadata: run metadata (rank 0 only; see `create_store`).
+        rank: this process's tensor-parallel rank.
+        world: tensor-parallel size; must equal spec.world if given.
+        create: create the store (default: rank == 0).
+        overwrite: replace an existing store when creating.
+        flush_interval: seconds between flushes of the background thread.
+        max_queue_bytes: queued bytes above which `write_*` calls wait for a flush.
+        max_flush_steps: at most this many steps are coalesced into one region write.
+    """
+
+    def __init__(self, path: str | os.PathLike, spec: TraceSpec | None = None,
+                 metadata: Mapping[str, Any] | None = None, rank: int = 0,
+                 world: int | None = None, *, create: bool | None = None,
+                 overwrite: bool = False, flush_interval: float = 0.2,
+                 max_queue_bytes: int = 256 << 20, max_flush_steps: int = 128) -> None:
+        self.path = Path(path)
+        if create is None:
+            create = rank == 0
+        if create:
+            if spec is None:
+                raise TraceWriterError("a spec is needed to create a store")
+            create_store(self.path, spec, metadata, overwrite=overwrite)
+        stored_spec, _ = read_spec(self.path)
+        if spec is not None and spec.to_dict() != stored_spec.to_dict():
+            raise TraceWriterError(f"spec differs from the one stored in {self.path}")
+        self.spec = stored_spec
+        if world is not None and world != self.spec.world:
+            raise TraceWriterError(f"world={world} but the store was made for {self.spec.world}")
+        if not 0 <= rank < self.spec.world:
+            raise TraceWriterError(f"rank {rank} out of range for world {self.spec.world}")
+        self.rank = rank
+        self.flush_interval = float(flush_interval)
+        self.max_queue_bytes = int(max_queue_bytes)
+        self.max_flush_steps = int(max_flush_steps)
+
+        self._arrays: dict[str, ArrayLayout] = dict(self.spec.iter_arrays())
+        self._zarr: dict[str, zarr.Array] = {}
+        self._cond = threading.Condition()
+        self._records: list[_Record] = []
+        self._queued_bytes = 0
+        self._ended = 0  # steps [0, _ended) are ended by the caller
+        self._committed = 0  # steps [0, _committed) are on disk with their marker
+        self._closing = False
+        self._flush_requested = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._stats = WriterStats()
+        self._thread = threading.Thread(target=self._run, name=f"trace-writer-{rank}",
+                                        daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, rank: int, world: int | None = None,
+             **kwargs: Any) -> TraceWriter:
+        """Writer for a non-zero rank on a store rank 0 already created (after a barrier).
+
+        Args:
+            path: store directory.
+            rank: this rank.
+            world: tensor-parallel size, checked against the store.
+            **kwargs: flush_interval, max_queue_bytes, max_flush_steps.
+
+        Returns:
+            A writer that appends to the existing store.
+        """
+        return cls(path, None, None, rank=rank, world=world, create=False, **kwargs)
+
+    # ------------------------------------------------------------------ generic write
+    def write(self, step: int, name: str, data: Any, **index: Index) -> None:
+        """Queue `data` for the region of array `name` ("group/array") at `step`.
+
+        Unnamed dims default to: `step` -> step, `rank` -> this rank, attention/cross `head`
+        -> the slots this rank owns, anything else -> the whole dim. An int index drops that
+        dim from `data`; a str index names a site or part. `data` is broadcast to the region
+        and copied, so the caller may reuse its buffer at once.
+
+        Args:
+            step: step the data belongs to (not yet ended).
+            name: "group/array", e.g. "timing/seconds".
+            data: values for the region.
+            **index: per-dim int, slice or label.
+        """
+        layout = self._arrays.get(name)
+        if layout is None:
+            raise TraceWriterError(f"no array {name!r} in this trace layout")
+        self._check_step(step)
+        region: list[slice] = []
+        shape: list[int] = []
+        for dim, size in zip(layout.dims, layout.shape):
+            sel = index.pop(dim, None)
+            if sel is None:
+                sel = self._default_index(name, dim, step, size)
+            if isinstance(sel, str):
+                sel = self._label_index(name, dim, sel)
+            if isinstance(sel, (int, np.integer)):
+                i = int(sel)
+                if not 0 <= i < size:
+                    raise TraceWriterError(f"{name}: {dim}={i} out of range 0..{size - 1}")
+                region.append(slice(i, i + 1))
+            else:
+                start, stop, stride = sel.indices(size)
+                if stride != 1 or (sel.stop is not None and sel.stop > size):
+                    raise TraceWriterError(f"{name}: bad {dim} range {sel} for size {size}")
+                region.append(slice(start, stop))
+                shape.append(stop - start)
+        if index:
+            raise TraceWriterError(f"{name}: unknown dims {sorted(index)}")
+        dtype = object if layout.dtype == STRING else layout.dtype
+        try:
+            arr = np.broadcast_to(np.asarray(data, dtype=dtype), tuple(shape))
+        except ValueError:
+            raise TraceWriterError(f"{name}: data of shape {np.shape(data)} does not fit the "
+                                   f"region of shape {tuple(shape)}") from None
+        full = np.array(arr, dtype=dtype).reshape([r.stop - r.start for r in region])
+        self._put(_Record(step, name, tuple(region), full))
+
+    def _default_index(self, name: str, dim: str, step: int, size: int) -> Index:
+        if dim == "step":
+            return step
+        if dim == "rank":
+            return self.rank
+        if dim == "head" and name == "attention/weights":
+            return self.spec.attention_head_slots(self.rank)
+        if dim == "head" and name == "cross_attention/weights":
+            return self.spec.cross_head_slots(self.rank)
+        return slice(0, size)
+
+    def _label_index(self, name: str, dim: str, label: str) -> int:
+        labels = {("activations", "site"): self.spec.hist_sites,
+                  ("comm", "site"): self.spec.comm_sites,
+                  ("timing", "part"): self.spec.timing_parts}.get((name.split("/")[0], dim))
+        if labels is None or label not in labels:
+            raise TraceWriterError(f"{name}: unknown {dim} label {label!r}")
+        return labels.index(label)
+
+    # ------------------------------------------------------------------ typed writes
+    def write_prompt(self, token_ids: Any, text: Sequence[Sequence[str]] | None = None,
+                     prompt_len: Any = None) -> None:
+        """Prompt tokens at positions [0, P) of every sequence, produced by step 0.
+
+        Args:
+            token_ids: [n_seq, P] padded prompt ids.
+            text: optional [n_seq][P] token strings.
+            prompt_len: [n_seq] real prompt lengths (default: P for every sequence).
+        """
+        ids = np.asarray(token_ids)
+        self.write_tokens(0, 0, ids, text)
+        if self.rank == 0:
+            self.write(0, "tokens/prompt_len", ids.shape[1] if prompt_len is None else prompt_len)
+
+    def write_tokens(self, step: int, position: int, token_ids: Any,
+                     text: Sequence[Any] | None = None, *, seq: int | slice | None = None) -> None:
+        """Tokens at positions [position, position + n) produced by `step` (rank 0 only).
+
+        Args:
+            step: producing step (0 for the prompt).
+            position: first absolute position.
+            token_ids: [n_seq, n] ids ([n] when `seq` is an int).
+            text: optional strings of the same shape.
+            seq: restrict to one sequence or a range of sequences.
+        """
+        if self.rank != 0:
+            return
+        ids = np.asarray(token_ids)
+        n = ids.shape[-1]
+        index: dict[str, Index] = {"position": slice(position, position + n)}
+        if seq is not None:
+            index["seq"] = seq
+        self.write(step, "tokens/token_id", ids, **index)
+        self.write(step, "tokens/produced_step", step, **index)
+        if text is not None:
+            self.write(step, "tokens/text", np.asarray(text, dtype=object), **index)
+
+    def write_queries(self, step: int, start: Any, stop: Any) -> None:
+        """Query positions [start, stop) processed at `step`, per sequence (rank 0 only).
+
+        Readers cut the attention `query`/`key` dims with these, so write them every step.
+
+        Args:
+            step: the step.
+            start: int or [n_seq] first query position.
+            stop: int or [n_seq] one past the last query position.
+        """
+        if self.rank != 0:
+            return
+        self.write(step, "tokens/query_start", start)
+        self.write(step, "tokens/query_stop", stop)
+
+    def write_sample(self, step: int, chosen: Any, *, chosen_prob: Any = None,
+                     candidate_ids: Any = None, candidate_probs: Any = None) -> None:
+        """What the sampler did at `step` (rank 0 only).
+
+        Args:
+            step: the step.
+            chosen: [n_seq] chosen token ids.
+            chosen_prob: [n_seq] probability of the chosen token.
+            candidate_ids: [n_seq, k<=top_k] candidate ids, most probable first.
+            candidate_probs: [n_seq, k<=top_k] their probabilities.
+        """
+        if self.rank != 0:
+            return
+        self.write(step, "tokens/chosen", chosen)
+        if chosen_prob is not None:
+            self.write(step, "tokens/chosen_prob", chosen_prob)
+        for name, values in (("candidate_id", candidate_ids), ("candidate_prob", candidate_probs)):
+            if values is not None:
+                values = np.asarray(values)
+                self.write(step, f"tokens/{name}", values, k=slice(0, values.shape[-1]))
+
+    def _select(self, data: np.ndarray, axis: int, n_recorded: int, recorded: Sequence[int],
+                available: Sequence[int], what: str) -> np.ndarray:
+        """Keep the recorded entries of `axis` if `data` carries all available ones."""
+        n = data.shape[axis]
+        if n == n_recorded:
+            return data
+        if n == len(available):
+            pos = {v: i for i, v in enumerate(available)}
+            return np.take(data, [pos[v] for v in recorded], axis=axis)
+        raise TraceWriterError(f"{what}: got {n} entries, expected {n_recorded} recorded "
+                               f"or {len(available)} available")
+
+    def write_attention(self, step: int, weights: Any, *, query_start: int,
+                        layer: int | None = None, seq: int | slice | None = None) -> bool:
+        """Attention rows of this rank's heads for queries [query_start, query_start + n_q).
+
+        Layers or heads that are not recorded are skipped, so probes can call this
+        unconditionally. Keys run from 0 to n_k - 1; cells with key > query are stored as NaN.
+
+        Args:
+            step: the step that computed these rows.
+            weights: [n_seq, heads, n_q, n_k] for one `layer`, or
+                [n_seq, layers, heads, n_q, n_k] for all (recorded or all n_layers) layers;
+                heads are this rank's owned heads or just its recorded ones. Without a leading
+                seq axis when `seq` is an int.
+            query_start: absolute position of the first row.
+            layer: global layer id, or None for all layers.
+            seq: restrict to one sequence or a range.
+
+        Returns:
+            True if anything was queued.
+        """
+        spec = self.spec
+        recorded_heads = spec.attention_heads_of_rank(self.rank)
+        if not recorded_heads or (layer is not None and layer not in spec.attention_layers):
+            return False
+        w = np.asarray(weights)
+        head_axis = w.ndim - 3
+        w = self._select(w, head_axis, len(recorded_heads), recorded_heads,
+                         list(spec.heads_of_rank(self.rank)), "write_attention heads")
+        index: dict[str, Index] = {}
+        if layer is None:
+            w = self._select(w, head_axis - 1, len(spec.attention_layers),
+                             spec.attention_layers, list(range(spec.n_layers)),
+                             "write_attention layers")
+        else:
+            index["layer"] = spec.attention_layers.index(layer)
+        if seq is not None:
+            index["seq"] = seq
+        n_q, n_k = w.shape[-2:]
+        self.write(step, "attention/weights", w, query=slice(query_start, query_start + n_q),
+                   key=slice(0, n_k), **index)
+        return True
+
+    def write_attention_mass(self, step: int, mass: Any, *, layer: int | None = None,
+                             seq: int | slice | None = None) -> None:
+        """Attention received by cached positions [0, n) at `step` from this rank's heads.
+
+        Args:
+            step: the step.
+            mass: [n_seq, n] for one `layer` or [n_seq, n_layers, n] (sum over the rank's heads
+                and the step's query rows).
+            layer: global layer id, or None for all layers.
+            seq: restrict to one sequence or a range.
+        """
+        m = np.asarray(mass)
+        index: dict[str, Index] = {"position": slice(0, m.shape[-1])}
+        if layer is not None:
+            index["layer"] = layer
+        if seq is not None:
+            index["seq"] = seq
+        self.write(step, "kv_cache/attention_mass", m, **index)
+
+    def write_kv(self, step: int, *, tokens: Any = None, blocks: Any = None,
+                 bytes_used: Any = None, bytes_reserved: Any = None,
+                 layer: int | None = None) -> None:
+        """KV cache occupancy of this rank after `step` ([n_layers] each, or scalars per layer).
+
+        Args:
+            step: the step.
+            tokens, blocks, bytes_used, bytes_reserved: values per layer (or for `layer`).
+            layer: one layer, or None for all.
+        """
+        index: dict[str, Index] = {} if layer is None else {"layer": layer}
+        for name, values in (("tokens", tokens), ("blocks", blocks), ("bytes_used", bytes_used),
+                             ("bytes_reserved", bytes_reserved)):
+            if values is not None:
+                self.write(step, f"kv_cache/{name}", values, **index)
+
+    def write_activations(self, step: int, stats: ActivationStats, *,
+                          layer: int | None = None, site: str | int | None = None) -> None:
+        """Histogram and moments of this rank's activations at `step`.
+
+        Args:
+            step: the step.
+            stats: `ActivationStats` whose leading shape is [n_layers, n_sites], [n_sites]
+                (layer given), [n_layers] (site given) or [] (both given).
+            layer: one layer or None for all.
+            site: one hist site (name or index) or None for all.
+        """
+        index: dict[str, Index] = {}
+        if layer is not None:
+            index["layer"] = layer
+        if site is not None:
+            index["site"] = site
+        self.write(step, "activations/hist_count", stats.hist, **index)
+        for field, array in MOMENT_ARRAYS.items():
+            self.write(step, f"activations/{array}", getattr(stats, field), **index)
+
+    def write_comm(self, step: int, *, start: Any = None, seconds: Any = None,
+                   nbytes: Any = None, layer: int | None = None,
+                   site: str | int | None = None) -> None:
+        """All-reduce timings of this rank at `step`.
+
+        Args:
+            step: the step.
+            start: start offset within the step (s).
+            seconds: duration (s).
+            nbytes: bytes reduced.
+            layer: one layer or None for all ([n_layers, n_sites] values).
+            site: one comm site or None for all.
+        """
+        index: dict[str, Index] = {}
+        if layer is not None:
+            index["layer"] = layer
+        if site is not None:
+            index["site"] = site
+        for name, values in (("start", start), ("seconds", seconds), ("bytes", nbytes)):
+            if values is not None:
+                self.write(step, f"comm/{name}", values, **index)
+
+    def write_timing(self, step: int, seconds: Any = None, *, layer: int | None = None,
+                     part: str | int | None = None, step_seconds: float | None = None,
+                     step_start: float | None = None) -> None:
+        """Compute timings of this rank at `step`.
+
+        Args:
+            step: the step.
+            seconds: time per (layer, part): [n_layers, n_parts], or fewer dims with layer/part.
+            layer: one layer or None for all.
+            part: one timing part or None for all.
+            step_seconds: wall time of the whole step.
+            step_start: unix time at which the step started.
+        """
+        if seconds is not None:
+            index: dict[str, Index] = {}
+            if layer is not None:
+                index["layer"] = layer
+            if part is not None:
+                index["part"] = part
+            self.write(step, "timing/seconds", seconds, **index)
+        if step_seconds is not None:
+            self.write(step, "timing/step_seconds", step_seconds)
+        if step_start is not None:
+            self.write(step, "timing/step_start", step_start)
+
+    def write_cross_attention(self, step: int, weights: Any, *, repeat: int | None = None,
+                              latent_start: int = 0, seq: int | slice | None = None,
+                              input_position: Any = None, latent_position: Any = None) -> None:
+        """Perceiver cross-attention of this rank's cross heads at `step`.
+
+        Args:
+            step: the step.
+            weights: [n_seq, repeats, heads, n_lat, n_in] or [n_seq, heads, n_lat, n_in] with
+                `repeat`; latents [latent_start, latent_start + n_lat), inputs [0, n_in).
+            repeat: one repeat or None for all.
+            latent_start: first latent slot written (Perceiver AR decode writes one row).
+            seq: restrict to one sequence or a range.
+            input_position: [n_seq, n_in] absolute position of each input slot (rank 0 only).
+            latent_position: [n_seq, n_latents] absolute position per latent (rank 0 only).
+        """
+        if self.spec.perceiver is None:
+            raise TraceWriterError("this trace has no perceiver section")
+        w = np.asarray(weights)
+        index: dict[str, Index] = {"latent": slice(latent_start, latent_start + w.shape[-2]),
+                                   "input": slice(0, w.shape[-1])}
+        if repeat is not None:
+            index["repeat"] = repeat
+        if seq is not None:
+            index["seq"] = seq
+        self.write(step, "cross_attention/weights", w, **index)
+        if self.rank == 0:
+            if input_position is not None:
+                p = np.asarray(input_position)
+                self.write(step, "cross_attention/input_position", p,
+                           input=slice(0, p.shape[-1]))
+            if latent_position is not None:
+                self.write(step, "cross_attention/latent_position", latent_position)
+
+    # ------------------------------------------------------------------ step protocol
+    def end_step(self, step: int) -> None:
+        """Declare `step` complete on this rank; it is committed by the next flush.
+
+        Steps must be ended in order (0, 1, 2, ...). Writes for an ended step are refused.
+        """
+        with self._cond:
+            self._raise_if_failed()
+            if step != self._ended:
+                raise TraceWriterError(f"end_step({step}) but the next step to end is "
+                                       f"{self._ended}")
+            self._ended = step + 1
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every ended step is written and committed.
+
+        Args:
+            timeout: give up after this many seconds (TraceWriterError).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._flush_requested = True
+            self._cond.notify_all()
+            while self._committed < self._ended and self._error is None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TraceWriterError(f"flush timed out after {timeout} s")
+                self._cond.wait(remaining)
+            self._raise_if_failed()
+
+    @property
+    def committed(self) -> int:
+        """Steps of this rank written and marked committed so far."""
+        return self._committed
+
+    def writer_stats(self) -> WriterStats:
+        """A snapshot of this writer's counters."""
+        with self._cond:
+            return WriterStats(**vars(self._stats))
+
+    def close(self, status: str = STATUS_COMPLETE) -> None:
+        """Drain the queue, commit every ended step and record this rank's final status.
+
+        Records of steps that were never ended are dropped (with a warning). Rank 0 also sets
+        the root `status` attribute from all ranks' statuses.
+
+        Args:
+            status: "complete" (default) or "failed".
+        """
+        if self._closed:
+            return
+        self._stop_thread()
+        self._closed = True
+        if self._error is not None:
+            self._set_status(STATUS_FAILED, f"writer error: {self._error!r}")
+            raise TraceWriterError(f"trace writer failed: {self._error!r}") from self._error
+        self._set_status(status, "")
+
+    def fail(self, message: str) -> None:
+        """Commit what was ended, then mark this rank and the trace as failed.
+
+        Args:
+            message: one-line error description stored in the trace.
+        """
+        if self._closed:
+            return
+        self._stop_thread()
+        self._closed = True
+        self._set_status(STATUS_FAILED, message)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.fail(f"{exc_type.__name__}: {exc}")
+        else:
+            self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _check_step(self, step: int) -> None:
+        if self._closed or self._closing:
+            raise TraceWriterError("writer is closed")
+        if not 0 <= step < self.spec.max_steps:
+            raise TraceWriterError(f"step {step} out of range 0..{self.spec.max_steps - 1}")
+        if step < self._ended:
+            raise TraceWriterError(f"step {step} was already ended")
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise TraceWriterError(f"trace writer failed: {self._error!r}") from self._error
+
+    def _put(self, record: _Record) -> None:
+        if record.data.size == 0:
+            return
+        nbytes = record.data.nbytes
+        with self._cond:
+            self._raise_if_failed()
+            if self._queued_bytes + nbytes > self.max_queue_bytes:
+                t0 = time.perf_counter()
+                # wait only while a flush can free memory (some ended step is still queued)
+                while (self._queued_bytes + nbytes > self.max_queue_bytes
+                       and self._committed < self._ended and self._error is None):
+                    self._flush_requested = True
+                    self._cond.notify_all()
+                    self._cond.wait(0.5)
+                self._stats.blocked_seconds += time.perf_counter() - t0
+                self._raise_if_failed()
+            self._records.append(record)
+            self._queued_bytes += nbytes
+            self._stats.peak_queue_bytes = max(self._stats.peak_queue_bytes, self._queued_bytes)
+
+    def _stop_thread(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        with self._cond:
+            dropped = len(self._records)
+            if dropped:
+                self._stats.dropped_records += dropped
+                self._records.clear()
+                warnings.warn(f"trace writer rank {self.rank}: dropped {dropped} records of "
+                              f"steps never ended (>= {self._ended})", stacklevel=3)
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        try:
+            while True:
+                with self._cond:
+                    while True:
+                        pending = self._ended > self._committed
+                        now = time.monotonic()
+                        if self._closing or (pending and (
+                                self._flush_requested or now >= last_flush + self.flush_interval)):
+                            break
+                        self._cond.wait(last_flush + self.flush_interval - now if pending
+                                        else None)
+                    ended, closing = self._ended, self._closing
+                    self._flush_requested = False
+                    take = [r for r in self._records if r.step < ended]
+                    if take:
+                        self._records = [r for r in self._records if r.step >= ended]
+                last_flush = time.monotonic()
+                if ended > self._committed:
+                    self._flush(take, ended)
+                if closing:
+                    return
+        except BaseException as exc:  # surfaced to the caller on its next call
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _flush(self, records: list[_Record], ended: int) -> None:
+        t0 = time.perf_counter()
+        start = self._committed
+        for b0 in range(start, ended, self.max_flush_steps):
+            b1 = min(ended, b0 + self.max_flush_steps)
+            batch = [r for r in records if b0 <= r.step < b1] if (b0, b1) != (start, ended) \
+                else records
+            by_array: dict[str, list[_Record]] = {}
+            for r in batch:
+                by_array.setdefault(r.name, []).append(r)
+            written = 0
+            for name, pieces in by_array.items():
+                written += self._write_array(name, pieces)
+            self._zarr_array("committed")[self.rank] = b1
+            with self._cond:
+                self._committed = b1
+                self._queued_bytes -= sum(r.data.nbytes for r in batch)
+                self._stats.steps_committed = b1
+                self._stats.bytes_written += written
+                self._cond.notify_all()
+        with self._cond:
+            self._stats.flushes += 1
+            self._stats.seconds_writing += time.perf_counter() - t0
+
+    def _zarr_array(self, name: str) -> zarr.Array:
+        arr = self._zarr.get(name)
+        if arr is None:
+            arr = zarr.open_array(store=str(self.path), path=name, mode="r+")
+            arr = arr.with_config({"write_empty_chunks": True})  # skip the all-fill check
+            self._zarr[name] = arr
+        return arr
+
+    def _write_array(self, name: str, pieces: list[_Record]) -> int:
+        """Coalesce pieces of one array into one bounding-box write; return bytes written."""
+        layout = self._arrays[name]
+        ndim = len(layout.dims)
+        lo = [min(p.region[d].start for p in pieces) for d in range(ndim)]
+        hi = [max(p.region[d].stop for p in pieces) for d in range(ndim)]
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        shape = tuple(b - a for a, b in zip(lo, hi))
+        dtype = object if layout.dtype == STRING else np.dtype(layout.dtype)
+        arr = self._zarr_array(name)
+
+        causal = None
+        if layout.causal:
+            q_axis, k_axis = layout.dims.index("query"), layout.dims.index("key")
+            q = np.arange(lo[q_axis], hi[q_axis])
+            k = np.arange(lo[k_axis], hi[k_axis])
+            causal = k[None, :] > q[:, None]  # [query, key] cells that stay fill
+
+        if layout.is_step_major:
+            # This flush owns every step in the box for this rank's region: unwritten cells
+            # are simply left at the fill value.
+            base = np.full(shape, layout.fill, dtype=dtype)
+        else:
+            covered = np.zeros(shape, dtype=bool)
+            for p in pieces:
+                covered[self._local(p.region, lo)] = True
+            if causal is not None:
+                covered |= causal
+            if covered.all():
+                base = np.full(shape, layout.fill, dtype=dtype)
+            else:  # pieces leave holes that may hold earlier data: merge with what is stored
+                base = np.asarray(arr[box], dtype=dtype)
+        for p in pieces:
+            base[self._local(p.region, lo)] = p.data
+        if causal is not None:
+            base[..., causal] = layout.fill
+        arr[box] = base
+        with self._cond:
+            self._stats.region_writes += 1
+        return base.nbytes
+
+    @staticmethod
+    def _local(region: tuple[slice, ...], lo: list[int]) -> tuple[slice, ...]:
+        return tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, lo))
+
+    def _set_status(self, status: str, message: str) -> None:
+        if status not in (STATUS_COMPLETE, STATUS_FAILED, STATUS_RUNNING):
+            raise TraceWriterError(f"unknown status {status!r}")
+        self._zarr_array("rank_status")[self.rank] = status
+        self._zarr_array("rank_error")[self.rank] = message
+        if self.rank != 0 and status != STATUS_FAILED:
+            return
+        statuses = np.asarray(self._zarr_array("rank_status")[:], dtype=object)
+        errors = np.asarray(self._zarr_array("rank_error")[:], dtype=object)
+        overall, error = aggregate_status(list(statuses), list(errors))
+        root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        root.attrs.update({"status": overall, "error": error, "updated": _now()})
+
+
+def aggregate_status(statuses: Sequence[str], errors: Sequence[str]) -> tuple[str, str]:
+    """Trace status from per-rank statuses: failed if any failed, complete if all complete."""
+    for rank, (status, error) in enumerate(zip(statuses, errors)):
+        if status == STATUS_FAILED:
+            return STATUS_FAILED, f"rank {rank}: {error}" if len(statuses) > 1 else str(error)
+    if statuses and all(s == STATUS_COMPLETE for s in statuses):
+        return STATUS_COMPLETE, ""
+    return STATUS_RUNNING, ""
+
+
+def dumps_metadata(metadata: Mapping[str, Any]) -> str:
+    """The JSON text stored for `metadata` (useful to check it before a run)."""
+    return json.dumps(_json_safe(metadata), allow_nan=False)
