@@ -27,9 +27,11 @@ class ForwardInfo:
     start_pos: [batch] position of the first new token of each sequence.
     lengths: [batch] number of valid new tokens per sequence (prefill pads shorter prompts).
     rank, world: tensor-parallel rank and size.
+    t0_ns: time.perf_counter_ns() when the step started (timing probes measure from it).
     """
 
     step: int = 0
+    t0_ns: int = 0
     start_pos: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     rank: int = 0

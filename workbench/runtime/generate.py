@@ -114,6 +114,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
         model.info.start_pos = start_pos
         model.info.lengths = lengths if step == 0 else torch.ones_like(lengths)
         t0 = time.perf_counter()
+        model.info.t0_ns = time.perf_counter_ns()
         logits = model(inp, cache, start_pos=start_pos, logits_index=logits_index)  # [b, 1, vocab]
         cache.set_lengths((lengths + step).tolist())
         res = sampler.sample(logits[:, -1])
