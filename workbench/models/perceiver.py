@@ -344,6 +344,21 @@ class PerceiverAR(PerceiverCore):
         else:
             stack_from = cache.begin_step(start_pos, ws, end, b)  # new_from, or ws once the window slid
 
+        # Slots: repeat 0's cross block runs for the latents new to this call (q0); the rest of the
+        # model for stack_from..end (q). Right-aligned, so the last slot is position `end`.
+        q0_pos, q0_valid = _slots(new_from, end)  # [b, Q0]
+        q_pos, q_valid = _slots(stack_from, end)  # [b, Q]
+        if cache is None:
+            lat_keys, lat_key_ok = q_pos, q_valid  # the latents are their own keys
+        else:
+            lat_keys = cache.prepare_latents(q_pos, q_valid, ws)  # [b, N] window positions in key order
+            lat_key_ok = lat_keys <= end[:, None]  # window slots past the last latent are empty
+        self.info.extra["perceiver"] = {  # what the query/key axes of this call's maps hold (-1: padding)
+            "input_positions": positions, "window_start": ws, "last_latent": end,
+            "cross0_latents": q0_pos.masked_fill(~q0_valid, -1),
+            "latents": q_pos.masked_fill(~q_valid, -1),
+            "latent_keys": lat_keys.masked_fill(~lat_key_ok, -1)}
+
         x = self.embed_tokens(tokens)  # [b, t, d_model]
         if self.hook_embed.listeners:
             x = self.hook_embed(x)
@@ -353,36 +368,24 @@ class PerceiverAR(PerceiverCore):
         kv = self._input_kv(x, cos_in, sin_in, cache)
         key_pos = torch.arange(kv[0][0].shape[1], device=dev)  # [input] cached input positions
 
-        # Repeat 0's cross block for the latents new to this call; its output does not depend on the
-        # window, so the cache keeps it and later steps never recompute it.
-        q0_pos, q0_valid = _slots(new_from, end)  # [b, Q0]
+        # Repeat 0's cross block: its output does not depend on the window, so the cache keeps it
+        # and later steps never recompute it.
         idx = (q0_pos - start_pos[:, None]).clamp(0, t - 1)
-        residual = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # [b, Q0, d_model]
+        residual = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # [b, Q0, d_model] byte embeddings
         rep0 = self.repeats[0]
         cos0, sin0 = self.rotary(q0_pos.clamp(min=0))
         mask0 = _rows_free((key_pos[None, None, :] <= q0_pos[:, :, None]).unsqueeze(1), q0_valid)
         residual, h = rep0.cross_block(rep0.q_norm(residual), residual, self._next_norm(0), cos0, sin0,
                                        *kv[self.cross_slot[0]], mask0)
-
-        # The latent stack over stack_from..end.
-        if cache is None:
-            q_pos, q_valid = q0_pos, q0_valid
-            lat_keys, lat_key_ok = q_pos, q_valid  # keys are the latents themselves
-        else:
+        if cache is not None:
             cache.store_cross(q0_pos, q0_valid, residual, h)
-            q_pos, q_valid = _slots(stack_from, end)  # [b, Q]
-            residual, h = cache.load_cross(q_pos)
-            lat_keys = cache.prepare_latents(q_pos, q_valid, ws)  # [b, N] window positions in key order
-            lat_key_ok = lat_keys <= end[:, None]  # window slots past the last latent are empty
+            residual, h = cache.load_cross(q_pos)  # [b, Q, d_model] each
+
+        # The rest of repeat 0 and every later repeat, over stack_from..end.
         lat_mask = (lat_key_ok[:, None, :] & (lat_keys[:, None, :] <= q_pos[:, :, None])).unsqueeze(1)
         lat_mask = _rows_free(lat_mask, q_valid)                          # [b, 1, Q, keys]
         cross_mask = _rows_free((key_pos[None, None, :] <= q_pos[:, :, None]).unsqueeze(1), q_valid)
         cos, sin = self.rotary(q_pos.clamp(min=0))
-        self.info.extra["perceiver"] = {  # what the query/key axes of this call's maps hold (-1: padding)
-            "input_positions": positions, "window_start": ws, "last_latent": end,
-            "cross0_latents": q0_pos.masked_fill(~q0_valid, -1),
-            "latents": q_pos.masked_fill(~q_valid, -1),
-            "latent_keys": lat_keys.masked_fill(~lat_key_ok, -1)}
         for r, rep in enumerate(self.repeats):
             if r > 0:
                 residual, h = rep.cross_block(h, residual, self._next_norm(r), cos, sin,
