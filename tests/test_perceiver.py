@@ -378,3 +378,21 @@ def test_tp2_equals_tp1_with_real_gloo_processes(tmp_path):
         # each rank records its own heads of the cross-attention map
         both = torch.cat([p[alg]["map"] for p in parts], dim=1)
         assert both.shape == ref["map"].shape and float((both - ref["map"]).abs().max()) < 1e-5, alg
+
+
+@pytest.mark.slow
+def test_session_loads_perceiver_ar_by_model_type_and_runs_tp2(tmp_path):
+    """The runtime's own path: session.load_model dispatches on config.json; --tp 2 spawns gloo ranks."""
+    from workbench.runtime.checkpoint import load_llama
+    from workbench.runtime.session import RunSpec, load_model, run, run_local
+    torch.manual_seed(0)
+    save_perceiver(PerceiverAR(PerceiverConfig(**_TP_KW)), tmp_path / "par")
+    model, tok = load_model(tmp_path / "par", torch.device("cpu"))
+    assert isinstance(model, PerceiverAR) and tok.eos_id == 257
+    with pytest.raises(WorkbenchError, match="holds a perceiver_ar model, not a Llama"):
+        load_llama(tmp_path / "par")
+    spec = RunSpec(model=str(tmp_path / "par"), prompts=["ab", "hello"], max_new_tokens=6, device="cpu")
+    one = run_local(spec)
+    spec.tp = 2
+    two = run(spec)
+    assert two.generated == one.generated and len(one.generated[1]) >= 1

@@ -60,6 +60,9 @@ def read_config(path: str | Path) -> LlamaConfig:
         hf = json.loads(cfg_file.read_text())
     except ValueError as e:
         raise WorkbenchError(f"{cfg_file} is not valid JSON: {e}") from None
+    if hf.get("model_type") in ("perceiver_ar", "perceiver"):  # workbench's own Perceiver checkpoints
+        from workbench.models.perceiver import PerceiverConfig
+        return PerceiverConfig.from_dict(hf)
     return LlamaConfig.from_hf_dict(hf)
 
 
@@ -67,6 +70,8 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """Build a Llama from a local HF checkpoint directory; errors name the problem."""
     path = Path(path)
     cfg = read_config(path)
+    if not isinstance(cfg, LlamaConfig):
+        raise WorkbenchError(f"{path} holds a {cfg.model_type} model, not a Llama (use session.load_model)")
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k: v for k, v in model.state_dict().items()}

@@ -35,6 +35,7 @@ class RunSpec:
     tp: int = 1                     # tensor-parallel size
     tp_algorithm: str = "allreduce"  # or "reduce_scatter"
     record: str | None = None       # trace store path
+    overwrite: bool = False         # replace an existing trace at ``record``
     probes: list[str] | None = None  # probe names/selection (None: everything)
     arm: dict | None = None         # redistribution settings (None: off)
 
@@ -58,7 +59,11 @@ def load_model(path: str | Path, device: torch.device):
     if not path.is_dir():
         raise WorkbenchError(f"model directory {path} does not exist")
     cfg = read_config(path)
-    model = load_llama(path, device=device)
+    if getattr(cfg, "model_type", "llama") in ("perceiver_ar", "perceiver"):
+        from workbench.runtime.perceiver_checkpoint import load_perceiver
+        model = load_perceiver(path, device=device)
+    else:
+        model = load_llama(path, device=device)
     tok = load_tokenizer(path, cfg.vocab_size, cfg.bos_id, cfg.eos_id)
     return model, tok
 
@@ -94,14 +99,20 @@ class TextStreamer:
 
 
 @contextlib.contextmanager
-def worker_setup(spec: RunSpec, model, rank: int, world: int) -> Iterator[Callable | None]:
+def worker_setup(spec: RunSpec, model, rank: int, world: int, tok=None, prompts=None,
+                 group=None) -> Iterator[Callable | None]:
     """Per-rank setup around one generation, in the process that runs the rank (every world size).
 
     Runs after the model is loaded and sharded, before generation; the code after ``yield`` runs
     when generation ends (also on error). Attach per-rank things here (trace recorder, probes);
     yield a per-step callback ``(StepEvent) -> None`` for this rank, or None.
     """
-    yield None
+    if spec.record is None:
+        yield None
+        return
+    from workbench.probes.recording import recording
+    with recording(spec, model, tok, prompts, rank=rank, world=world, group=group) as recorder:
+        yield recorder.on_step
 
 
 def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, world: int = 1, group=None):
@@ -122,7 +133,7 @@ def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, wor
     apply_arm(model, spec.arm, seed=spec.sampler.seed, group=group)
     prompts = encode_prompts(spec, tok, model.cfg.max_seq_len)
     stop_ids = [tok.eos_id] if tok.eos_id is not None else []
-    with worker_setup(spec, model, rank, world) as rank_on_step:
+    with worker_setup(spec, model, rank, world, tok=tok, prompts=prompts, group=group) as rank_on_step:
         callbacks = [f for f in (rank_on_step, on_step) if f is not None]
         result = generate(model, prompts, spec.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
                           stop_strings=spec.stop_strings, decode=tok.decode,
@@ -141,6 +152,9 @@ def run(spec: RunSpec, on_step: Callable | None = None):
     from workbench.runtime import launch
     if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         return _run_torchrun(spec, on_step)
+    if spec.record is not None:
+        from workbench.probes.recording import check_record_path
+        check_record_path(spec.record, spec.overwrite)
     if spec.tp == 1:
         return run_local(spec, on_step=on_step)
     _check_tensor_parallel(spec, spec.tp)

@@ -88,6 +88,9 @@ def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGrou
     Raises:
         WorkbenchError: heads, KV heads or d_ff do not divide by ``world``; unknown algorithm.
     """
+    if hasattr(model, "repeats"):  # Perceiver / Perceiver AR: same split, its own module tree
+        from workbench.runtime.perceiver_tp import shard_perceiver
+        return shard_perceiver(model, rank, world, group, algorithm)
     cfg = model.cfg
     check_shardable(cfg, world)
     check_algorithm(algorithm)
@@ -113,6 +116,9 @@ def install_collective(model: nn.Module, algorithm: str, rank: int, world: int,
                        group: dist.ProcessGroup | None = None) -> None:
     """Put the ``algorithm`` collective into every ResidualNorm unit (switchable on a sharded model)."""
     check_algorithm(algorithm)
+    if hasattr(model, "repeats"):  # Perceiver / Perceiver AR
+        from workbench.runtime.perceiver_tp import install_perceiver_collective
+        return install_perceiver_collective(model, algorithm, rank, world, group)
     cls = AllReduceNorm if algorithm == "allreduce" else ReduceScatterNorm
     collective = cls(rank, world, group)
     for layer in model.layers:
