@@ -4,7 +4,7 @@
    without ARM, and ARM alone on act(gate(x)) [batch, 1, 1408].
 2. The whole decode step of a ~20M-parameter Llama (6 layers) with ARM off and on layer 0.
 Interleaved repeats, best of each, so the ratios are fair on a shared, noisy machine.
-Usage: .venv/bin/python bench/arm.py [--repeats 5] [--iters 300] [--new-tokens 32]
+Usage: .venv/bin/python bench/arm.py [--repeats 5] [--iters 300] [--new-tokens 32] [--threads 1]
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="1 keeps timings stable on a shared machine")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=259, d_model=512, d_ff=1408, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=1024)
     model = Llama(cfg).eval()
