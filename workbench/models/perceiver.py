@@ -255,7 +255,7 @@ def _check_tokens(tokens: Any, vocab_size: int) -> tuple[int, int]:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise WorkbenchError(f"tokens must be a [batch, seq] tensor of byte ids, got shape {shape}")
-    if tokens.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+    if tokens.dtype not in (torch.long, torch.int32):  # what nn.Embedding takes
         raise WorkbenchError(f"tokens must be integer ids, got dtype {tokens.dtype}")
     b, t = tokens.shape
     if b == 0 or t == 0:
