@@ -56,7 +56,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--tp-algorithm", choices=("allreduce", "reduce_scatter"), default="allreduce",
                    help="All-Reduce RMSNorm algorithm under --tp > 1 (default: %(default)s)")
     _add_arm_options(p)
+    _add_record_options(p)
     p.set_defaults(func=_cmd_generate)
+
+
+def _add_record_options(p) -> None:
+    g = p.add_argument_group("recording (docs/trace-format.md)")
+    g.add_argument("--record", metavar="TRACE", help="record a trace store (a Zarr directory) at this path")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing trace at --record")
+    g.add_argument("--probes", default="all",
+                   help="all, light (no attention maps), none, or a list of attention,kv,activations,comm,"
+                        "timing,sampler (default: %(default)s)")
+    g.add_argument("--attention-layers", help="layers whose attention maps are recorded, e.g. 0-3 (default: all)")
+    g.add_argument("--attention-heads", help="heads whose maps are recorded, e.g. 0,2,5 (default: all)")
+    g.add_argument("--attention-steps", help="steps whose attention rows are recorded, e.g. 0-100 (default: all)")
 
 
 def _spec_from_args(args):
@@ -70,6 +83,11 @@ def _spec_from_args(args):
         spec.prompts = list(args.prompt)
     spec.arm = _arm_settings(args)
     spec.tp, spec.tp_algorithm = args.tp, args.tp_algorithm
+    if args.record:
+        from workbench.probes.selection import ProbeSelection
+        spec.record, spec.overwrite = args.record, args.overwrite
+        spec.probes = ProbeSelection.parse(args.probes, args.attention_layers, args.attention_heads,
+                                           args.attention_steps)
     return spec
 
 
@@ -158,7 +176,7 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--seq-len", type=_positive_int, default=512)
-    p.add_argument("--lr", type=_nonneg_float, default=3e-3)
+    p.add_argument("--lr", type=_nonneg_float, default=4e-3)
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_train)

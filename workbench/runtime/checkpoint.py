@@ -1,11 +1,13 @@
 """Load and save local Hugging Face Llama checkpoints (config.json + safetensors, sharded or not)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -72,7 +74,7 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = read_config(path)
     if not isinstance(cfg, LlamaConfig):
         raise WorkbenchError(f"{path} holds a {cfg.model_type} model, not a Llama (use session.load_model)")
-    with torch.device("meta"):
+    with _skip_init():
         model = Llama(cfg)
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -100,14 +102,24 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if missing:
         raise WorkbenchError(f"checkpoint lacks {len(missing)} tensors, e.g. {ours_to_hf(missing[0])!r}")
     dtype = dtype or torch.float32
-    model = model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=False)
-    model.rotary = type(model.rotary)(cfg).to(device)  # buffers are not in the checkpoint
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.to(dtype)
-    model.setup_hook_points()
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """Build modules without random init: the checkpoint overwrites every weight anyway.
+
+    (Building on the meta device instead pulls in torch._dynamo, ~5 s of import on this CPU.)
+    """
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 def save_llama(model: Llama, path: str | Path, tokenizer=None) -> None:

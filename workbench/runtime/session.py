@@ -36,7 +36,7 @@ class RunSpec:
     tp_algorithm: str = "allreduce"  # or "reduce_scatter"
     record: str | None = None       # trace store path
     overwrite: bool = False         # replace an existing trace at ``record``
-    probes: list[str] | None = None  # probe names/selection (None: everything)
+    probes: object = None           # ProbeSelection, or list of probe names (None: everything)
     arm: dict | None = None         # redistribution settings (None: off)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,261 @@
+"""The per-rank recorder: listeners on hook points, one batched reduction per step, a TraceWriter.
+
+Listeners only keep references to the tensors they see (the model never modifies them in place);
+all reductions run once per step in ``on_step``, batched across layers and sites, so the forward
+pass pays a Python call per subscribed hook point and nothing more. Nothing here communicates
+across ranks: each rank reduces its own heads, columns and timings and writes its own region.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from workbench.probes.selection import ProbeSelection
+from workbench.trace.schema import TraceSpec
+from workbench.trace.stats import ActivationStats
+from workbench.trace.writer import TraceWriter
+
+# Trace site name -> hook point below ``layers.{i}.``
+SITE_HOOKS = {"mlp.act.pre": "mlp.act.pre", "mlp.act.post": "mlp.act.post", "attn.out": "attn.out",
+              "resid.post": "mlp_allreduce.residual"}
+COMM_SITES = ("attn_allreduce", "mlp_allreduce")
+# Timestamps per layer, in forward order: attention starts, attention ends, first unit ends,
+# MLP ends, second unit ends. Parts are differences between them.
+STAMP_HOOKS = ("attn.in", "attn.out", "attn_allreduce.normed", "mlp.out", "mlp_allreduce.normed")
+
+
+def trace_spec_for(model, selection: ProbeSelection, n_seq: int, prompt_positions: int, max_new_tokens: int,
+                   world: int = 1, top_k: int = 5) -> TraceSpec:
+    """The store sizes of one generation: one step per forward pass (step 0 = prefill)."""
+    cfg = model.cfg
+    return TraceSpec(n_seq=n_seq, max_steps=max_new_tokens, max_positions=prompt_positions + max_new_tokens,
+                     n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, world=world,
+                     top_k=top_k, attention_layers=selection.attention_layers,
+                     attention_heads=selection.attention_heads)
+
+
+def batched_stats(tensors: Sequence[torch.Tensor], edges: torch.Tensor, eps: torch.Tensor) -> ActivationStats:
+    """Histogram on fixed edges (bin i = [edges[i], edges[i+1])) and moments of each tensor, in one pass."""
+    n, n_bins = len(tensors), edges.numel() - 1
+    flat = torch.cat([t.reshape(-1) for t in tensors]).double()
+    sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
+    rows = torch.repeat_interleave(torch.arange(n, device=flat.device), sizes)
+    idx = (torch.bucketize(flat, edges, right=True) - 1).clamp_(0, n_bins - 1)
+    hist = torch.bincount(rows * n_bins + idx, minlength=n * n_bins).view(n, n_bins)
+    x2 = flat * flat
+    powers = torch.stack([flat, x2, x2 * flat, x2 * x2, (flat.abs() < eps[rows]).double()], dim=1)
+    sums = torch.zeros(n, 5, dtype=torch.float64, device=flat.device).index_add_(0, rows, powers)
+    lo = torch.full((n,), float("inf"), dtype=torch.float64, device=flat.device).scatter_reduce(0, rows, flat, "amin")
+    hi = torch.full((n,), float("-inf"), dtype=torch.float64, device=flat.device).scatter_reduce(0, rows, flat, "amax")
+    s = sums.cpu().numpy()
+    return ActivationStats(hist=hist.cpu().numpy().astype(np.int64), count=sizes.cpu().numpy().astype(np.int64),
+                           sum=s[:, 0], sumsq=s[:, 1], sum3=s[:, 2], sum4=s[:, 3], min=lo.cpu().numpy(),
+                           max=hi.cpu().numpy(), near_zero=s[:, 4].astype(np.int64))
+
+
+class Recorder:
+    """Records one generation on one rank.
+
+    Args:
+        model: the (possibly sharded) model whose hook points to listen to.
+        writer: this rank's TraceWriter.
+        selection: which probes, layers, heads and steps.
+        token_text: id -> display string (rank 0 writes tokens).
+        prompts: token ids per sequence (written at step 0).
+    """
+
+    def __init__(self, model, writer: TraceWriter, selection: ProbeSelection, token_text,
+                 prompts: Sequence[Sequence[int]]) -> None:
+        self.model, self.writer, self.sel = model, writer, selection
+        self.spec = writer.spec
+        self.token_text = token_text
+        self.prompts = [list(p) for p in prompts]
+        self.n_layers = self.spec.n_layers
+        self.rank = writer.rank
+        self.lengths = torch.tensor([len(p) for p in self.prompts])
+        self.finished = [False] * len(self.prompts)
+        self.edges = torch.tensor(self.spec.bin_edges, dtype=torch.float64)
+        self._subscriptions: list = []
+        self._patterns: dict[int, torch.Tensor] = {}
+        self._acts: dict[tuple[int, int], torch.Tensor] = {}
+        self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
+        self._stamps = np.zeros((self.n_layers, len(STAMP_HOOKS)), dtype=np.int64)
+        self._step_wall = 0.0
+
+    # ---------------------------------------------------------------- listeners
+    def _listen(self, pattern: str, fn) -> None:
+        try:
+            self.model.add_listener(pattern, fn)
+        except KeyError:
+            return  # this model has no such hook point (e.g. no TP units fire timing): nothing to record
+        self._subscriptions.append(fn)
+
+    def attach(self) -> "Recorder":
+        sel = self.sel
+        if "attention" in sel:
+            layers = self.spec.attention_layers
+            self._listen([f"layers.{i}.attn.pattern" for i in layers], self._keep_pattern)
+        if "activations" in sel:
+            for s, site in enumerate(self.spec.hist_sites):
+                self._listen(f"layers.*.{SITE_HOOKS[site]}", self._keeper(s))
+        if "comm" in sel or "timing" in sel:
+            for c, site in enumerate(self.spec.comm_sites):
+                self._listen(f"layers.*.{site}.timing", self._comm_keeper(c))
+        if "timing" in sel:
+            for k, name in enumerate(STAMP_HOOKS):
+                self._listen(f"layers.*.{name}", self._stamper(k))
+        self._write_prompt()
+        return self
+
+    def detach(self) -> None:
+        for fn in self._subscriptions:
+            self.model.remove_listener(fn)
+        self._subscriptions.clear()
+
+    def _keep_pattern(self, pattern, hp) -> None:
+        steps = self.sel.attention_steps
+        if steps is None or self.model.info.step in steps:
+            self._patterns[hp.layer] = pattern
+
+    def _keeper(self, site: int):
+        def keep(x, hp):
+            self._acts[(hp.layer, site)] = x
+        return keep
+
+    def _comm_keeper(self, site: int):
+        def keep(t, hp):
+            self._comm[0, hp.layer, site] = (t["start_ns"] - self.model.info.t0_ns) / 1e9
+            self._comm[1, hp.layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
+            self._comm[2, hp.layer, site] = t["bytes"]
+        return keep
+
+    def _stamper(self, k: int):
+        def stamp(x, hp):
+            if x.is_cuda:  # host time of a kernel launch means nothing: wait for the device
+                torch.cuda.synchronize(x.device)
+            self._stamps[hp.layer, k] = time.perf_counter_ns()
+        return stamp
+
+    # ---------------------------------------------------------------- per step
+    def _write_prompt(self) -> None:
+        w = self.writer
+        for j, ids in enumerate(self.prompts):
+            w.write_tokens(0, 0, np.asarray([ids]), [[self.token_text(i) for i in ids]], seq=slice(j, j + 1))
+        if self.rank == 0:
+            w.write(0, "tokens/prompt_len", self.lengths.numpy())
+
+    def on_step(self, event) -> None:
+        """Reduce what the listeners kept during this step, queue it, and end the step."""
+        step, w = event.step, self.writer
+        active = [not f for f in self.finished]
+        if step == 0:
+            q_start, q_stop = torch.zeros_like(self.lengths), self.lengths.clone()
+        else:
+            q_start = self.lengths + step - 1
+            q_stop = q_start + 1
+        w.write_queries(step, q_start.numpy(), q_stop.numpy())
+        if self._patterns:
+            self._write_attention(step, q_start, q_stop, active)
+        if self._acts:
+            self._write_activations(step, q_start, q_stop, active)
+        if "kv" in self.sel and hasattr(event.cache, "stats"):
+            st = event.cache.stats()
+            w.write_kv(step, **{k: np.full(self.n_layers, getattr(st, k), dtype=np.int64)
+                                for k in ("tokens", "blocks", "bytes_used", "bytes_reserved")})
+        if "comm" in self.sel and self._comm[1].any():
+            w.write_comm(step, start=self._comm[0], seconds=self._comm[1], nbytes=self._comm[2].astype(np.int64))
+        if "timing" in self.sel:
+            self._write_timing(step, event)
+        if "sampler" in self.sel and self.rank == 0:
+            self._write_sample(step, event, active)
+        for j, tok in enumerate(event.tokens):  # the chosen token occupies the next position
+            if active[j]:
+                w.write_tokens(step, int(event.positions[j]), np.asarray([[tok]]), [[self.token_text(tok)]],
+                               seq=slice(j, j + 1))
+        self.finished = list(event.finished)
+        self._patterns.clear()
+        self._acts.clear()
+        self._comm[:] = 0
+        w.end_step(step)
+
+    def _write_attention(self, step: int, q_start, q_stop, active) -> None:
+        layers = sorted(self._patterns)
+        stacked = torch.stack([self._patterns[i] for i in layers], dim=1)  # [b, layers, heads, t, keys]
+        for j in range(stacked.shape[0]):
+            if not active[j]:
+                continue
+            a, b = int(q_start[j]), int(q_stop[j])
+            rows = stacked[j, :, :, : b - a, :b] if step == 0 else stacked[j, :, :, :1, :b]
+            rows_np = rows.to(torch.float16 if self.spec.attention_dtype == "float16" else torch.float32)
+            if len(layers) == len(self.spec.attention_layers):
+                self.writer.write_attention(step, rows_np.cpu().numpy()[None], query_start=a, seq=slice(j, j + 1))
+            else:
+                for li, layer in enumerate(layers):
+                    self.writer.write_attention(step, rows_np[li].cpu().numpy()[None], query_start=a, layer=layer,
+                                                seq=slice(j, j + 1))
+            # Attention received per cached position: sum over this rank's heads and the step's rows.
+            mass = rows.float().sum(dim=(1, 2))  # [layers, keys]
+            for li, layer in enumerate(layers):
+                self.writer.write_attention_mass(step, mass[li].cpu().numpy()[None], layer=layer, seq=slice(j, j + 1))
+
+    def _write_activations(self, step: int, q_start, q_stop, active) -> None:
+        sites = self.spec.hist_sites
+        keys = sorted(self._acts)
+        rows = [j for j in range(len(active)) if active[j]]
+        tensors, eps = [], []
+        for layer, s in keys:
+            x = self._acts[(layer, s)]  # [b, t, width]
+            if step == 0:
+                parts = [x[j, : int(q_stop[j])] for j in rows]
+                x = torch.cat(parts) if parts else x[:0]
+            else:
+                x = x[rows]
+            tensors.append(x)
+            eps.append(self._near_zero_eps(layer, sites[s]))
+        if not tensors or all(t.numel() == 0 for t in tensors):
+            return
+        stats = batched_stats(tensors, self.edges.to(tensors[0].device),
+                              torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
+        for i, (layer, s) in enumerate(keys):
+            one = ActivationStats(hist=stats.hist[i], count=stats.count[i], sum=stats.sum[i], sumsq=stats.sumsq[i],
+                                  sum3=stats.sum3[i], sum4=stats.sum4[i], min=stats.min[i], max=stats.max[i],
+                                  near_zero=stats.near_zero[i])
+            self.writer.write_activations(step, one, layer=layer, site=sites[s])
+
+    def _near_zero_eps(self, layer: int, site: str) -> float:
+        """ARM's own threshold at its layers' MLP sites (so before/after compare on one eps)."""
+        if site.startswith("mlp.act"):
+            arm = getattr(self.model.layers[layer].mlp, "redistribute", None)
+            if arm is not None and getattr(arm, "stats", None) is not None:
+                return float(arm.stats.eps)
+        return float(self.spec.near_zero_eps)
+
+    def _write_timing(self, step: int, event) -> None:
+        parts = self.spec.timing_parts
+        ts = self._stamps.astype(np.float64) / 1e9
+        comm = self._comm[1].sum(axis=1)
+        values = {
+            "attention": ts[:, 1] - ts[:, 0],
+            "mlp": ts[:, 3] - ts[:, 2],
+            "comm": comm,
+            "norm": (ts[:, 2] - ts[:, 1]) + (ts[:, 4] - ts[:, 3]) - comm,
+        }
+        seconds = np.stack([values.get(p, np.full(self.n_layers, np.nan)) for p in parts], axis=1)
+        if not self._stamps.any():
+            seconds[:] = np.nan
+        self.writer.write_timing(step, seconds, step_seconds=float(event.seconds),
+                                 step_start=time.time() - float(event.seconds))
+        self._stamps[:] = 0
+
+    def _write_sample(self, step: int, event, active) -> None:
+        ids = event.cand_ids.cpu().numpy()
+        probs = event.cand_probs.float().cpu().numpy()
+        chosen = np.asarray(event.tokens)
+        match = ids == chosen[:, None]
+        chosen_prob = np.where(match.any(1), (probs * match).sum(1), np.nan).astype(np.float32)
+        k = min(ids.shape[1], self.spec.top_k)
+        self.writer.write_sample(step, chosen, chosen_prob=chosen_prob, candidate_ids=ids[:, :k],
+                                 candidate_probs=probs[:, :k])

@@ -1,0 +1,86 @@
+"""Recording one run: create the trace (rank 0), attach a Recorder per rank, close it whatever happens."""
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from pathlib import Path
+from typing import Iterator
+
+import workbench
+from workbench.errors import WorkbenchError
+from workbench.probes.recorder import Recorder, trace_spec_for
+from workbench.probes.selection import ProbeSelection
+from workbench.trace.writer import TraceWriter
+
+
+def check_record_path(path: str | Path, overwrite: bool) -> None:
+    """Refuse to clobber anything that is not a trace, and a trace unless asked (before any process starts)."""
+    path = Path(path)
+    if not path.exists():
+        if not path.parent.exists():
+            raise WorkbenchError(f"cannot record to {path}: directory {path.parent} does not exist")
+        return
+    if not overwrite:
+        raise WorkbenchError(f"{path} already exists (pass --overwrite to replace a trace)")
+    if not path.is_dir() or (any(path.iterdir()) and not (path / "zarr.json").exists()):
+        raise WorkbenchError(f"refusing to overwrite {path}: it is not a trace")
+
+
+def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelection) -> dict:
+    """Everything a replay needs, and what the dashboard's run view shows."""
+    from workbench.runtime.checkpoint import checkpoint_hash
+    return {
+        "workbench_version": getattr(workbench, "__version__", "0"),
+        "model_path": str(Path(spec.model).resolve()),
+        "checkpoint_sha256": checkpoint_hash(spec.model),
+        "model_config": model.cfg.to_dict(),
+        "model_type": type(model).__name__,
+        "prompts": list(spec.prompts),
+        "prompt_ids": [list(p) for p in prompts],
+        "max_new_tokens": spec.max_new_tokens,
+        "stop_strings": list(spec.stop_strings),
+        "sampler": spec.sampler.to_dict(),
+        "seed": spec.sampler.seed,
+        "tp_size": world,
+        "tp_algorithm": spec.tp_algorithm,
+        "arm": spec.arm,
+        "block_size": spec.block_size,
+        "probes": selection.to_dict(),
+        "tokenizer": tok.to_dict() if hasattr(tok, "to_dict") else {},
+        "host": platform.node(),
+        "started_unix": time.time(),
+    }
+
+
+@contextlib.contextmanager
+def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=None) -> Iterator[Recorder]:
+    """Record the generation run inside the block into ``spec.record``; yields the rank's Recorder.
+
+    Rank 0 creates the store at full size; the others open it after a barrier (before generation,
+    so recording adds no collective to the steps it measures). On error the trace says so.
+    """
+    selection = spec.probes if isinstance(spec.probes, ProbeSelection) else ProbeSelection.parse(
+        ",".join(spec.probes) if spec.probes else None)
+    selection.check_model(model.cfg.n_layers, model.cfg.n_heads)
+    top_k = spec.sampler.report_k
+    if rank == 0:
+        tspec = trace_spec_for(model, selection, len(prompts), max(len(p) for p in prompts),
+                               spec.max_new_tokens, world=world, top_k=top_k)
+        writer = TraceWriter(spec.record, tspec, run_metadata(spec, model, tok, prompts, world, selection),
+                             rank=0, world=world, overwrite=getattr(spec, "overwrite", False))
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier(group=group)
+    if rank != 0:
+        writer = TraceWriter.open(spec.record, rank, world)
+    recorder = Recorder(model, writer, selection, tok.token_text, prompts).attach()
+    try:
+        yield recorder
+    except BaseException as e:
+        recorder.detach()
+        writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+    else:
+        recorder.detach()
+        writer.close()
