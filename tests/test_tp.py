@@ -1,5 +1,6 @@
 """Tensor parallelism on real gloo process groups against TP=1 on the same saved weights."""
 import functools
+import json
 import multiprocessing
 import subprocess
 import sys
@@ -170,3 +171,16 @@ def test_unknown_algorithm_is_an_error(model_dir):
 def test_head_ranges_cover_every_head_once():
     owned = [h for r in range(4) for h in tp.head_range(8, r, 4)]
     assert owned == list(range(8))
+
+
+def test_torchrun_runs_the_same_code(model_dir):
+    prompts = ["hello", "a longer prompt here"]
+    ref = run_local(RunSpec(model=str(model_dir), prompts=prompts, max_new_tokens=5, device="cpu"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "workbench.cli", "generate", "--model", str(model_dir), "--max-new-tokens", "5", "--json",
+           "--tp-algorithm", "reduce_scatter", *[a for p in prompts for a in ("--prompt", p)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1  # only rank 0 prints
+    assert json.loads(lines[0])["generated_ids"] == ref.generated
