@@ -48,7 +48,7 @@ def model_dir(tmp_path_factory):
 
 def _greedy_with_logits(model):
     """Greedy tokens and the logits of every step; layer 0's attention partial/reduced sum at prefill."""
-    logits, attn_sum = [], {}
+    logits, attn_sum, cache_heads = [], {}, set()
 
     def keep_logits(x, hp):
         logits.append(x[:, -1].clone())
@@ -59,7 +59,9 @@ def _greedy_with_logits(model):
 
     sites = ["layers.0.attn_allreduce.partial", "layers.0.attn_allreduce.reduced"]
     with model.listening("logits", keep_logits), model.listening(sites, keep_sum):
-        res = generate(model, PROMPTS, STEPS, sampler=tp.RankZeroSampler() if model.info.world > 1 else None)
+        res = generate(model, PROMPTS, STEPS, sampler=tp.RankZeroSampler() if model.info.world > 1 else None,
+                       on_step=lambda ev: cache_heads.add(ev.cache.k.shape[3]))
+    attn_sum["cache_heads"] = cache_heads
     return res.generated, torch.stack(logits), attn_sum
 
 
@@ -91,6 +93,7 @@ def test_tp_matches_tp1_for_both_algorithms(model_dir, reference, world):
     ref_tokens, ref_logits, ref_sum = reference
     out = launch.launch(world, functools.partial(_rank_compare, str(model_dir)))
     assert out["heads"] == (8 // world, 4 // world)
+    assert out["allreduce"]["attn_sum"]["cache_heads"] == {4 // world}  # each rank caches its own KV heads
     for algorithm in tp.ALGORITHMS:
         got = out[algorithm]
         assert got["tokens"] == ref_tokens, algorithm
