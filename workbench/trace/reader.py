@@ -17,13 +17,17 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ..errors import WorkbenchError
 from .schema import FORMAT_NAME, FORMAT_VERSION, STATUS_RUNNING, TraceSpec
 from .stats import finish_moments
 from .writer import aggregate_status
 
 
-class TraceError(ValueError):
-    """The path is not a readable trace (not a trace, newer format, missing arrays)."""
+class TraceError(WorkbenchError):
+    """The path is not a readable trace (not a trace, newer format, missing arrays).
+
+    A ValueError (via WorkbenchError) whose message is one line naming the problem.
+    """
 
 
 class Trace:

@@ -74,6 +74,20 @@ class ActivationStats:
         )
         return out.reshape(lead)
 
+    @classmethod
+    def from_packed(cls, hist: np.ndarray, moments: np.ndarray) -> ActivationStats:
+        """From a histogram [..., bin] and moments packed [..., 8] in MOMENT_FIELDS order.
+
+        This is the layout of `workbench.probes.reductions.moments`.
+        """
+        m = np.asarray(moments, dtype=np.float64)
+        if m.shape[-1] != len(MOMENT_FIELDS):
+            raise ValueError(f"packed moments need a last dim of {len(MOMENT_FIELDS)}, got {m.shape}")
+        fields = {f: m[..., i] for i, f in enumerate(MOMENT_FIELDS)}
+        fields["count"] = fields["count"].astype(np.int64)
+        fields["near_zero"] = fields["near_zero"].astype(np.int64)
+        return cls(hist=np.asarray(hist, dtype=np.int64), **fields)
+
     def reshape(self, lead: tuple[int, ...]) -> ActivationStats:
         """Same stats with leading dims reshaped to `lead`."""
         return ActivationStats(hist=self.hist.reshape(*lead, -1),
