@@ -194,10 +194,35 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_replay(sub) -> None:
+    p = sub.add_parser("replay", help="re-run a recorded generation and check it reproduces the trace")
+    p.add_argument("trace", help="trace store directory")
+    p.add_argument("--verify", action="store_true", help="re-run and compare tokens step by step")
+    p.add_argument("--model", help="checkpoint directory (default: the one recorded in the trace)")
+    p.add_argument("--tp", type=_positive_int, help="tensor-parallel size (default: the recorded one)")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _cmd_replay(args) -> int:
+    from workbench import replay
+    if not args.verify:
+        from workbench.trace.reader import open_trace
+        tr = open_trace(args.trace)
+        print(f"{tr}\nprompts: {tr.metadata.get('prompts')}\nre-run with --verify; explore with: "
+              f"workbench serve {args.trace}")
+        return 0
+    report = replay.verify(args.trace, model=args.model, tp=args.tp)
+    if not report.checkpoint_matches:
+        print("warning: the checkpoint differs from the one recorded (sha256 mismatch)", file=sys.stderr)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="workbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
+    _add_replay(sub)
     _add_train(sub)
     return parser
 
