@@ -218,11 +218,29 @@ def _cmd_replay(args) -> int:
     return 0 if report.ok else 1
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="two traces side by side: per-layer activation statistics and differences")
+    p.add_argument("run_a", help="trace store directory (a)")
+    p.add_argument("run_b", help="trace store directory (b)")
+    p.add_argument("--steps", choices=("all", "prefill", "decode"), default="all",
+                   help="steps to merge: all, prefill (the prompt) or decode (default: %(default)s)")
+    p.add_argument("--sites", help="comma-separated sites (default: every site both traces recorded)")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    from workbench.compare import compare_traces, format_comparison
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
+    print(format_comparison(compare_traces(args.run_a, args.run_b, steps=args.steps, sites=sites)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="workbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_generate(sub)
     _add_replay(sub)
+    _add_compare(sub)
     _add_train(sub)
     return parser
 

@@ -1,0 +1,149 @@
+"""Two traces side by side: per-layer activation distributions and statistics, and their difference.
+
+Made for the experiment of "Meaningless Tokens, Meaningful Gains" (docs/arm.md): the same prompt
+with and without inserted meaningless tokens, ARM off and on. Histograms are on the traces' fixed
+bin edges (they must match), summed over ranks and the chosen steps and normalised per
+(layer, site), so runs with different prompt lengths compare directly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import xarray as xr
+
+from workbench.errors import WorkbenchError
+from workbench.trace import Trace, finish_moments, open_trace
+
+STEP_CHOICES = ("all", "prefill", "decode")
+# Statistics per (run, layer, site); each also gets a delta_<name> = b - a.
+STAT_NAMES = ("count", "mean", "std", "kurtosis", "min", "max", "near_zero_fraction", "zero_bin_fraction")
+
+
+def _open(run: "str | os.PathLike | Trace") -> Trace:
+    return run if isinstance(run, Trace) else open_trace(run)
+
+
+def _step_slice(trace: Trace, steps: str) -> slice:
+    n = trace.n_steps
+    if n == 0:
+        raise WorkbenchError(f"{trace.path}: no committed step to compare")
+    if steps == "all":
+        return slice(0, n)
+    if steps == "prefill":
+        return slice(0, 1)
+    if steps == "decode":
+        if n < 2:
+            raise WorkbenchError(f"{trace.path}: no decode step committed (only the prefill)")
+        return slice(1, n)
+    raise WorkbenchError(f"unknown step selection {steps!r} (choose {', '.join(STEP_CHOICES)})")
+
+
+def _summary(trace: Trace, steps: str, sites: Sequence[str]) -> xr.Dataset:
+    """Histogram fractions and finished statistics over (layer, site) for one trace."""
+    ds = trace.activations.isel(step=_step_slice(trace, steps)).sel(site=list(sites))
+    valid = ds["value_count"] > 0  # unwritten cells hold fill values (-1 / NaN)
+    dims = ["step", "rank"]
+    sums = {k: ds[k].where(valid).sum(dims) for k in
+            ("value_count", "value_sum", "value_sumsq", "value_sum3", "value_sum4", "near_zero_count")}
+    hist = ds["hist_count"].where(valid).sum(dims)  # [layer, site, bin]
+    count = sums["value_count"]
+    fin = finish_moments(count.values, sums["value_sum"].values, sums["value_sumsq"].values,
+                         sums["value_sum3"].values, sums["value_sum4"].values)
+    out = xr.Dataset({k: count.copy(data=fin[k]) for k in ("mean", "std", "kurtosis")})
+    out["count"] = count.astype(np.int64)
+    out["min"] = ds["value_min"].where(valid).min(dims)
+    out["max"] = ds["value_max"].where(valid).max(dims)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["near_zero_fraction"] = sums["near_zero_count"] / count
+        out["hist_fraction"] = hist / count
+    edges = np.asarray(trace.spec.bin_edges)
+    zero_bin = int(np.searchsorted(edges, 0.0, side="right") - 1)  # the bin [e_i, e_i+1) holding 0
+    out["zero_bin_fraction"] = out["hist_fraction"].isel(bin=zero_bin, drop=True)
+    return out.drop_vars([c for c in out.coords if c not in ("layer", "site", "bin")])
+
+
+def compare_traces(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace", *, steps: str = "all",
+                   sites: Sequence[str] | None = None, labels: tuple[str, str] = ("a", "b")) -> xr.Dataset:
+    """Per-layer activation distributions of two traces, and b minus a.
+
+    Args:
+        a, b: trace store paths or opened ``Trace`` objects (live traces are cut at their commit).
+        steps: "all" committed steps, "prefill" (step 0: the prompt) or "decode" (steps >= 1).
+        sites: activation sites to compare (default: every site both traces recorded).
+        labels: names of the two runs on the ``run`` dimension.
+    Returns:
+        Dataset over (run, layer, site[, bin]): ``hist_fraction`` (share of values per bin, on the
+        shared edges; coordinates ``bin_lower``/``bin_upper``), ``count``, ``mean``, ``std``,
+        ``kurtosis`` (excess), ``min``, ``max``, ``near_zero_fraction`` (|a| < eps with the eps
+        each trace recorded with: ARM's own at its layers' MLP sites, the trace's fixed
+        ``near_zero_eps`` elsewhere, so compare it within a run, or across runs only where both
+        used the same eps) and ``zero_bin_fraction`` (share in the bin [e_i, e_i+1) holding 0);
+        plus ``delta_<name>`` = b - a for each, without the ``run`` dim. Attributes name the runs,
+        their prompts and ARM settings.
+    Raises:
+        WorkbenchError: not traces, different bin edges or layer counts, unknown sites or steps.
+    """
+    ta, tb = _open(a), _open(b)
+    if tuple(ta.spec.bin_edges) != tuple(tb.spec.bin_edges):
+        raise WorkbenchError("the traces use different histogram bin edges, so their histograms do not compare")
+    if ta.spec.n_layers != tb.spec.n_layers:
+        raise WorkbenchError(f"the traces have different layer counts ({ta.spec.n_layers} and {tb.spec.n_layers})")
+    common = [s for s in ta.spec.hist_sites if s in tb.spec.hist_sites]
+    if sites is None:
+        sites = common
+    missing = [s for s in sites if s not in common]
+    if missing:
+        raise WorkbenchError(f"site {missing[0]!r} is not recorded in both traces (both have: {', '.join(common)})")
+    if steps not in STEP_CHOICES:
+        raise WorkbenchError(f"unknown step selection {steps!r} (choose {', '.join(STEP_CHOICES)})")
+    sa, sb = _summary(ta, steps, sites), _summary(tb, steps, sites)
+    run = xr.DataArray(list(labels), dims="run", name="run")
+    out = xr.concat([sa, sb], dim=run)
+    for name in (*STAT_NAMES, "hist_fraction"):
+        out[f"delta_{name}"] = sb[name] - sa[name]
+    edges = np.asarray(ta.spec.bin_edges)
+    out = out.assign_coords(bin_lower=("bin", edges[:-1]), bin_upper=("bin", edges[1:]))
+    for label, t in zip(labels, (ta, tb)):
+        out.attrs[f"{label}_path"] = str(t.path)
+        out.attrs[f"{label}_prompts"] = list(t.metadata.get("prompts") or [])
+        out.attrs[f"{label}_arm"] = t.metadata.get("arm")
+        out.attrs[f"{label}_steps"] = int(t.n_steps)
+    out.attrs["labels"] = list(labels)
+    out.attrs["steps"] = steps
+    return out
+
+
+def _fmt(x: float, width: int = 8) -> str:
+    return f"{x:>{width}.4f}" if np.isfinite(x) else f"{'-':>{width}}"
+
+
+def format_comparison(ds: xr.Dataset, stats: Sequence[str] = ("near_zero_fraction", "zero_bin_fraction", "std",
+                                                               "kurtosis")) -> str:
+    """A printable table: one row per (layer, site), each statistic for a, b and b - a."""
+    la, lb = ds.attrs.get("labels", ["a", "b"])
+    lines = []
+    for label in (la, lb):
+        prompts = ds.attrs.get(f"{label}_prompts") or []
+        prompt = repr(prompts[0]) if prompts else "?"
+        if len(prompt) > 60:
+            prompt = prompt[:57] + "..."
+        arm = ds.attrs.get(f"{label}_arm")
+        arm_text = "off" if not arm else f"layers {arm.get('layers')}, c={arm.get('c')}, k={arm.get('k')}"
+        lines.append(f"{label}: {ds.attrs.get(f'{label}_path')}  prompt {prompt}  ARM {arm_text}")
+    lines.append(f"steps: {ds.attrs.get('steps')}")
+    short = {"near_zero_fraction": "near0", "zero_bin_fraction": "zerobin", "std": "std", "kurtosis": "kurt",
+             "mean": "mean", "min": "min", "max": "max", "count": "count"}
+    header = f"{'layer':>5} {'site':<14}" + "".join(
+        f" {short.get(s, s)[:7] + ' ' + la:>8} {short.get(s, s)[:7] + ' ' + lb:>8} {'delta':>8}" for s in stats)
+    lines += [header, "-" * len(header)]
+    for layer in ds["layer"].values:
+        for site in ds["site"].values:
+            row = f"{int(layer):>5} {str(site):<14}"
+            for s in stats:
+                v = ds[s].sel(layer=layer, site=site)
+                row += " " + _fmt(float(v.sel(run=la))) + " " + _fmt(float(v.sel(run=lb))) + " " + _fmt(
+                    float(ds[f"delta_{s}"].sel(layer=layer, site=site)))
+            lines.append(row)
+    return "\n".join(lines)
