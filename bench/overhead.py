@@ -1,0 +1,113 @@
+"""Cost of recording: decode tokens/s with no probes, light probes and everything, in one run.
+
+Runs on the default model (data/models/llama-bytes; a random model of the same size if it is not
+trained yet). Repeats are interleaved and the best of each kind is kept, so the ratios compare
+like with like on a shared machine. Also prints the trace size per step, the writer's throughput
+and the cost of hook points nobody listens to.
+Usage: .venv/bin/python bench/overhead.py [--new-tokens 128] [--repeats 3] [--batch 1]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import timeit
+from pathlib import Path
+
+import torch
+
+from workbench.models.config import LlamaConfig
+from workbench.models.llama import Llama
+from workbench.probes.recorder import Recorder, trace_spec_for
+from workbench.probes.selection import ProbeSelection
+from workbench.runtime.generate import generate
+from workbench.runtime.session import DEFAULT_MODEL, load_model
+from workbench.runtime.tokenizer import ByteTokenizer
+from workbench.trace.writer import TraceWriter
+
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
+
+
+def default_model():
+    if (DEFAULT_MODEL / "config.json").exists():
+        return (*load_model(DEFAULT_MODEL, torch.device("cpu")), str(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=259, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=688, max_seq_len=1024,
+                      bos_id=256, eos_id=257)
+    return Llama(cfg).eval(), ByteTokenizer(), "random (default model not trained yet)"
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_once(model, tok, prompts, new_tokens, probes: str | None, workdir: Path):
+    """Decode tokens/s of one generation, recording with ``probes`` (None: no recorder at all)."""
+    if probes is None:
+        return generate(model, prompts, new_tokens).decode_tokens_per_second, None
+    sel = ProbeSelection.parse(probes)
+    path = workdir / f"{probes}-{time.perf_counter_ns()}.zarr"
+    spec = trace_spec_for(model, sel, len(prompts), max(len(p) for p in prompts), new_tokens)
+    writer = TraceWriter(path, spec, {"bench": True})
+    recorder = Recorder(model, writer, sel, tok.token_text, prompts).attach()
+    try:
+        rate = generate(model, prompts, new_tokens, on_step=recorder.on_step).decode_tokens_per_second
+    finally:
+        recorder.detach()
+    t0 = time.perf_counter()
+    writer.close()
+    drain = time.perf_counter() - t0
+    return rate, (writer.writer_stats(), dir_bytes(path), drain)
+
+
+def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:
+    """Guard checks per forward, ns per check, and their share of one decode step."""
+    hps = list(model.hook_points.values())
+    owners = []
+    for name, mod in model.named_modules():
+        for attr, child in mod._modules.items():
+            if child in hps:
+                owners.append((mod, attr))
+    # The guard the model runs at each site: an attribute lookup and a list truth test.
+    n = 20000
+    t = timeit.timeit(lambda: [1 for m, a in owners if getattr(m, a).listeners], number=n // len(owners) + 1)
+    per_check = t / ((n // len(owners) + 1) * len(owners))
+    return len(owners), per_check * 1e9, len(owners) * per_check / step_seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args()
+    model, tok, name = default_model()
+    prompts = [tok.encode(PROMPT)] * args.batch
+    kinds = {"no probes": None, "light": "light", "everything": "all"}
+    best = {k: 0.0 for k in kinds}
+    extra = {}
+    with tempfile.TemporaryDirectory() as d:
+        run_once(model, tok, prompts, 8, "all", Path(d))  # warm-up (imports, allocator)
+        for _ in range(args.repeats):
+            for kind, probes in kinds.items():
+                rate, info = run_once(model, tok, prompts, args.new_tokens, probes, Path(d))
+                if rate > best[kind]:
+                    best[kind], extra[kind] = rate, info
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
+          f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved runs")
+    print(f"{'probes':<12} {'tok/s':>8} {'ratio':>6} {'trace KB/step':>14} {'writer MB/s':>12} {'drain s':>8}")
+    for kind in kinds:
+        line = f"{kind:<12} {best[kind]:>8.1f} {best[kind] / best['no probes']:>6.3f}"
+        if extra[kind] is not None:
+            stats, size, drain = extra[kind]
+            mbps = stats.bytes_written / max(stats.seconds_writing, 1e-9) / 1e6
+            line += f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {drain:>8.2f}"
+        print(line)
+    checks, ns, share = hook_point_cost(model, 1.0 / best["no probes"] * args.batch)
+    print(f"hook points with no listener: {checks} guard checks per forward, {ns:.0f} ns each, "
+          f"{share * 100:.2f}% of a decode step")
+
+
+if __name__ == "__main__":
+    main()
