@@ -295,7 +295,7 @@ class TraceWriter:
             return self.rank
         if dim == "head" and name == "attention/weights":
             return self.spec.attention_head_slots(self.rank)
-        if dim == "head" and name == "cross_attention/weights":
+        if dim == "head" and name in ("cross_attention/weights", "latent_attention/weights"):
             return self.spec.cross_head_slots(self.rank)
         return slice(0, size)
 
@@ -570,6 +570,35 @@ class TraceWriter:
             if latent_position is not None:
                 self.write(step, "cross_attention/latent_position", latent_position)
 
+    def write_latent_attention(self, step: int, weights: Any, *, repeat: int, self_layer: int,
+                               latent_start: int = 0, key_start: int = 0,
+                               seq: int | slice | None = None, latent_position: Any = None) -> None:
+        """Perceiver latent self-attention of this rank's heads at `step`.
+
+        Args:
+            step: the step.
+            weights: [n_seq, heads, n_lat, n_key]: latents [latent_start, latent_start + n_lat)
+                attending to latent keys [key_start, key_start + n_key) (window slots).
+            repeat: the repeat.
+            self_layer: latent block within the repeat (`repeats.{r}.layers.{i}`).
+            latent_start: first latent slot written.
+            key_start: first latent_key slot written.
+            seq: restrict to one sequence or a range.
+            latent_position: [n_seq, n_latents] absolute position per slot (rank 0 only).
+        """
+        if self.spec.perceiver is None or self.spec.perceiver.n_self_layers == 0:
+            raise TraceWriterError("this trace has no latent_attention section")
+        w = np.asarray(weights)
+        index: dict[str, Index] = {"latent": slice(latent_start, latent_start + w.shape[-2]),
+                                   "latent_key": slice(key_start, key_start + w.shape[-1]),
+                                   "repeat": repeat, "self_layer": self_layer}
+        if seq is not None:
+            index["seq"] = seq
+        self.write(step, "latent_attention/weights", w, **index)
+        if self.rank == 0 and latent_position is not None:
+            self.write(step, "latent_attention/latent_position", latent_position,
+                       **({} if seq is None else {"seq": seq}))
+
     # ------------------------------------------------------------------ step protocol
     def end_step(self, step: int) -> None:
         """Declare `step` complete on this rank; it is committed by the next flush.
@@ -816,11 +845,11 @@ class TraceWriter:
             raise TraceWriterError(f"unknown status {status!r}")
         self._zarr_array("rank_status")[self.rank] = status
         self._zarr_array("rank_error")[self.rank] = message
-        if self.rank != 0 and status != STATUS_FAILED:
-            return
         statuses = np.asarray(self._zarr_array("rank_status")[:], dtype=object)
         errors = np.asarray(self._zarr_array("rank_error")[:], dtype=object)
         overall, error = aggregate_status(list(statuses), list(errors))
+        if overall == STATUS_RUNNING and self.rank != 0:
+            return  # the last rank to finish (or any failing rank) sets the root attributes
         root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         root.attrs.update({"status": overall, "error": error, "updated": _now()})
 
