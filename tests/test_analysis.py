@@ -118,3 +118,27 @@ def test_default_model_scores_match_its_report():
         np.testing.assert_allclose(head_scores(model, kind), np.array(report["head_scores"][kind]), atol=2e-3)
     # A trained byte model has a sharp previous-token head (random init gives ~0.1 on this snippet).
     assert report["best_heads"]["previous_token"]["score"] > 0.5
+
+
+def test_scores_from_a_recorded_trace_equal_scores_from_a_full_forward(tmp_path):
+    from workbench.analysis import head_scores_from_trace
+    from workbench.runtime.checkpoint import save_llama
+    from workbench.runtime.session import RunSpec, run
+    from workbench.runtime.tokenizer import ByteTokenizer
+    from workbench.trace.reader import open_trace
+    tc = TrainConfig(minutes=None, steps=1, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                     seq_len=32, max_seq_len=128)
+    torch.manual_seed(0)
+    model = build_llama(tc)
+    save_llama(model, tmp_path / "m", ByteTokenizer(259, 256, 257))
+    spec = RunSpec(model=str(tmp_path / "m"), prompts=["x = a + b\nx = a + b\n"], max_new_tokens=6,
+                   record=str(tmp_path / "t.zarr"), device="cpu")
+    run(spec)
+    trace = open_trace(tmp_path / "t.zarr")
+    ids = trace.token_ids(0)[:-1].astype(np.int64)  # the last token is never fed back
+    maps, _ = attention_maps(model, torch.from_numpy(ids[None]))
+    for kind, ref in [("previous_token", previous_token_scores_from_maps(maps)),
+                      ("induction", induction_scores_from_maps(maps, ids[None]))]:
+        got = head_scores_from_trace(trace, kind)
+        assert got.shape == (2, 4)
+        np.testing.assert_allclose(got, ref, atol=2e-3)  # maps are stored as float16

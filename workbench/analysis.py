@@ -164,6 +164,25 @@ def head_scores(model, kind: str) -> np.ndarray:
     raise ValueError(f"unknown head score {kind!r} (known: {', '.join(SCORE_KINDS)})")
 
 
+def head_scores_from_trace(trace, kind: str, seq: int = 0, step: int | None = None) -> np.ndarray:
+    """Scores [layer, head] from a recorded trace's attention maps of sequence ``seq`` (NaN: not recorded).
+
+    trace: an ``open_trace`` reader. The induction score here uses the generated text itself (queries
+    whose byte occurred earlier), so it is high only where the text repeats.
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"unknown head score {kind!r} (known: {', '.join(SCORE_KINDS)})")
+    spec = trace.spec
+    n = trace.queries_upto(seq, trace.n_steps - 1 if step is None else step)
+    maps = np.full((spec.n_layers, spec.n_heads, n, n), np.nan, dtype=np.float32)
+    for layer in spec.attention_layers:
+        for head in spec.attention_heads:
+            maps[layer, head] = np.asarray(trace.attention_map(seq, layer, head, step))[:n, :n]
+    if kind == "previous_token":
+        return previous_token_scores_from_maps(maps)
+    return induction_scores_from_maps(maps, trace.token_ids(seq, step)[:n])
+
+
 def best_head(scores: np.ndarray) -> dict:
     """The (layer, head) with the highest score; "layer" is the row (attention site) index."""
     s = np.where(np.isnan(scores), -np.inf, scores)
