@@ -1,1 +1,10 @@
 """workbench: record and explore what happens inside transformer inference."""
+
+
+def __getattr__(name: str):
+    """Lazy top-level exports, so `import workbench` stays light (no zarr/xarray until used)."""
+    if name == "open_trace":
+        from workbench.trace.reader import open_trace
+
+        return open_trace
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
