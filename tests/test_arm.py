@@ -280,3 +280,47 @@ def test_model_tp2_with_arm_equals_tp1(tiny_dir):
     gap = float((p1 - p2).abs().max())
     assert gap < 1e-5
     assert float((p1 - p_off).abs().max()) > 100 * gap + 1e-6  # ARM's effect dwarfs the TP rounding
+
+
+def test_recorded_run_shows_mass_moved_away_from_zero(tiny_dir, tmp_path):
+    """A trace of a run with ARM on: layer 0's act.pre histogram peaks next to zero, act.post has
+    that mass moved outwards; both equal an independent recomputation on the trace's edges."""
+    from workbench.probes.selection import ProbeSelection
+    from workbench.runtime.checkpoint import load_llama
+    from workbench.runtime.session import RunSpec, run
+    from workbench.trace import open_trace
+    path = tmp_path / "arm.zarr"
+    run(RunSpec(model=str(tiny_dir), prompts=["def f(x):\n    return x"], max_new_tokens=2, device="cpu",
+                arm={"layers": [0]}, record=str(path), probes=ProbeSelection.parse("activations")))
+    tr = open_trace(path)
+    assert tr.metadata["arm"] == {"layers": [0]}
+    edges = np.asarray(tr.spec.bin_edges)
+    hist = tr.activations["hist_count"].isel(step=0).sum("rank")  # prefill: [layer, site, bin]
+    pre, post = hist.sel(layer=0, site="mlp.act.pre").values, hist.sel(layer=0, site="mlp.act.post").values
+    zero = int(np.searchsorted(edges, 0.0, side="right") - 1)  # bin [0, e) on these edges
+    near = [zero - 1, zero]                                       # the two bins touching zero
+    assert int(np.argmax(pre)) in near                            # the peak sits at zero
+    assert pre.sum() == post.sum()
+    moved = pre[near].sum() - post[near].sum()
+    # A sizeable share left the bins at zero: of the ~20% replaced, the positive ones drawn above
+    # the first edge (U * p99.5 > 0.32 here) leave; negative draws stay within [-|min|, 0)...
+    assert moved > 0.05 * pre.sum()
+    assert post[zero + 1:].sum() - pre[zero + 1:].sum() == moved  # ...and all of it went outwards
+    # Layer 1 has no ARM: its histograms before and after are identical.
+    assert np.array_equal(hist.sel(layer=1, site="mlp.act.pre"), hist.sel(layer=1, site="mlp.act.post"))
+    # The near-zero share (ARM's own eps at both sites) falls.
+    nz = tr.activations["near_zero_count"].isel(step=0).sum("rank").sel(layer=0)
+    assert int(nz.sel(site="mlp.act.post")) < int(nz.sel(site="mlp.act.pre"))
+
+    # Independent recomputation of the prefill with the same seed, binned with numpy.
+    model = load_llama(tiny_dir)
+    arm = apply_arm(model, {"layers": [0]}, seed=0)[0]
+    seen = {}
+    with model.listening("layers.0.mlp.act.*", lambda x, hp: seen.__setitem__(hp.name, x.clone())), torch.no_grad():
+        model(torch.tensor(tr.metadata["prompt_ids"]))
+    for site, counts in (("pre", pre), ("post", post)):
+        x = seen[f"layers.0.mlp.act.{site}"].double().numpy().ravel()
+        ref = np.bincount(np.searchsorted(edges, x, side="right") - 1, minlength=len(edges) - 1)
+        assert np.array_equal(ref, counts), site
+    assert int(nz.sel(site="mlp.act.pre")) == round(arm.stats.near_zero_before * arm.stats.numel)
+    assert int(nz.sel(site="mlp.act.post")) == round(arm.stats.near_zero_after * arm.stats.numel)

@@ -115,6 +115,17 @@ def compare_traces(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace
     return out
 
 
+def _arm_text(arm: dict | None) -> str:
+    if not arm:
+        return "off"
+    from workbench.models.arm import ARMConfig  # fills in the defaults a partial setting left out
+    try:
+        c = ARMConfig.from_dict(arm)
+    except WorkbenchError:
+        return f"{arm}"
+    return f"layers {list(c.layers)}, c={c.c}, k={c.k}, clip=[{c.clip_lo}, {c.clip_hi}], p={c.percentile}"
+
+
 def _fmt(x: float, width: int = 8) -> str:
     return f"{x:>{width}.4f}" if np.isfinite(x) else f"{'-':>{width}}"
 
@@ -129,8 +140,7 @@ def format_comparison(ds: xr.Dataset, stats: Sequence[str] = ("near_zero_fractio
         prompt = repr(prompts[0]) if prompts else "?"
         if len(prompt) > 60:
             prompt = prompt[:57] + "..."
-        arm = ds.attrs.get(f"{label}_arm")
-        arm_text = "off" if not arm else f"layers {arm.get('layers')}, c={arm.get('c')}, k={arm.get('k')}"
+        arm_text = _arm_text(ds.attrs.get(f"{label}_arm"))
         lines.append(f"{label}: {ds.attrs.get(f'{label}_path')}  prompt {prompt}  ARM {arm_text}")
     lines.append(f"steps: {ds.attrs.get('steps')}")
     short = {"near_zero_fraction": "near0", "zero_bin_fraction": "zerobin", "std": "std", "kurtosis": "kurt",
