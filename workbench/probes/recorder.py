@@ -85,6 +85,29 @@ class Recorder:
         self._stamps = np.zeros((self.n_layers, len(STAMP_HOOKS)), dtype=np.int64)
         self._step_wall = 0.0
 
+    # ------------------------------------------------- model-specific parts (subclasses override)
+    @classmethod
+    def check_selection(cls, model, selection: ProbeSelection) -> None:
+        """Refuse a selection this model cannot record (before the store is created)."""
+        selection.check_model(model.cfg.n_layers, model.cfg.n_heads)
+
+    @classmethod
+    def trace_spec(cls, model, selection: ProbeSelection, n_seq: int, prompt_positions: int,
+                   max_new_tokens: int, world: int = 1, top_k: int = 5) -> TraceSpec:
+        """The store sizes of one generation of this model."""
+        return trace_spec_for(model, selection, n_seq, prompt_positions, max_new_tokens, world, top_k)
+
+    def _layer_hooks(self, suffix: str) -> str | list[str]:
+        """Hook points of ``suffix`` (e.g. ``mlp.act.pre``) in every layer of the trace's layer dim."""
+        return f"layers.*.{suffix}"
+
+    def _layer_of(self, hp) -> int:
+        """Index on the trace's layer dim of a hook point returned by ``_layer_hooks``."""
+        return hp.layer
+
+    def _attention_hooks(self) -> list[str]:
+        return [f"layers.{i}.attn.pattern" for i in self.spec.attention_layers]
+
     # ---------------------------------------------------------------- listeners
     def _listen(self, pattern: str, fn) -> None:
         try:
@@ -96,17 +119,16 @@ class Recorder:
     def attach(self) -> "Recorder":
         sel = self.sel
         if "attention" in sel:
-            layers = self.spec.attention_layers
-            self._listen([f"layers.{i}.attn.pattern" for i in layers], self._keep_pattern)
+            self._listen(self._attention_hooks(), self._keep_pattern)
         if "activations" in sel:
             for s, site in enumerate(self.spec.hist_sites):
-                self._listen(f"layers.*.{SITE_HOOKS[site]}", self._keeper(s))
+                self._listen(self._layer_hooks(SITE_HOOKS[site]), self._keeper(s))
         if "comm" in sel or "timing" in sel:
             for c, site in enumerate(self.spec.comm_sites):
-                self._listen(f"layers.*.{site}.timing", self._comm_keeper(c))
+                self._listen(self._layer_hooks(f"{site}.timing"), self._comm_keeper(c))
         if "timing" in sel:
             for k, name in enumerate(STAMP_HOOKS):
-                self._listen(f"layers.*.{name}", self._stamper(k))
+                self._listen(self._layer_hooks(name), self._stamper(k))
         self._write_prompt()
         return self
 
@@ -118,25 +140,26 @@ class Recorder:
     def _keep_pattern(self, pattern, hp) -> None:
         steps = self.sel.attention_steps
         if steps is None or self.model.info.step in steps:
-            self._patterns[hp.layer] = pattern
+            self._patterns[self._layer_of(hp)] = pattern
 
     def _keeper(self, site: int):
         def keep(x, hp):
-            self._acts[(hp.layer, site)] = x
+            self._acts[(self._layer_of(hp), site)] = x
         return keep
 
     def _comm_keeper(self, site: int):
         def keep(t, hp):
-            self._comm[0, hp.layer, site] = (t["start_ns"] - self.model.info.t0_ns) / 1e9
-            self._comm[1, hp.layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
-            self._comm[2, hp.layer, site] = t["bytes"]
+            layer = self._layer_of(hp)
+            self._comm[0, layer, site] = (t["start_ns"] - self.model.info.t0_ns) / 1e9
+            self._comm[1, layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
+            self._comm[2, layer, site] = t["bytes"]
         return keep
 
     def _stamper(self, k: int):
         def stamp(x, hp):
             if x.is_cuda:  # host time of a kernel launch means nothing: wait for the device
                 torch.cuda.synchronize(x.device)
-            self._stamps[hp.layer, k] = time.perf_counter_ns()
+            self._stamps[self._layer_of(hp), k] = time.perf_counter_ns()
         return stamp
 
     # ---------------------------------------------------------------- per step
@@ -162,9 +185,7 @@ class Recorder:
         if self._acts:
             self._write_activations(step, q_start, q_stop, active)
         if "kv" in self.sel and hasattr(event.cache, "stats"):
-            st = event.cache.stats()
-            w.write_kv(step, **{k: np.full(self.n_layers, getattr(st, k), dtype=np.int64)
-                                for k in ("tokens", "blocks", "bytes_used", "bytes_reserved")})
+            self._write_kv(step, event.cache)
         if "comm" in self.sel and self._comm[1].any():
             w.write_comm(step, start=self._comm[0], seconds=self._comm[1], nbytes=self._comm[2].astype(np.int64))
         if "timing" in self.sel:
@@ -180,6 +201,11 @@ class Recorder:
         self._acts.clear()
         self._comm[:] = 0
         w.end_step(step)
+
+    def _write_kv(self, step: int, cache) -> None:
+        st = cache.stats()  # PagedKVCache: per layer, the same in every layer
+        self.writer.write_kv(step, **{k: np.full(self.n_layers, getattr(st, k), dtype=np.int64)
+                                      for k in ("tokens", "blocks", "bytes_used", "bytes_reserved")})
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         layers = sorted(self._patterns)

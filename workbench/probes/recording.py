@@ -9,7 +9,7 @@ from typing import Iterator
 
 import workbench
 from workbench.errors import WorkbenchError
-from workbench.probes.recorder import Recorder, trace_spec_for
+from workbench.probes.recorder import Recorder
 from workbench.probes.selection import ProbeSelection
 from workbench.trace.writer import TraceWriter
 
@@ -53,6 +53,14 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
     }
 
 
+def recorder_class(model) -> type[Recorder]:
+    """The Recorder that knows this model's hook points: Perceiver models have repeats, not layers."""
+    if hasattr(model, "repeats"):
+        from workbench.probes.perceiver_recorder import PerceiverRecorder
+        return PerceiverRecorder
+    return Recorder
+
+
 @contextlib.contextmanager
 def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=None) -> Iterator[Recorder]:
     """Record the generation run inside the block into ``spec.record``; yields the rank's Recorder.
@@ -62,11 +70,12 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
     """
     selection = spec.probes if isinstance(spec.probes, ProbeSelection) else ProbeSelection.parse(
         ",".join(spec.probes) if spec.probes else None)
-    selection.check_model(model.cfg.n_layers, model.cfg.n_heads)
+    recorder_cls = recorder_class(model)
+    recorder_cls.check_selection(model, selection)
     top_k = spec.sampler.report_k
     if rank == 0:
-        tspec = trace_spec_for(model, selection, len(prompts), max(len(p) for p in prompts),
-                               spec.max_new_tokens, world=world, top_k=top_k)
+        tspec = recorder_cls.trace_spec(model, selection, len(prompts), max(len(p) for p in prompts),
+                                        spec.max_new_tokens, world=world, top_k=top_k)
         writer = TraceWriter(spec.record, tspec, run_metadata(spec, model, tok, prompts, world, selection),
                              rank=0, world=world, overwrite=getattr(spec, "overwrite", False))
     if world > 1:
@@ -74,7 +83,7 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
         dist.barrier(group=group)
     if rank != 0:
         writer = TraceWriter.open(spec.record, rank, world)
-    recorder = Recorder(model, writer, selection, tok.token_text, prompts).attach()
+    recorder = recorder_cls(model, writer, selection, tok.token_text, prompts).attach()
     try:
         yield recorder
     except BaseException as e:

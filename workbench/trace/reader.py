@@ -178,6 +178,68 @@ class Trace:
         """Perceiver cross-attention (seq, step, repeat, head, latent, input), or None."""
         return self.dataset("cross_attention") if "cross_attention" in self._raw else None
 
+    @property
+    def latent_attention(self) -> xr.Dataset | None:
+        """Perceiver latent self-attention (seq, step, repeat, self_layer, head, latent,
+        latent_key), or None."""
+        return self.dataset("latent_attention") if "latent_attention" in self._raw else None
+
+    def cross_attention_map(self, seq: int, repeat: int, head: int,
+                            step: int | None = None) -> xr.DataArray:
+        """Perceiver AR cross-attention (latent, input) of the window as it stands after `step`.
+
+        A step records only the rows it computed (repeat 0 at a decode step: the new latent);
+        this takes each window latent's row from the latest step that wrote it.
+
+        Args:
+            seq: sequence index.
+            repeat: repeat index.
+            head: global cross-attention head.
+            step: the step (default: last committed step).
+
+        Returns:
+            float32 DataArray (latent, input) with coordinate `latent_position`; rows never
+            recorded (or of empty slots) are NaN.
+        """
+        return self._window_map("cross_attention", seq, step, {"repeat": repeat, "head": head})
+
+    def latent_attention_map(self, seq: int, repeat: int, self_layer: int, head: int,
+                             step: int | None = None) -> xr.DataArray:
+        """Perceiver AR latent self-attention (latent, latent_key) after `step`; as
+        `cross_attention_map`, with the key slots re-aligned to the step's window."""
+        return self._window_map("latent_attention", seq, step,
+                                {"repeat": repeat, "self_layer": self_layer, "head": head})
+
+    def _window_map(self, group: str, seq: int, step: int | None, sel: dict) -> xr.DataArray:
+        step = self._check_step(step)
+        if group not in self._raw:
+            raise KeyError(f"no group {group!r} in this trace (groups: {', '.join(self.groups)})")
+        raw = self._raw[group]
+        first = max(0, step - self.spec.perceiver.n_latents)  # a window row is at most N steps old
+        w = np.asarray(raw["weights"].isel(seq=seq, step=slice(first, step + 1), **sel).values,
+                       dtype=np.float32)                               # [steps, latent, key]
+        lat = np.asarray(raw["latent_position"][seq, first:step + 1].values)  # [steps, latent]
+        now = lat[-1]
+        out = np.full(w.shape[1:], np.nan, dtype=np.float32)
+        if (now >= 0).any():
+            ws, filled = int(now[now >= 0].min()), np.zeros(len(now), dtype=bool)
+            for s in range(w.shape[0] - 1, -1, -1):  # newest first: a recomputed row replaces older ones
+                for slot in np.nonzero(~np.isnan(w[s]).all(axis=1))[0]:
+                    p = int(lat[s, slot])
+                    i = p - ws
+                    if p < 0 or not 0 <= i < len(now) or now[i] != p or filled[i]:
+                        continue
+                    if group == "cross_attention":
+                        out[i] = w[s, slot]
+                    else:  # key slot k held position lat[s, k]: move it to the current window
+                        shift = int(lat[s][lat[s] >= 0].min()) - ws
+                        lo, hi = max(0, -shift), min(w.shape[2], w.shape[2] - shift)
+                        out[i, lo + shift:hi + shift] = w[s, slot, lo:hi]
+                    filled[i] = True
+        dims = ("latent", "input") if group == "cross_attention" else ("latent", "latent_key")
+        return xr.DataArray(out, dims=dims, coords={"latent_position": ("latent", now)}, name="weights",
+                            attrs={"seq": seq, "step": step, **sel})
+
     # ------------------------------------------------------------------ helpers
     def _check_step(self, step: int | None) -> int:
         if self._n_steps == 0:

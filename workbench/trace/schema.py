@@ -54,16 +54,30 @@ def default_bin_edges(n_bins: int = 64, lo: float = -10.0, hi: float = 10.0) -> 
 
 @dataclass(frozen=True)
 class PerceiverSpec:
-    """Sizes of the Perceiver cross-attention section (latents attending to inputs).
+    """Sizes of the Perceiver section: cross-attention (latents attending to inputs) and, when
+    n_self_layers > 0, latent self-attention (group `latent_attention`).
 
-    n_heads are cross-attention query heads (global); under tensor parallelism rank r owns the
+    n_heads are query heads (global) of both; under tensor parallelism rank r owns the
     contiguous range [r*n_heads/world, (r+1)*n_heads/world), like self-attention heads.
+    layer_blocks names the model block behind each index of the trace-wide `layer` dim (kv_cache,
+    activations, comm, timing), e.g. "repeats.0.cross", "repeats.0.layers.1"; empty if unknown.
     """
 
     n_latents: int
     n_inputs: int
     n_repeats: int = 1
     n_heads: int = 1
+    n_self_layers: int = 0
+    layer_blocks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_blocks", tuple(self.layer_blocks))  # JSON gives lists
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PerceiverSpec:
+        """From `dataclasses.asdict` output; unknown keys are ignored (forward compatible)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -150,7 +164,7 @@ class TraceSpec:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.perceiver, Mapping):
-            self.perceiver = PerceiverSpec(**self.perceiver)
+            self.perceiver = PerceiverSpec.from_dict(self.perceiver)
         self.bin_edges = tuple(float(e) for e in self.bin_edges)
         self.hist_sites = tuple(self.hist_sites)
         self.comm_sites = tuple(self.comm_sites)
@@ -401,6 +415,19 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
             _arr("latent_position", ("seq", "step", "latent"), "int64", sp, {"step": 64},
                  "absolute position a latent stands for (Perceiver AR), -1 if none"),
         ), "Perceiver cross-attention maps")
+        if p.n_self_layers > 0:
+            sl = dict(sp, self_layer=p.n_self_layers, latent_key=p.n_latents)
+            groups["latent_attention"] = GroupLayout("latent_attention", (
+                _coord("seq", sl), _coord("step", sl), _coord("repeat", sl), _coord("self_layer", sl),
+                _coord("head", sl), _coord("latent", sl), _coord("latent_key", sl),
+                _arr("weights", ("seq", "step", "repeat", "self_layer", "head", "latent", "latent_key"),
+                     spec.attention_dtype, sl,
+                     {"seq": 1, "step": 1, "repeat": 1, "self_layer": 1, "head": 1},
+                     "latent self-attention at each step; latent and latent_key slot i both hold "
+                     "position latent_position[i] (= window start + i)"),
+                _arr("latent_position", ("seq", "step", "latent"), "int64", sl, {"step": 64},
+                     "absolute position of each latent (and latent_key) slot, -1 if none"),
+            ), "Perceiver latent self-attention maps")
     return groups
 
 

@@ -1,0 +1,194 @@
+"""Recording Perceiver AR runs: the decoder Recorder, with the Perceiver's blocks as its layers.
+
+The trace-wide ``layer`` dim (kv_cache, activations, comm, timing) holds one entry per block in
+forward order: for each repeat r its cross block, then its latent blocks,
+
+    layer r*(1+L)     repeats.{r}.cross        (cross, cross_allreduce, cross_mlp, cross_mlp_allreduce)
+    layer r*(1+L)+1+i repeats.{r}.layers.{i}   (attn, attn_allreduce, mlp, mlp_allreduce)
+
+so every decoder site (``mlp.act.pre``, ``attn_allreduce`` ...) has one hook point per layer; the
+names are stored in ``spec.perceiver.layer_blocks``. Attention maps go to the ``cross_attention``
+(latent x input) and ``latent_attention`` (latent x latent_key) groups, one row per latent the step
+computed, at latent slot ``position - window_start``. ``PerceiverARCache.stats()`` gives totals
+over the whole cache: they go to layer 0 and the other layers stay unwritten (-1).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.probes.recorder import Recorder, batched_stats
+from workbench.probes.selection import ProbeSelection
+from workbench.trace.schema import PerceiverSpec, TraceSpec
+from workbench.trace.stats import ActivationStats
+
+# First part of a decoder hook suffix -> the cross block's module of the same role.
+CROSS_PARTS = {"attn": "cross", "mlp": "cross_mlp", "attn_allreduce": "cross_allreduce",
+               "mlp_allreduce": "cross_mlp_allreduce"}
+
+
+def perceiver_blocks(cfg) -> list[str]:
+    """Module names of the blocks in forward order: the trace's ``layer`` dim."""
+    out = []
+    for r in range(cfg.n_repeats):
+        out.append(f"repeats.{r}.cross")
+        out.extend(f"repeats.{r}.layers.{i}" for i in range(cfg.n_self_layers))
+    return out
+
+
+def block_part(block: str, part: str) -> str:
+    """Module name of decoder part ``part`` (``attn``, ``mlp``, ``attn_allreduce`` ...) in ``block``."""
+    if block.endswith(".cross"):
+        return f"{block.removesuffix('cross')}{CROSS_PARTS[part]}"
+    return f"{block}.{part}"
+
+
+def block_hook(block: str, suffix: str) -> str:
+    """Hook name of decoder site ``suffix`` (``attn.pattern``, ``mlp_allreduce.timing``) in ``block``."""
+    part, _, rest = suffix.partition(".")
+    return f"{block_part(block, part)}.{rest}"
+
+
+class PerceiverRecorder(Recorder):
+    """Records one Perceiver AR generation on one rank (same arguments as ``Recorder``)."""
+
+    def __init__(self, model, writer, selection, token_text, prompts) -> None:
+        super().__init__(model, writer, selection, token_text, prompts)
+        cfg = model.cfg
+        self.n_self = cfg.n_self_layers
+        self.blocks = perceiver_blocks(cfg)
+        self._hook_layer: dict[str, int] = {}
+
+    # ------------------------------------------------------------ what this model records
+    @classmethod
+    def check_selection(cls, model, selection: ProbeSelection) -> None:
+        if model.cfg.model_type != "perceiver_ar":
+            raise WorkbenchError("only Perceiver AR models generate text; a Perceiver classifier cannot be recorded")
+        if selection.attention_layers is not None or selection.attention_heads is not None:
+            raise WorkbenchError("layer/head selection is not supported for Perceiver AR traces "
+                                 "(cross and latent maps record every repeat, layer and head)")
+
+    @classmethod
+    def trace_spec(cls, model, selection: ProbeSelection, n_seq: int, prompt_positions: int,
+                   max_new_tokens: int, world: int = 1, top_k: int = 5) -> TraceSpec:
+        cfg = model.cfg
+        blocks = perceiver_blocks(cfg)
+        positions = prompt_positions + max_new_tokens
+        return TraceSpec(n_seq=n_seq, max_steps=max_new_tokens, max_positions=positions, n_layers=len(blocks),
+                         n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, world=world, top_k=top_k,
+                         attention_layers=(),  # no decoder self-attention: maps live in the perceiver groups
+                         perceiver=PerceiverSpec(n_latents=cfg.n_latents, n_inputs=positions,
+                                                 n_repeats=cfg.n_repeats, n_heads=cfg.n_heads,
+                                                 n_self_layers=cfg.n_self_layers, layer_blocks=tuple(blocks)))
+
+    def _layer_hooks(self, suffix: str) -> list[str]:
+        names = [block_hook(b, suffix) for b in self.blocks]
+        self._hook_layer.update((n, k) for k, n in enumerate(names))
+        return names
+
+    def _layer_of(self, hp) -> int:
+        return self._hook_layer[hp.name]
+
+    def _attention_hooks(self) -> list[str]:
+        return self._layer_hooks("attn.pattern")
+
+    def _where(self, layer: int) -> tuple[int, int | None]:
+        """(repeat, latent block i or None for the cross block) of a trace layer."""
+        r, k = divmod(layer, 1 + self.n_self)
+        return r, (None if k == 0 else k - 1)
+
+    def _rows(self, layer: int) -> torch.Tensor:
+        """Absolute positions of the query rows this step computed in ``layer``  # [b, Q], -1 padding."""
+        info = self.model.info.extra["perceiver"]
+        return info["cross0_latents"] if layer == 0 else info["latents"]
+
+    # ------------------------------------------------------------ per step
+    def on_step(self, event) -> None:
+        if self.rank == 0:
+            self._write_positions(event.step)
+        super().on_step(event)
+
+    def _write_positions(self, step: int) -> None:
+        """Which absolute position each latent and input slot holds at this step (-1: none)."""
+        info = self.model.info.extra["perceiver"]
+        spec = self.spec.perceiver
+        ws = info["window_start"].cpu()[:, None]
+        end = info["last_latent"].cpu()[:, None]
+        active = torch.tensor([not f for f in self.finished])[:, None]
+        lat = ws + torch.arange(spec.n_latents)
+        lat = lat.masked_fill((lat > end) | ~active, -1)
+        inp = torch.arange(spec.n_inputs).expand(len(self.finished), -1)
+        inp = inp.masked_fill((inp > end) | ~active, -1)
+        w = self.writer
+        w.write(step, "cross_attention/latent_position", lat.numpy())
+        w.write(step, "cross_attention/input_position", inp.numpy())
+        if spec.n_self_layers:
+            w.write(step, "latent_attention/latent_position", lat.numpy())
+
+    def _write_kv(self, step: int, cache) -> None:
+        st = cache.stats()  # totals over inputs, latent rings and cross outputs: not per layer
+        self.writer.write_kv(step, layer=0, tokens=st.tokens, blocks=st.blocks, bytes_used=st.bytes_used,
+                             bytes_reserved=st.bytes_reserved)
+
+    def _write_attention(self, step: int, q_start, q_stop, active) -> None:
+        info = self.model.info.extra["perceiver"]
+        ws = info["window_start"].cpu()
+        end = info["last_latent"].cpu()
+        keys = info["latent_keys"].cpu()
+        dtype = torch.float16 if self.spec.attention_dtype == "float16" else torch.float32
+        w = self.writer
+        for layer, pattern in sorted(self._patterns.items()):
+            r, i = self._where(layer)
+            rows = self._rows(layer).cpu()  # [b, Q]
+            pattern = pattern.detach()      # [b, heads, Q, keys]
+            for j in range(pattern.shape[0]):
+                valid = rows[j] >= 0
+                if not active[j] or not bool(valid.any()):
+                    continue
+                q = valid.nonzero()[:, 0]  # valid slots: consecutive positions first..end
+                start = int(rows[j, q[0]]) - int(ws[j])
+                if i is None:  # cross: key column c is input position c; inputs 0..end exist
+                    m = pattern[j][:, q, : int(end[j]) + 1]
+                    w.write_cross_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, latent_start=start,
+                                            seq=slice(j, j + 1))
+                    key_pos = torch.arange(m.shape[-1])
+                else:  # latent: key slot k holds position keys[j, k]; the window's first slots
+                    k = (keys[j] >= 0).nonzero()[:, 0]
+                    m = pattern[j][:, q][:, :, k]
+                    w.write_latent_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, self_layer=i,
+                                             latent_start=start, key_start=int(keys[j, k[0]]) - int(ws[j]),
+                                             seq=slice(j, j + 1))
+                    key_pos = keys[j, k]
+                # Attention received per position 0..end: sum over this rank's heads and the step's rows.
+                mass = np.zeros(int(end[j]) + 1, dtype=np.float32)
+                mass[key_pos.numpy()] = m.float().sum(dim=(0, 1)).cpu().numpy()
+                w.write_attention_mass(step, mass[None], layer=layer, seq=slice(j, j + 1))
+
+    def _write_activations(self, step: int, q_start, q_stop, active) -> None:
+        sites = self.spec.hist_sites
+        keys = sorted(self._acts)
+        keep = torch.tensor(active)
+        tensors, eps = [], []
+        for layer, s in keys:
+            x = self._acts[(layer, s)]  # [b, Q, width]
+            rows = (self._rows(layer) >= 0) & keep.to(x.device)[:, None]
+            tensors.append(x[rows])
+            eps.append(self._near_zero_eps(layer, sites[s]))
+        if not tensors or all(t.numel() == 0 for t in tensors):
+            return
+        stats = batched_stats(tensors, self.edges.to(tensors[0].device),
+                              torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
+        for n, (layer, s) in enumerate(keys):
+            one = ActivationStats(hist=stats.hist[n], count=stats.count[n], sum=stats.sum[n], sumsq=stats.sumsq[n],
+                                  sum3=stats.sum3[n], sum4=stats.sum4[n], min=stats.min[n], max=stats.max[n],
+                                  near_zero=stats.near_zero[n])
+            self.writer.write_activations(step, one, layer=layer, site=sites[s])
+
+    def _near_zero_eps(self, layer: int, site: str) -> float:
+        if site.startswith("mlp.act"):
+            mlp = self.model.get_submodule(block_part(self.blocks[layer], "mlp"))
+            arm = getattr(mlp, "redistribute", None)
+            if arm is not None and getattr(arm, "stats", None) is not None:
+                return float(arm.stats.eps)
+        return float(self.spec.near_zero_eps)
