@@ -174,7 +174,8 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="fixed step count instead of a time budget (reproducible with the same seed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="windows per step (default: 8 for llama, as many predicted bytes for perceiver_ar)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--lr", type=_nonneg_float, default=4e-3)
     p.add_argument("--threads", type=_positive_int, default=2)

@@ -37,7 +37,7 @@ class TrainConfig:
     minutes: float | None = 15.0     # wall-clock budget (None: run ``steps`` steps)
     steps: int | None = None         # fixed step count; the schedule then depends on steps only
     seed: int = 0
-    batch_size: int = 8
+    batch_size: int | None = None    # None: 8 windows for llama; as many predicted bytes for perceiver_ar
     seq_len: int = 512
     lr: float = 4e-3
     min_lr_ratio: float = 0.1
@@ -60,7 +60,7 @@ class TrainConfig:
     d_ff: int = 344
     max_seq_len: int = 512
     # Perceiver AR only
-    n_latents: int = 128
+    n_latents: int = 256
     extra_model: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +70,9 @@ class TrainConfig:
             raise WorkbenchError("give a wall-clock budget (minutes) or a step count (steps)")
         if self.seq_len > self.max_seq_len:
             raise WorkbenchError(f"seq_len {self.seq_len} exceeds the model context {self.max_seq_len}")
+        if self.batch_size is None:  # same number of predicted bytes per step for both kinds
+            per_window = self.seq_len if self.model_kind == "llama" else min(self.n_latents, self.seq_len)
+            self.batch_size = max(1, 8 * self.seq_len // per_window)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -171,8 +174,12 @@ class TrainResult:
     curve: list[dict]
 
 
-def train(tc: TrainConfig, corpus: Corpus | None = None, log: Callable[[str], None] = print) -> TrainResult:
-    """Train one model as ``tc`` says; saves nothing (see ``train_and_save``)."""
+def train(tc: TrainConfig, corpus: Corpus | None = None, log: Callable[[str], None] = print,
+          on_eval: Callable[[list[dict]], None] | None = None) -> TrainResult:
+    """Train one model as ``tc`` says; saves nothing (see ``train_and_save``).
+
+    on_eval: called with the curve so far after each small held-out evaluation (live monitoring).
+    """
     torch.set_num_threads(tc.threads)
     device = torch.device(tc.device)
     corpus = corpus or build_corpus(heldout_percent=tc.heldout_percent, max_files=tc.max_files)
@@ -210,6 +217,8 @@ def train(tc: TrainConfig, corpus: Corpus | None = None, log: Callable[[str], No
         if step % tc.eval_every == 0:
             row["heldout_bpb"] = round(bits_per_byte(model, small_eval), 4)
         curve.append(row)
+        if on_eval is not None and row["heldout_bpb"] is not None:
+            on_eval(curve)
         if bar is not None:
             bar.update(step - bar.n if tc.steps else int(time.perf_counter() - start) - bar.n)
             bar.set_postfix(step=step, bpb=f"{row['train_bpb']:.3f}", lr=f"{lr:.1e}")
@@ -254,8 +263,8 @@ def train_and_save(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train, save the checkpoint and its side files into ``tc.out``, print the summary; returns the report."""
     out = Path(tc.out)
     corpus = build_corpus(heldout_percent=tc.heldout_percent, max_files=tc.max_files)
-    result = train(tc, corpus, log=log)
     out.mkdir(parents=True, exist_ok=True)
+    result = train(tc, corpus, log=log, on_eval=lambda curve: write_curve_csv(curve, out / "loss_curve.csv"))
     save_model(result.model, tc.model_kind, out)
     (out / "train_files.txt").write_text(corpus.file_list_text())
     write_curve_csv(result.curve, out / "loss_curve.csv")
