@@ -68,9 +68,9 @@ class Heatmap:
     """A heatmap figure with an image glyph that is refilled by ``show``."""
 
     def __init__(self, title: str = "", width: int = 520, height: int = 520, x_name: str = "key",
-                 y_name: str = "query", small: bool = False, palette: str = PALETTE) -> None:
+                 y_name: str = "query", small: bool = False, palette: str = PALETTE, name: str | None = None) -> None:
         self.x_name, self.y_name, self.small = x_name, y_name, small
-        self.source = ColumnDataSource(data=dict(image=[np.full((1, 1), np.nan, np.float32)], x=[0], y=[0],
+        self.source = ColumnDataSource(name=f"{name}-source" if name else None, data=dict(image=[np.full((1, 1), np.nan, np.float32)], x=[0], y=[0],
                                                  dw=[1], dh=[1]))
         # Labels for hover: the browser looks up the token under the cursor itself.
         self.x_labels = ColumnDataSource(data=dict(text=[]))
@@ -79,7 +79,7 @@ class Heatmap:
         tools = "tap" if small else "pan,wheel_zoom,box_zoom,reset,save"
         fig = figure(title=title, width=width, height=height, tools=tools, toolbar_location=None if small else "right",
                      x_range=Range1d(0, 1, bounds="auto"), y_range=Range1d(1, 0, bounds="auto"),
-                     match_aspect=False, min_border=2 if small else 10)
+                     match_aspect=False, min_border=2 if small else 10, name=name)
         fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, color_mapper=self.mapper)
         fig.grid.visible = False
         if small:

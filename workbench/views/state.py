@@ -38,13 +38,13 @@ class TraceState(param.Parameterized):
     # ----------------------------------------------------------------- opening
     def open(self, path: str | Path) -> bool:
         """Open the trace at ``path``; on failure keep the page alive and set ``error``."""
-        from workbench.trace.reader import open_trace
+        from workbench.trace.reader import TraceError, open_trace
         path = Path(path)
+        if not path.exists():
+            return self._fail(path, f"no trace at {path} yet — waiting for it to appear")
         try:
             trace = open_trace(path)
-        except FileNotFoundError:
-            return self._fail(path, f"no trace at {path.name or path} yet (waiting for it to appear)")
-        except WorkbenchError as e:
+        except (TraceError, WorkbenchError) as e:
             return self._fail(path, str(e))
         except Exception as e:  # a corrupt store must show an error, never take the page down
             return self._fail(path, f"cannot read trace {path.name}: {type(e).__name__}: {e}")
@@ -58,7 +58,7 @@ class TraceState(param.Parameterized):
         return False
 
     def _adopt(self, path: Path, trace) -> None:
-        sizes = trace_sizes(trace)
+        sizes = {"seq": trace.spec.n_seq, "layer": trace.spec.n_layers, "head": trace.spec.n_heads}
         n = int(trace.n_steps)
         with param.parameterized.batch_call_watchers(self):
             self.n_seqs, self.n_layers, self.n_heads = sizes["seq"], sizes["layer"], sizes["head"]
@@ -145,22 +145,3 @@ class TraceState(param.Parameterized):
             self.follow = False
             self.playing = True
 
-
-def trace_sizes(trace) -> dict[str, int]:
-    """Sizes of the selection dimensions (seq, layer, head), at least 1 each."""
-    sizes = {"seq": 1, "layer": 1, "head": 1}
-    for ds in trace_groups(trace).values():
-        for dim in sizes:
-            if dim in ds.sizes:
-                sizes[dim] = max(sizes[dim], int(ds.sizes[dim]))
-    return sizes
-
-
-def trace_groups(trace) -> dict:
-    """The trace's datasets by group name (only those present)."""
-    out = {}
-    for name in ("tokens", "attention", "kv_cache", "activations", "comm", "timing"):
-        ds = getattr(trace, name, None)
-        if ds is not None:
-            out[name] = ds
-    return out

@@ -1,0 +1,232 @@
+"""Attention view: the selected layer and head as a heatmap with token labels, all heads of the layer
+as small multiples (sortable by a score computed from the recorded maps; click one to open it), and
+Perceiver cross-attention (latent x input) when the trace has it.
+
+Only the selected slices are read: one (seq, layer, head) map cut at the selected step for the big
+heatmap, the layer's heads for the grid. Large maps are max-pooled to at most 512 x 512 for display.
+"""
+from __future__ import annotations
+
+import numpy as np
+import panel as pn
+from bokeh.events import Tap
+from bokeh.models import BoxAnnotation
+from bokeh.plotting import figure  # noqa: F401  (kept for notebook users extending the view)
+
+from workbench.views.base import TraceView
+from workbench.views.heatmap import Heatmap
+
+# Query rows the head grid and its scores look at: the most recent ones up to the selected step.
+GRID_ROWS = 256
+SCORES = {
+    "head": "head index",
+    "previous": "previous-token score",
+    "induction": "induction score",
+    "sink": "first-token (sink) score",
+    "self": "self (diagonal) score",
+}
+
+
+def query_range(trace, seq: int, step: int) -> tuple[int, int]:
+    """Query positions [start, stop) processed at ``step``."""
+    ds = trace.tokens
+    return int(ds["query_start"][seq, step].values), int(ds["query_stop"][seq, step].values)
+
+
+def recorded_index(coord, value: int, what: str) -> int:
+    """Index of global id ``value`` in a coordinate of recorded ids, or a clear error."""
+    values = [int(v) for v in np.asarray(coord)]
+    if value not in values:
+        shown = ", ".join(map(str, values[:16])) + (" ..." if len(values) > 16 else "")
+        raise LookupError(f"{what} {value} was not recorded (recorded: {shown})")
+    return values.index(value)
+
+
+def attention_map(trace, seq: int, layer: int, head: int, step: int) -> np.ndarray:
+    """Attention weights [query, key] of one head as they stand after ``step`` (rows 0..stop-1)."""
+    ds = trace.attention
+    li = recorded_index(ds["layer"].values, layer, "layer")
+    hi = recorded_index(ds["head"].values, head, "head")
+    _, stop = query_range(trace, seq, step)
+    w = ds["weights"][seq, li, hi, :stop, :stop].values
+    return np.asarray(w, dtype=np.float32)
+
+
+def layer_maps(trace, seq: int, layer: int, step: int, rows: int = GRID_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``rows`` query rows of every recorded head of ``layer`` after ``step``.
+
+    Returns maps [head, row, key] and the absolute query positions of the rows.
+    """
+    ds = trace.attention
+    li = recorded_index(ds["layer"].values, layer, "layer")
+    _, stop = query_range(trace, seq, step)
+    first = max(0, stop - rows)
+    w = np.asarray(ds["weights"][seq, li, :, first:stop, :stop].values, dtype=np.float32)
+    return w, np.arange(first, stop)
+
+
+def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-head scores from attention rows: maps [head, row, key], rows = absolute query positions.
+
+    previous: mean weight on the previous position; sink: mean weight on position 0; self: on the
+    diagonal; induction: mean weight on the token after an earlier occurrence of the current token
+    (averaged over rows that have such an occurrence). NaN (future) cells count as 0.
+    """
+    w = np.nan_to_num(maps, nan=0.0)
+    n_heads, n_rows, n_keys = w.shape
+    out = {}
+    r = np.arange(n_rows)
+    has_prev = rows >= 1
+    out["previous"] = w[:, r[has_prev], rows[has_prev] - 1].mean(axis=1) if has_prev.any() else np.zeros(n_heads)
+    out["sink"] = w[:, :, 0].mean(axis=1) if n_keys else np.zeros(n_heads)
+    in_range = rows < n_keys
+    out["self"] = w[:, r[in_range], rows[in_range]].mean(axis=1) if in_range.any() else np.zeros(n_heads)
+    ids = np.asarray(token_ids)[:n_keys]
+    if ids.size == n_keys and n_keys > 1 and n_rows:
+        cur = ids[np.minimum(rows, n_keys - 1)]
+        same = cur[:, None] == ids[None, :]                # [row, key j]: token j equals current token
+        target = np.zeros_like(same)
+        target[:, 1:] = same[:, :-1]                       # the token right after that occurrence
+        target &= np.arange(n_keys)[None, :] < rows[:, None]  # strictly earlier than the query
+        valid = target.any(axis=1)
+        if valid.any():
+            out["induction"] = (w[:, valid] * target[valid][None]).sum(axis=2).mean(axis=1)
+        else:
+            out["induction"] = np.zeros(n_heads)
+    else:
+        out["induction"] = np.zeros(n_heads)
+    return out
+
+
+class AttentionView(TraceView):
+    """Heatmap of the selected head, grid of the layer's heads, and Perceiver cross-attention."""
+
+    watch_params = ("trace", "step", "seq", "layer", "head")
+
+    def build(self):
+        self.main = Heatmap(title="attention", width=560, height=540, name="attention-main")
+        self.step_box = BoxAnnotation(fill_color="#35c0ff", fill_alpha=0.10, line_color="#35c0ff",
+                                      line_alpha=0.8, line_width=1)
+        self.main.figure.add_layout(self.step_box)
+        self.sort = pn.widgets.Select(name="sort heads by", options={v: k for k, v in SCORES.items()},
+                                      value="head", width=220)
+        self.sort.param.watch(lambda e: self._safe_redraw({"sort"}), "value")
+        self.thumbs: list[Heatmap] = []
+        self.grid = pn.GridBox(ncols=4, sizing_mode="fixed")
+        self.score_note = pn.pane.HTML("", margin=(0, 10))
+        self.cross_repeat = pn.widgets.IntSlider(name="repeat", start=0, end=1, value=0, width=200, visible=False)
+        self.cross_repeat.param.watch(lambda e: self._safe_redraw({"cross"}), "value")
+        self.cross = Heatmap(title="cross-attention", width=560, height=360, x_name="input", y_name="latent",
+                             name="attention-cross")
+        self.cross_pane = pn.Column(pn.pane.HTML("<b>Perceiver cross-attention</b> (latent × input)"),
+                                    self.cross_repeat, pn.pane.Bokeh(self.cross.figure), visible=False)
+        self._token_cache: tuple | None = None
+        self._last_grid: tuple | None = None
+        return pn.Column(
+            pn.Row(pn.pane.Bokeh(self.main.figure),
+                   pn.Column(pn.Row(pn.pane.HTML("<b>All heads of the layer</b><br>"
+                                                 "<span style='color:#6b7688'>click a head to open it</span>"),
+                                    self.sort),
+                             self.grid, self.score_note)),
+            self.cross_pane, sizing_mode="stretch_width")
+
+    # ---------------------------------------------------------------- data
+    def _tokens(self) -> tuple[list[str], np.ndarray]:
+        st = self.state
+        key = (id(st.trace), st.seq, st.n_steps)
+        if self._token_cache is None or self._token_cache[0] != key:
+            from workbench.views.tokens import read_token_text
+            prev = self._token_cache[1] if self._token_cache and self._token_cache[0][:2] == key[:2] else None
+            text = read_token_text(st.trace, st.seq, prev)
+            self._token_cache = (key, text)
+        text = self._token_cache[1]
+        return text.texts, np.asarray(text.ids)
+
+    # ---------------------------------------------------------------- drawing
+    def redraw(self, changed: set[str]) -> None:
+        st = self.state
+        if st.n_steps == 0 or getattr(st.trace, "attention", None) is None:
+            self.note("this trace has no attention maps yet")
+            return
+        labels, ids = self._tokens()
+        m = attention_map(st.trace, st.seq, st.layer, st.head, st.step)
+        qs, qe = query_range(st.trace, st.seq, st.step)
+        self.main.show(m, labels, labels, title=f"layer {st.layer} · head {st.head} · step {st.step}")
+        self.step_box.update(top=qs, bottom=qe, left=0, right=m.shape[1])
+        grid_key = (id(st.trace), st.seq, st.layer, st.step, self.sort.value, st.head)
+        if grid_key != self._last_grid:
+            self._draw_grid(ids)
+            self._last_grid = grid_key
+        self._draw_cross(labels)
+
+    def _draw_grid(self, ids: np.ndarray) -> None:
+        st = self.state
+        ds = st.trace.attention
+        heads = [int(h) for h in ds["head"].values]
+        maps, rows = layer_maps(st.trace, st.seq, st.layer, st.step)
+        scores = head_scores(maps, rows, ids)
+        order = list(range(len(heads)))
+        key = self.sort.value
+        if key != "head":
+            order.sort(key=lambda i: -float(scores[key][i]))
+        while len(self.thumbs) < len(heads):
+            self._add_thumb()
+        cells = []
+        for slot, i in enumerate(order):
+            t = self.thumbs[slot]
+            t.head_id = heads[i]
+            score = "" if key == "head" else f" · {scores[key][i]:.2f}"
+            t.show(maps[i], title=f"head {heads[i]}{score}")
+            t.figure.outline_line_color = "#e0a100" if heads[i] == st.head else "#c9d1dd"
+            t.figure.outline_line_width = 3 if heads[i] == st.head else 1
+            cells.append(t.pane)
+        if [id(c) for c in self.grid.objects] != [id(c) for c in cells]:
+            self.grid.objects = cells
+        first = int(rows[0]) if len(rows) else 0
+        self.score_note.object = (f"<span style='color:#6b7688;font-size:12px'>thumbnails and scores use query rows "
+                                  f"{first}–{first + len(rows) - 1} (the latest {len(rows)})</span>")
+
+    def _add_thumb(self) -> None:
+        t = Heatmap(width=120, height=120, small=True)
+        t.head_id = len(self.thumbs)
+        t.figure.on_event(Tap, lambda event, t=t: self._open_head(t.head_id))
+        t.pane = pn.pane.Bokeh(t.figure, margin=2)
+        self.thumbs.append(t)
+
+    def _open_head(self, head: int) -> None:
+        self.state.head = int(head)
+
+    def _draw_cross(self, labels: list[str]) -> None:
+        st = self.state
+        ds = getattr(st.trace, "cross_attention", None)
+        if ds is None:
+            self.cross_pane.visible = False
+            return
+        n_rep, n_heads = int(ds.sizes["repeat"]), int(ds.sizes["head"])
+        self.cross_repeat.param.update(end=max(n_rep - 1, 1), visible=n_rep > 1)
+        rep = min(self.cross_repeat.value, n_rep - 1)
+        head = st.head % n_heads
+        m = cross_map(st.trace, st.seq, st.step, rep, head)
+        in_pos = np.asarray(ds["input_position"][st.seq, st.step].values)
+        lat_pos = np.asarray(ds["latent_position"][st.seq, st.step].values)
+
+        def name(p, fallback):
+            return labels[p] if 0 <= p < len(labels) else fallback
+
+        xl = [name(int(p), f"in{i}") for i, p in enumerate(in_pos)]
+        yl = [name(int(p), f"latent {i}") for i, p in enumerate(lat_pos)]
+        self.cross.show(m, xl, yl, title=f"cross-attention · repeat {rep} · head {head} · step {st.step}")
+        self.cross_pane.visible = True
+
+
+def cross_map(trace, seq: int, step: int, repeat: int, head: int, window: int = 256) -> np.ndarray:
+    """Cross-attention [latent, input] as it stands after ``step``: for each latent, the latest row
+    written at or before the step (Perceiver AR decode writes one latent row per step)."""
+    ds = trace.cross_attention
+    first = max(0, step - window + 1)
+    w = np.asarray(ds["weights"][seq, first:step + 1, repeat, head].values, dtype=np.float32)  # [step, lat, in]
+    out = np.full(w.shape[1:], np.nan, dtype=np.float32)
+    for s in range(w.shape[0]):          # oldest to newest: newer rows overwrite older ones
+        rows = ~np.isnan(w[s]).all(axis=1)
+        out[rows] = w[s, rows]
+    return out

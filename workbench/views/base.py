@@ -1,0 +1,63 @@
+"""The shape every view shares: a ``Viewer`` over a ``TraceState`` that redraws on changes.
+
+A view builds its Bokeh figures once, then ``redraw`` refills their data sources from the trace
+when the selection or the committed steps change. A failure inside one view (a group the trace does
+not have, a damaged array) shows as a note in that view; the page and the other views keep working.
+"""
+from __future__ import annotations
+
+import time
+
+import panel as pn
+import param
+
+from workbench.views.state import TraceState
+
+
+class TraceView(pn.viewable.Viewer):
+    """Base class: subclasses set ``watch_params`` and implement ``build`` and ``redraw``."""
+
+    state = param.ClassSelector(class_=TraceState)
+    watch_params: tuple[str, ...] = ("trace", "step", "seq", "layer", "head", "version")
+    last_redraw_seconds = param.Number(default=0.0, doc="how long the last redraw took (for the benchmark)")
+
+    def __init__(self, state: TraceState | None = None, **params) -> None:
+        super().__init__(state=state or TraceState(), **params)
+        self._note = pn.pane.Alert("", alert_type="light", visible=False, margin=(4, 10))
+        self._body = self.build()
+        self._layout = pn.Column(self._note, self._body, sizing_mode="stretch_width")
+        self.state.param.watch(self._changed, list(self.watch_params))
+        self._safe_redraw(None)
+
+    def __panel__(self):
+        return self._layout
+
+    def build(self) -> pn.viewable.Viewable:
+        raise NotImplementedError
+
+    def redraw(self, changed: set[str]) -> None:
+        """Refill figures for the current selection; ``changed`` names the state params that moved."""
+        raise NotImplementedError
+
+    def _changed(self, *events) -> None:
+        self._safe_redraw({e.name for e in events})
+
+    def _safe_redraw(self, changed: set[str] | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.state.trace is None:
+                self.clear()
+            else:
+                self.redraw(changed or set(self.watch_params))
+            self.note("")
+        except Exception as e:  # keep the page alive; say what went wrong where it went wrong
+            self.note(f"cannot draw this view: {type(e).__name__}: {e}", "danger")
+        self.last_redraw_seconds = time.perf_counter() - t0
+
+    def clear(self) -> None:
+        """Called when no trace is open; views may blank themselves."""
+
+    def note(self, text: str, kind: str = "light") -> None:
+        self._note.object = text
+        self._note.alert_type = kind
+        self._note.visible = bool(text)

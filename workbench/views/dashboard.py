@@ -1,0 +1,199 @@
+"""The dashboard: controls for the shared selection, every view, and the clock that follows a live
+run (and plays a replay), composed into a page.
+
+``Dashboard(root)`` serves one trace or a directory of traces (a selector lists them; ``?trace=NAME``
+in the URL picks one). ``template()`` gives the served page; ``__panel__`` a plain layout for
+notebooks. The clock is a periodic callback (every ``TICK_MS``) that asks the reader for newly
+committed steps, so views update within a second of each commit without reloading the page.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import panel as pn
+import param
+
+from workbench.errors import WorkbenchError
+from workbench.views.activations import ActivationsView
+from workbench.views.attention import AttentionView
+from workbench.views.catalog import TraceCatalog
+from workbench.views.comm import CommView
+from workbench.views.kv_cache import KVCacheView
+from workbench.views.run_info import RunInfoView, status_badge
+from workbench.views.state import TraceState
+from workbench.views.tokens import TokensView
+
+TICK_MS = 300          # live refresh and replay clock
+CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
+SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
+
+
+class Dashboard(pn.viewable.Viewer):
+    """Controls, views and clock over one ``TraceState``.
+
+    Args:
+        root: a trace store, or a directory of trace stores (may not exist yet for a live run).
+        trace: name of the trace to open first (relative to ``root``); refused if outside it.
+    """
+
+    state = param.ClassSelector(class_=TraceState)
+
+    def __init__(self, root: str | Path, trace: str | None = None, **params) -> None:
+        super().__init__(state=params.pop("state", None) or TraceState(), **params)
+        self.catalog = TraceCatalog(root)
+        self._ticks = 0
+        self._callback = None
+        self._build_controls()
+        self.views = {
+            "tokens": TokensView(self.state),
+            "attention": AttentionView(self.state),
+            "kv_cache": KVCacheView(self.state),
+            "activations": ActivationsView(self.state),
+            "comm": CommView(self.state),
+            "run": RunInfoView(self.state),
+        }
+        self.tabs = pn.Tabs(("Attention", self.views["attention"]), ("KV cache", self.views["kv_cache"]),
+                            ("Activations", self.views["activations"]), ("Communication", self.views["comm"]),
+                            ("Run", self.views["run"]), dynamic=False, sizing_mode="stretch_width")
+        self.state.param.watch(self._sync_controls, ["trace", "n_steps", "step", "playing", "status", "error",
+                                                     "layer", "head", "seq", "follow"])
+        self._refresh_catalog()
+        self.select(trace if trace is not None else self._default_name())
+
+    # ---------------------------------------------------------------- traces
+    def _default_name(self) -> str:
+        names = self.catalog.names()
+        return names[-1] if names else ""
+
+    def select(self, name: str) -> None:
+        """Open trace ``name`` (relative to the root); a refused or broken trace shows an error."""
+        if not name and not self.catalog.single:
+            self.state._fail(self.catalog.root, f"no traces under {self.catalog.root} yet")
+            self._sync_controls()
+            return
+        try:
+            path = self.catalog.resolve(name)
+        except WorkbenchError as e:
+            self.state._fail(self.catalog.root, str(e))
+            self._sync_controls()
+            return
+        if self.trace_select.value != name and name in self.trace_select.options:
+            self.trace_select.value = name
+        self.state.open(path)
+        self._sync_controls()
+
+    def _refresh_catalog(self) -> None:
+        if self.catalog.single:
+            self.trace_select.visible = False
+            return
+        names = self.catalog.names()
+        if names != list(self.trace_select.options):
+            self.trace_select.options = names
+        self.trace_select.visible = True
+
+    # ---------------------------------------------------------------- controls
+    def _build_controls(self) -> None:
+        st = self.state
+        self.trace_select = pn.widgets.Select(name="trace", options=[], sizing_mode="stretch_width")
+        self.trace_select.param.watch(lambda e: self.select(e.new) if e.new else None, "value")
+        self.status = pn.pane.HTML("", sizing_mode="stretch_width", margin=(5, 10))
+        self.error = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
+        self.play = pn.widgets.Button(name="▶ Play", button_type="primary", width=90)
+        self.play.on_click(lambda e: st.toggle_play())
+        self.prev_step = pn.widgets.Button(name="◀", width=40)
+        self.prev_step.on_click(lambda e: st.select_step(st.step - 1))
+        self.next_step = pn.widgets.Button(name="▶", width=40)
+        self.next_step.on_click(lambda e: st.select_step(st.step + 1))
+        self.step_slider = pn.widgets.IntSlider(name="step", start=0, end=1, value=0, sizing_mode="stretch_width")
+        self.step_slider.param.watch(self._slider_moved, "value_throttled")
+        self.speed = pn.widgets.Select(name="replay speed (per tick)", options=SPEEDS, value=1, width=140)
+        self.speed.param.watch(lambda e: setattr(st, "speed", int(e.new)), "value")
+        self.follow = pn.widgets.Checkbox(name="follow the newest step", value=True)
+        self.follow.param.watch(self._follow_toggled, "value")
+        self.seq_select = pn.widgets.Select(name="sequence", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        self.layer_select = pn.widgets.Select(name="layer", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        self.head_select = pn.widgets.Select(name="head", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        for w, name in ((self.seq_select, "seq"), (self.layer_select, "layer"), (self.head_select, "head")):
+            w.param.watch(lambda e, name=name: setattr(st, name, int(e.new)), "value")
+        self.sidebar = pn.Column(
+            self.trace_select, self.status, self.error,
+            pn.Row(self.play, self.prev_step, self.next_step), self.step_slider,
+            pn.Row(self.speed), self.follow,
+            pn.layout.Divider(), self.seq_select, self.layer_select, self.head_select,
+            pn.pane.HTML("<div style='color:#6b7688;font-size:12px'>Every view follows the selected step, "
+                         "sequence, layer and head. Click a token to jump to its step; click a head "
+                         "thumbnail to open it.</div>"),
+            sizing_mode="stretch_width")
+
+    def _slider_moved(self, event) -> None:
+        if event.new is not None and event.new != self.state.step:
+            self.state.playing = False
+            self.state.select_step(event.new)
+
+    def _follow_toggled(self, event) -> None:
+        st = self.state
+        if event.new == st.follow:
+            return
+        st.follow = bool(event.new)
+        if st.follow:
+            st.select_step(st.n_steps - 1)
+
+    def _sync_controls(self, *events) -> None:
+        st = self.state
+        last = max(st.n_steps - 1, 0)
+        self.step_slider.param.update(end=max(last, 1), value=min(st.step, max(last, 1)), disabled=st.n_steps <= 1)
+        self.play.name = "⏸ Pause" if st.playing else "▶ Play"
+        self.follow.param.update(value=st.follow, visible=st.status == "running")
+        for w, n, label in ((self.seq_select, st.n_seqs, "sequence"), (self.layer_select, st.n_layers, "layer"),
+                            (self.head_select, st.n_heads, "head")):
+            opts = {f"{label} {i}": i for i in range(n)}
+            if list(w.options.values()) != list(opts.values()):
+                w.options = opts
+        self.seq_select.visible = st.n_seqs > 1
+        self.seq_select.value, self.layer_select.value, self.head_select.value = st.seq, st.layer, st.head
+        self.error.object = st.error
+        self.error.visible = bool(st.error)
+        steps = f"{st.n_steps} steps" if st.trace is not None else ""
+        name = html.escape(Path(st.path).name) if st.path else ""
+        self.status.object = (f"<div style='font-size:13px'>{status_badge(st.status)} "
+                              f"<b style='margin-left:6px'>{name}</b> <span style='color:#6b7688'>{steps}</span></div>")
+
+    # ---------------------------------------------------------------- clock
+    def tick(self) -> None:
+        """One clock beat: new steps of a live run, replay advance, traces appearing in the directory."""
+        self._ticks += 1
+        if self._ticks % CATALOG_EVERY == 0:
+            self._refresh_catalog()
+            if self.state.trace is None and not self.catalog.single and not self.state.path.endswith(".."):
+                name = self._default_name()
+                if name:
+                    self.select(name)
+                    return
+        try:
+            self.state.tick()
+        except Exception as e:  # never let the clock die
+            self.state.error = f"{type(e).__name__}: {e}"
+
+    def start_clock(self) -> None:
+        """Start the periodic callback (once per page; needs a running server or notebook kernel)."""
+        if self._callback is None:
+            self._callback = pn.state.add_periodic_callback(self.tick, period=TICK_MS)
+
+    # ---------------------------------------------------------------- layout
+    def main_area(self) -> pn.Column:
+        return pn.Column(self.views["tokens"], self.tabs, sizing_mode="stretch_width")
+
+    def __panel__(self):
+        pn.state.onload(self.start_clock)
+        return pn.Row(pn.Column(self.sidebar, width=300), self.main_area(), sizing_mode="stretch_width")
+
+    def template(self) -> pn.template.BaseTemplate:
+        """The served page (a Bootstrap template: no resources from the internet)."""
+        query = pn.state.session_args.get("trace") if pn.state.curdoc else None
+        if query:
+            self.select(query[0].decode("utf-8", "replace"))
+        pn.state.onload(self.start_clock)
+        return pn.template.BootstrapTemplate(
+            title="workbench · trace dashboard", header_background="#24415f", sidebar_width=310,
+            sidebar=[self.sidebar], main=[self.main_area()])
