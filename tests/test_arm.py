@@ -121,6 +121,11 @@ def test_no_negative_values():
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_empty_tensor_passes_through():
+    a = torch.zeros(1, 0, 16)
+    assert ARM(ARMConfig(), 0, 0, 16)(a).shape == (1, 0, 16)
+
+
 def test_ties_at_the_cut_go_to_lower_indices():
     a = torch.tensor([0.5, 0.0, 0.0, 0.0, 0.0, 2.0, -1.0, 3.0]).view(1, 1, 8)
     arm = ARM(ARMConfig(clip_lo=0.25, clip_hi=0.25), 0, 0, 8)  # n = 2 of four equal zeros

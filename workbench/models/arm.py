@@ -215,6 +215,8 @@ class ARM(nn.Module):
         cfg = self.cfg
         flat = a.reshape(-1).float()
         n_all = flat.numel()
+        if n_all == 0:
+            return a
         mag = flat.abs()
         med = lower_median(mag)
         mad = lower_median((mag - med).abs())
