@@ -57,6 +57,7 @@ def _add_generate(sub) -> None:
                    help="All-Reduce RMSNorm algorithm under --tp > 1 (default: %(default)s)")
     _add_arm_options(p)
     _add_record_options(p)
+    _add_serve_options(p, live=True)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -129,6 +130,8 @@ def _arm_settings(args) -> dict | None:
 
 
 def _cmd_generate(args) -> int:
+    if getattr(args, "serve", False):
+        return _generate_and_serve(args)
     from workbench.runtime import session
     spec = _spec_from_args(args)
     if args.json:
@@ -164,6 +167,74 @@ class _Streamer:
             self.inner = TextStreamer(load_tokenizer_only(self.spec.model))
             sys.stdout.write(self.spec.prompts[0])
         self.inner(event)
+
+
+def _add_serve_options(p, live: bool = False) -> None:
+    g = p.add_argument_group("dashboard (docs/dashboard.md)")
+    if live:
+        g.add_argument("--serve", action="store_true",
+                       help="serve the dashboard of the --record trace while it is generated, until Ctrl-C")
+    g.add_argument("--port", type=int, default=None, help="dashboard port (default: 5006; 0 picks a free one)")
+    g.add_argument("--address", default="127.0.0.1",
+                   help="interface to listen on (default: %(default)s, this machine only)")
+    g.add_argument("--show", action=argparse.BooleanOptionalAction, default=None,
+                   help="open a browser tab (default: only in an interactive terminal, never under CI)")
+
+
+def _want_browser(args) -> bool:
+    import os
+    if args.show is not None:
+        return args.show
+    return sys.stdout.isatty() and not os.environ.get("CI")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve the dashboard for a trace or a directory of traces")
+    p.add_argument("path", help="trace store, or a directory holding trace stores")
+    _add_serve_options(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from workbench.views.server import DEFAULT_PORT, serve
+    path = Path(args.path)
+    if not path.exists():
+        raise WorkbenchError(f"{path} does not exist (give a trace store or a directory of traces)")
+    serve(path, port=DEFAULT_PORT if args.port is None else args.port, address=args.address,
+          show=_want_browser(args))
+    return 0
+
+
+def _generate_and_serve(args) -> int:
+    """generate --serve: the run's dashboard starts before generation and keeps serving after it."""
+    import time
+    import webbrowser
+    from pathlib import Path
+
+    from workbench.views.server import DEFAULT_PORT, start_server_process
+    if not args.record:
+        raise WorkbenchError("--serve needs --record (the dashboard shows the trace being recorded)")
+    proc, url = start_server_process(Path(args.record).resolve(), address=args.address,
+                                     port=DEFAULT_PORT if args.port is None else args.port)
+    try:
+        print(f"dashboard: {url}", file=sys.stderr, flush=True)
+        if _want_browser(args):
+            webbrowser.open(url)
+        args.serve = False
+        code = _cmd_generate(args)
+        print(f"generation finished; dashboard still at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        return code
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=15)
 
 
 def _add_train(sub) -> None:
@@ -243,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_replay(sub)
     _add_compare(sub)
     _add_train(sub)
+    _add_serve(sub)
     return parser
 
 

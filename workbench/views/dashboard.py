@@ -58,6 +58,7 @@ class Dashboard(pn.viewable.Viewer):
                             ("Run", self.views["run"]), dynamic=False, sizing_mode="stretch_width")
         self.state.param.watch(self._sync_controls, ["trace", "n_steps", "step", "playing", "status", "error",
                                                      "layer", "head", "seq", "follow"])
+        self._requested = trace or ""
         self._refresh_catalog()
         self.select(trace if trace is not None else self._default_name())
 
@@ -165,8 +166,8 @@ class Dashboard(pn.viewable.Viewer):
         self._ticks += 1
         if self._ticks % CATALOG_EVERY == 0:
             self._refresh_catalog()
-            if self.state.trace is None and not self.catalog.single and not self.state.path.endswith(".."):
-                name = self._default_name()
+            if self.state.trace is None and not self._requested and not self.catalog.single:
+                name = self._default_name()   # the first run appeared in a watched directory
                 if name:
                     self.select(name)
                     return
@@ -192,7 +193,8 @@ class Dashboard(pn.viewable.Viewer):
         """The served page (a Bootstrap template: no resources from the internet)."""
         query = pn.state.session_args.get("trace") if pn.state.curdoc else None
         if query:
-            self.select(query[0].decode("utf-8", "replace"))
+            self._requested = query[0].decode("utf-8", "replace")
+            self.select(self._requested)
         pn.state.onload(self.start_clock)
         return pn.template.BootstrapTemplate(
             title="workbench · trace dashboard", header_background="#24415f", sidebar_width=310,
