@@ -236,6 +236,10 @@ class Trace:
                         lo, hi = max(0, -shift), min(w.shape[2], w.shape[2] - shift)
                         out[i, lo + shift:hi + shift] = w[s, slot, lo:hi]
                     filled[i] = True
+            # Inputs/keys that appeared after a row was written are after its latent: weight 0.
+            key_pos = np.arange(out.shape[1]) + (0 if group == "cross_attention" else ws)
+            late = (key_pos[None, :] > now[:, None]) & (key_pos[None, :] <= now.max()) & filled[:, None]
+            out[late & np.isnan(out)] = 0.0
         dims = ("latent", "input") if group == "cross_attention" else ("latent", "latent_key")
         return xr.DataArray(out, dims=dims, coords={"latent_position": ("latent", now)}, name="weights",
                             attrs={"seq": seq, "step": step, **sel})

@@ -1,0 +1,202 @@
+"""Recording real Perceiver AR generations: maps equal a full recompute, TP=2 equals TP=1."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from workbench.models.perceiver import PerceiverAR, PerceiverConfig
+from workbench.runtime.perceiver_checkpoint import load_perceiver, save_perceiver
+from workbench.runtime.session import RunSpec, run
+from workbench.runtime.tokenizer import ByteTokenizer
+from workbench.trace.reader import open_trace
+
+N, R, L, H = 6, 2, 2, 4  # latents, repeats, latent blocks per repeat, heads
+CFG = dict(d_model=32, n_latents=N, n_heads=H, n_kv_heads=2, n_self_layers=L, n_repeats=R, d_ff=64,
+           max_seq_len=128, eos_id=None)  # no <eos>: every sequence runs all steps
+PROMPTS = ["hello", "ab"]  # 6 and 3 tokens with <bos>: seq 0's window slides from step 1, seq 1's from step 4
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("perceiver_model")
+    save_perceiver(PerceiverAR(PerceiverConfig(**CFG)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def recorded(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("perceiver_traces") / "tp1.zarr"
+    result = run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=STEPS, record=str(path),
+                         device="cpu"))
+    return path, result
+
+
+def _sequences(result):
+    tok = ByteTokenizer(bos_id=256, eos_id=None)
+    return [tok.encode(p) + g for p, g in zip(PROMPTS, result.generated)]
+
+
+def _full_forward(model_dir, ids):
+    """One forward over ``ids`` without a cache (independent of the cached decode path): maps of
+    every repeat and latent block, rows = the last min(len, N) positions in order."""
+    model = load_perceiver(model_dir)
+    cross, latent, acts = {}, {}, {}
+    model.add_listener("repeats.*.cross.pattern", lambda p, hp: cross.__setitem__(hp.repeat, p[0].clone()))
+    model.add_listener("repeats.*.layers.*.attn.pattern",
+                       lambda p, hp: latent.__setitem__((hp.repeat, hp.layer), p[0].clone()))
+    model.add_listener("repeats.0.cross_mlp.act.pre", lambda a, hp: acts.__setitem__("cross0", a[0].clone()))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    return cross, latent, acts
+
+
+def test_trace_is_complete_with_tokens_and_layer_blocks(recorded):
+    path, result = recorded
+    tr = open_trace(path)
+    assert tr.status == "complete" and tr.n_steps == STEPS
+    for j, seq in enumerate(_sequences(result)):
+        assert tr.token_ids(j).tolist() == seq
+    assert tr.tokens.chosen.values[0].tolist() == result.generated[0]
+    p = tr.spec.perceiver
+    assert (p.n_latents, p.n_repeats, p.n_self_layers, p.n_heads) == (N, R, L, H)
+    assert p.layer_blocks == ("repeats.0.cross", "repeats.0.layers.0", "repeats.0.layers.1",
+                              "repeats.1.cross", "repeats.1.layers.0", "repeats.1.layers.1")
+    assert tr.spec.n_layers == R * (1 + L) and tr.attention.sizes["layer"] == 0  # no decoder maps
+
+
+def test_cross_attention_equals_full_recompute_at_every_step(recorded, model_dir):
+    path, result = recorded
+    tr = open_trace(path)
+    for j, seq in enumerate(_sequences(result)):
+        prompt_len = len(seq) - STEPS
+        for step in range(STEPS):
+            end = prompt_len - 1 + step  # last latent of the step
+            cross, _, _ = _full_forward(model_dir, seq[: end + 1])
+            for r in range(R):
+                for h in range(H):
+                    got = tr.cross_attention_map(j, r, h, step=step)
+                    ref = cross[r][h].numpy()  # [latents, inputs 0..end]
+                    n = ref.shape[0]
+                    assert got.latent_position.values[:n].tolist() == list(range(end + 1 - n, end + 1))
+                    assert np.allclose(got.values[:n, : end + 1], ref, atol=2e-3), (j, step, r, h)  # float16
+                    assert np.isnan(got.values[:n, end + 1:]).all() and np.isnan(got.values[n:]).all()
+
+
+def test_recorded_rows_are_causal_and_sum_to_one(recorded):
+    tr = open_trace(recorded[0])
+    ca = tr.cross_attention
+    w = ca.weights.values.astype(np.float64)             # [seq, step, repeat, head, latent, input]
+    lat = ca.latent_position.values                       # [seq, step, latent]
+    written = ~np.isnan(w).all(-1)
+    assert written.any(axis=(-1, -2, -3)).all()           # every (seq, step) wrote rows
+    pos = np.broadcast_to(lat[:, :, None, None, :], written.shape)
+    assert (pos[written] >= 0).all()                     # rows only for real latents
+    inputs = np.arange(w.shape[-1])
+    future = inputs > pos[..., None]
+    assert np.nan_to_num(w)[future & written[..., None]].max() == 0  # causal: nothing after the latent
+    assert np.allclose(np.nansum(w, axis=-1)[written], 1.0, atol=5e-3)
+    # Repeat 0 computes only the new latent at a decode step; repeat 1 the whole window once it slid.
+    assert written[0, 3, 0].sum(-1).tolist() == [1] * H and written[0, 3, 1].sum(-1).tolist() == [N] * H
+    la = tr.latent_attention.weights.values.astype(np.float64)
+    rows = ~np.isnan(la).all(-1)
+    assert np.allclose(np.nansum(la, axis=-1)[rows], 1.0, atol=5e-3)
+    assert np.nan_to_num(la)[..., np.triu_indices(N, 1)[0], np.triu_indices(N, 1)[1]].max() == 0
+
+
+def test_latent_attention_equals_full_recompute(recorded, model_dir):
+    path, result = recorded
+    tr = open_trace(path)
+    for j, seq in enumerate(_sequences(result)):
+        prompt_len = len(seq) - STEPS
+        for step in (2, STEPS - 1):  # seq 1's window still grows at step 2; both slide at the end
+            end = prompt_len - 1 + step
+            _, latent, _ = _full_forward(model_dir, seq[: end + 1])
+            for r in range(R):
+                for i in range(L):
+                    for h in range(H):
+                        got = tr.latent_attention_map(j, r, i, h, step=step).values
+                        ref = latent[(r, i)][h].numpy()  # [latents, latent keys] of the window
+                        n = ref.shape[0]
+                        assert np.allclose(got[:n, :n], ref, atol=2e-3), (j, step, r, i, h)
+                        assert np.isnan(got[n:]).all() and np.isnan(got[:, n:]).all()
+
+
+def test_kv_totals_activations_and_timing(recorded, model_dir):
+    path, result = recorded
+    tr = open_trace(path)
+    kv = tr.kv_cache
+    tokens = kv.tokens.values[:, :, 0]
+    assert tokens[:, 0].tolist() == [9 + 2 * s for s in range(STEPS)]  # input cache: 6 + 3 prompt tokens, +2 a step
+    assert (tokens[:, 1:] == -1).all()                                   # totals live in layer 0 only
+    # stats() totals, not multiplied by layers: inputs (2 cross-attentions) + latent rings + cross outputs.
+    cfg, f32 = PerceiverConfig(**CFG), 4
+    held = 2 * N                                                         # both windows full at the end
+    expect = (2 * R * tokens[-1, 0] * cfg.n_kv_heads * cfg.head_dim * f32
+              + held * 2 * R * L * cfg.n_kv_heads * cfg.head_dim * f32 + held * 2 * cfg.d_model * f32)
+    assert kv.bytes_used.values[-1, 0, 0] == expect
+    # Attention mass of repeat 0's cross block at the last decode step: one row per head.
+    seqs = _sequences(result)
+    end = len(seqs[0]) - 2
+    cross, _, acts = _full_forward(model_dir, seqs[0][: end + 1])
+    mass = kv.attention_mass.values[0, STEPS - 1, 0, 0, : end + 1]
+    assert np.allclose(mass, cross[0][:, -1].sum(0).numpy(), atol=1e-5)
+
+    a = tr.activations
+    site = list(a.site.values).index("mlp.act.pre")
+    counts = a.value_count.values[:, :, site, 0]                         # [step, layer]
+    assert counts[0].tolist() == [9 * 64] * (R * (1 + L))                # prefill: 6 + 3 latents x d_ff
+    # Step 1: repeat 0's cross block runs the new latent of each sequence; seq 0's window slid, so
+    # the batch's latent stack is rebuilt: seq 0's N latents and seq 1's whole (growing) window of 4.
+    assert counts[1, 0] == 2 * 64 and counts[1, 1] == (N + 4) * 64
+    x0 = np.concatenate([_full_forward(model_dir, s[: len(s) - STEPS])[2]["cross0"].numpy().reshape(-1)
+                         for s in seqs]).astype(np.float64)
+    assert np.isclose(a.value_sum.values[0, 0, site, 0], x0.sum(), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(a.hist_count.values[0, 0, site, 0], np.histogram(x0, bins=np.asarray(tr.spec.bin_edges))[0])
+    secs = tr.timing.seconds.values[1:, :, :, 0]
+    parts = list(tr.timing.part.values)
+    assert (secs[..., parts.index("attention")] > 0).all() and (secs[..., parts.index("mlp")] > 0).all()
+
+
+def test_plain_xarray_opens_the_perceiver_groups(recorded):
+    path, _ = recorded
+    tr = open_trace(path)
+    ca = xr.open_zarr(path, group="cross_attention", consolidated=False)
+    assert ca.weights.dims == ("seq", "step", "repeat", "head", "latent", "input")
+    la = xr.open_zarr(path, group="latent_attention", consolidated=False)
+    assert la.weights.dims == ("seq", "step", "repeat", "self_layer", "head", "latent", "latent_key")
+    assert np.array_equal(la.weights.values, tr.latent_attention.weights.values, equal_nan=True)
+    assert np.array_equal(ca.latent_position.values, la.latent_position.values)
+    assert (ca.input_position.values[0, 0] == np.r_[np.arange(6), -np.ones(ca.sizes["input"] - 6)]).all()
+
+
+def test_cli_refuses_layer_selection_for_perceiver(model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir),
+                           "--prompt", "x", "--max-new-tokens", "2", "--record", str(tmp_path / "t.zarr"),
+                           "--attention-layers", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "not supported for Perceiver AR" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "t.zarr").exists()
+
+
+@pytest.mark.slow
+def test_tp2_trace_equals_tp1(recorded, model_dir, tmp_path):
+    path1, result = recorded
+    path2 = tmp_path / "tp2.zarr"
+    run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=STEPS, record=str(path2), device="cpu", tp=2))
+    a, b = open_trace(path1), open_trace(path2)
+    assert b.status == "complete" and b.spec.world == 2
+    assert np.array_equal(a.tokens.token_id.values, b.tokens.token_id.values)
+    for group in ("cross_attention", "latent_attention"):
+        wa, wb = a.dataset(group).weights.values, b.dataset(group).weights.values
+        assert np.array_equal(np.isnan(wa), np.isnan(wb)), group     # each rank wrote its own heads
+        assert np.allclose(np.nan_to_num(wa), np.nan_to_num(wb), atol=2e-3), group
+        assert np.array_equal(a.dataset(group).latent_position.values, b.dataset(group).latent_position.values)
+    assert (b.comm.seconds.values[1:] > 0).all()  # every block's two All-Reduce RMSNorm units, both ranks
+    assert (b.comm.bytes.values[1:] > 0).all()
+    tokens = b.kv_cache.tokens.values[:, 0]
+    assert (tokens == a.kv_cache.tokens.values[:, 0, :1]).all()      # each rank caches its own heads
