@@ -353,7 +353,7 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
                              ("bytes_used", "bytes holding keys/values"),
                              ("bytes_reserved", "bytes allocated (used + free slots)"))),
         _arr("attention_mass", ("seq", "step", "layer", "rank", "position"), "float32", s,
-             {"seq": 1, "step": 16, "rank": 1, "position": P},
+             {"seq": 1, "step": 32, "layer": 1, "rank": 1, "position": P},
              "attention received by each cached position at the step: sum over the rank's "
              "heads and over the step's query rows"),
     ), "KV cache occupancy per rank and attention mass received per cached position")

@@ -145,7 +145,7 @@ def write_synthetic_trace(path: str | os.PathLike, n_steps: int = 32, *, n_seq: 
         q0, q1 = (0, prompt_len) if step == 0 else (prompt_len + step - 1, prompt_len + step)
         q = np.arange(q0, q1)
         # attention for all heads of every sequence: [n_seq, layers, heads, n_q, n_k]
-        rows = np.stack([m.rows(q) for m in models]).astype(spec.attention_dtype)
+        rows = np.stack([m.rows(q) for m in models])  # float32; the writer thread casts
         # sampler
         probs = np.sort(rng.dirichlet(np.full(top_k, 0.3), size=n_seq), axis=1)[:, ::-1]
         cands = np.stack([rng.choice(len(vocab), top_k, replace=False) for _ in range(n_seq)])

@@ -279,13 +279,22 @@ class TraceWriter:
                 shape.append(stop - start)
         if index:
             raise TraceWriterError(f"{name}: unknown dims {sorted(index)}")
-        dtype = object if layout.dtype == STRING else layout.dtype
-        try:
-            arr = np.broadcast_to(np.asarray(data, dtype=dtype), tuple(shape))
-        except ValueError:
-            raise TraceWriterError(f"{name}: data of shape {np.shape(data)} does not fit the "
-                                   f"region of shape {tuple(shape)}") from None
-        full = np.array(arr, dtype=dtype).reshape([r.stop - r.start for r in region])
+        if layout.dtype == STRING:
+            arr = np.asarray(data, dtype=object)
+        else:
+            arr = np.asarray(data)
+            # Same-kind data (e.g. float32 for a float16 array) keeps its dtype: the cast runs on
+            # the writer thread, off the generation path. Other kinds are cast here.
+            if not np.can_cast(arr.dtype, layout.dtype, casting="same_kind"):
+                arr = arr.astype(layout.dtype)
+        shape = tuple(shape)
+        if arr.shape != shape:
+            try:
+                arr = np.broadcast_to(arr, shape)
+            except ValueError:
+                raise TraceWriterError(f"{name}: data of shape {np.shape(data)} does not fit "
+                                       f"the region of shape {shape}") from None
+        full = np.array(arr, copy=True).reshape([r.stop - r.start for r in region])
         self._put(_Record(step, name, tuple(region), full))
 
     def _default_index(self, name: str, dim: str, step: int, size: int) -> Index:
