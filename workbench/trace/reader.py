@@ -48,10 +48,16 @@ class Trace:
         self.format_version = int(self.attrs["format_version"])
         self._layout = self.spec.layout()
         self.groups: tuple[str, ...] = tuple(g for g in self._layout if g)
+        self.status, self.error = STATUS_RUNNING, ""
+        self._n_steps = 0
         self._raw: dict[str, xr.Dataset] = {}
         for group in self.groups:
             try:
-                self._raw[group] = xr.open_zarr(self.path, group=group, consolidated=False)
+                # chunks=None: lazy backend arrays (no dask); cache=False: reading a slice never
+                # keeps a whole variable in memory, and repeated reads see the store as it is.
+                # (the same as xarray.open_zarr(path, group=group, consolidated=False))
+                self._raw[group] = xr.open_dataset(self.path, engine="zarr", group=group,
+                                                   consolidated=False, chunks=None, cache=False)
             except Exception as exc:  # noqa: BLE001 - any failure means a damaged store
                 raise TraceError(f"{self.path}: cannot open group {group!r}: {exc}") from exc
         root = zarr.open_group(str(self.path), mode="r", zarr_format=3)
