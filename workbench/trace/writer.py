@@ -186,7 +186,7 @@ class TraceWriter:
                  metadata: Mapping[str, Any] | None = None, rank: int = 0,
                  world: int | None = None, *, create: bool | None = None,
                  overwrite: bool = False, flush_interval: float = 0.2,
-                 max_queue_bytes: int = 256 << 20, max_flush_steps: int = 128) -> None:
+                 max_queue_bytes: int = 128 << 20, max_flush_steps: int = 128) -> None:
         self.path = Path(path)
         if create is None:
             create = rank == 0
