@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import ipywidgets as ipw
 import panel as pn
@@ -328,8 +328,9 @@ class LiveRun:
         progress: the ipywidgets ``IntProgress`` (steps done of ``max_new_tokens``).
     """
 
-    def __init__(self, spec, views: Iterable[str] | None = None) -> None:
+    def __init__(self, spec, views: Iterable[str] | None = None, on_step: Callable | None = None) -> None:
         self.spec = spec
+        self._user_on_step = on_step
         self.steps_done = 0
         self.done = False
         self.path = Path(spec.record)
@@ -351,6 +352,8 @@ class LiveRun:
     def _on_step(self, event) -> None:
         if self._cancel.is_set():
             raise RunCancelled("generation cancelled from the notebook")
+        if self._user_on_step is not None:
+            self._user_on_step(event)
         self.steps_done = int(event.step) + 1
 
     def _work(self) -> None:
@@ -440,7 +443,8 @@ class LiveRun:
         return f"<LiveRun {state} {self.steps_done}/{self.spec.max_new_tokens} steps, trace {self.path}>"
 
 
-def generate_live(spec=None, *, views: Iterable[str] | None = None, display: bool = True, **overrides) -> LiveRun:
+def generate_live(spec=None, *, views: Iterable[str] | None = None, display: bool = True,
+                  on_step: Callable | None = None, **overrides) -> LiveRun:
     """Start a recorded generation in the background and show it growing in the cell.
 
     Args:
@@ -449,6 +453,7 @@ def generate_live(spec=None, *, views: Iterable[str] | None = None, display: boo
             Without ``record`` the trace goes to a new temporary directory.
         views: which views the widget shows (default: all).
         display: show the progress bar and widget in the current cell (inside a notebook).
+        on_step: also called with every ``StepEvent`` (rank 0's), in the generation thread.
 
     Returns:
         A ``LiveRun``: ``wait()`` for the ``GenerationResult``, ``result``, ``trace``, ``path``.
@@ -459,7 +464,7 @@ def generate_live(spec=None, *, views: Iterable[str] | None = None, display: boo
     from workbench.probes.recording import check_record_path
     spec = _run_spec(spec, **overrides)
     check_record_path(spec.record, spec.overwrite)
-    live = LiveRun(spec, views=views)
+    live = LiveRun(spec, views=views, on_step=on_step)
     if display:
         live.show()
     return live.start()

@@ -1,0 +1,153 @@
+"""Notebook widgets on real recorded traces: ipywidgets controls <-> TraceState <-> the views' Bokeh data,
+the jupyter_bokeh widget sending those changes to the browser, and a live run followed as it grows."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from workbench.errors import WorkbenchError
+from workbench.models.config import LlamaConfig
+from workbench.models.llama import Llama
+from workbench.notebook import TraceWidget, generate_live, show_dashboard
+from workbench.runtime.checkpoint import save_llama
+from workbench.runtime.session import RunSpec, run
+from workbench.runtime.tokenizer import ByteTokenizer
+
+CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=1024,
+           bos_id=256, eos_id=None)
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("nbw_model")
+    save_llama(Llama(LlamaConfig(**CFG)), path, ByteTokenizer(bos_id=256, eos_id=None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trace_path(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("nbw_traces") / "two.zarr"
+    run(RunSpec(model=str(model_dir), prompts=["hello world", "abc def"], max_new_tokens=STEPS,
+                record=str(path), device="cpu"))
+    return path
+
+
+def raw_map(path, seq, layer, head, stop):
+    """The attention rows straight from the Zarr array (independent of the reader and the views)."""
+    w = zarr.open_group(str(path), mode="r")["attention"]["weights"]
+    return np.asarray(w[seq, layer, head, :stop, :stop], dtype=np.float32)
+
+
+def shown(widget) -> np.ndarray:
+    return np.asarray(widget.views["attention"].main.source.data["image"][0])
+
+
+def test_controls_move_the_state_and_the_heatmap(trace_path):
+    w = TraceWidget(trace_path)
+    st, c = w.state, w.controls
+    assert st.n_steps == STEPS and c["step"].max == STEPS - 1 and c["step"].value == STEPS - 1
+    assert [v for _, v in c["layer"].options] == [0, 1] and [v for _, v in c["head"].options] == [0, 1, 2, 3]
+    assert c["seq"].layout.display is None   # two sequences: the control is shown
+    stop = int(st.trace.tokens["query_stop"][0, STEPS - 1])
+    np.testing.assert_allclose(shown(w), raw_map(trace_path, 0, 0, 0, stop), atol=1e-6)
+
+    for name, value in (("head", 2), ("layer", 1), ("seq", 1)):
+        before = shown(w).copy()
+        c[name].value = value
+        assert getattr(st, name) == value
+        after = shown(w)
+        assert before.shape != after.shape or not np.allclose(before, after, equal_nan=True), name
+    stop = int(st.trace.tokens["query_stop"][1, STEPS - 1])
+    np.testing.assert_allclose(shown(w), raw_map(trace_path, 1, 1, 2, stop), atol=1e-6)
+
+    # An earlier step shows only the rows processed by then (prompt plus two decode steps).
+    c["step"].value = 2
+    assert st.step == 2 and not st.follow
+    stop2 = int(st.trace.tokens["query_stop"][1, 2])
+    assert stop2 < stop
+    np.testing.assert_allclose(shown(w), raw_map(trace_path, 1, 1, 2, stop2), atol=1e-6)
+    assert "step 2" in w.views["attention"].main.figure.title.text
+
+
+def test_state_moves_the_controls(trace_path):
+    w = TraceWidget(trace_path, views=["attention", "kv_cache"])
+    st, c = w.state, w.controls
+    st.layer, st.head = 1, 3
+    assert c["layer"].value == 1 and c["head"].value == 3
+    st.select_step(4)
+    assert c["step"].value == 4 and c["play"].value == 4
+    assert c["follow"].layout.display == "none"   # a finished trace has nothing to follow
+    assert "complete" in w.status.value and f"{STEPS} steps" in w.status.value
+    assert set(w.views) == {"attention", "kv_cache"}
+
+
+def test_changes_are_sent_to_the_browser(trace_path):
+    """The jupyter_bokeh widget patches the page's document when a control changes the heatmap."""
+    w = TraceWidget(trace_path, views=["attention"])
+    bokeh = w.bokeh_widget()
+    assert bokeh in w.widget.children
+    doc_json = json.dumps(bokeh.render_bundle["docs_json"])
+    source_id = w.views["attention"].main.source.id
+    assert source_id in doc_json   # the heatmap's data source is part of the rendered document
+    sent = []
+    bokeh.send = lambda content, buffers=None: sent.append((content, buffers))
+    w.controls["head"].value = 1
+    patches = [c.get("payload", "") for c, _ in sent if c.get("msg") == "patch"]
+    assert any(isinstance(p, str) and source_id in p for p in patches), "no patch of the heatmap data was sent"
+
+
+def test_a_missing_trace_waits_and_bad_input_is_refused(tmp_path, trace_path):
+    w = TraceWidget(tmp_path / "not-yet.zarr")
+    assert w.state.trace is None and "no trace" in w.state.error
+    assert w.error.layout.display is None and "no trace" in w.error.value
+    with pytest.raises(WorkbenchError, match="unknown view 'nope'"):
+        TraceWidget(trace_path, views=["nope"])
+    with pytest.raises(WorkbenchError, match="trace path or an open Trace"):
+        TraceWidget(42)
+    with pytest.raises(WorkbenchError, match="already exists"):
+        generate_live(model=str(tmp_path), record=str(trace_path), display=False)
+
+
+def test_an_open_trace_and_the_dashboard(trace_path):
+    from workbench.trace.reader import open_trace
+    w = TraceWidget(open_trace(trace_path), views=["tokens"])
+    assert w.state.n_steps == STEPS
+    dash = show_dashboard(trace_path)
+    assert dash.state.n_steps == STEPS and dash.ipywidget is not None
+
+
+def test_live_run_is_followed_as_it_grows(model_dir, tmp_path):
+    n_new = 48
+    seen = []
+    pace = lambda event: time.sleep(0.04)   # a tiny model is too quick to watch: slow it to ~25 steps/s
+
+    async def main():
+        live = generate_live(model=str(model_dir), prompts=["live"], max_new_tokens=n_new, device="cpu",
+                             record=str(tmp_path / "live.zarr"), views=["tokens", "attention"], display=False, on_step=pace)
+        assert live.result is None or live.done
+        live.widget.state.param.watch(lambda e: seen.append((e.new, live.steps_done)), "n_steps")
+        while not live.done:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)   # the refresh task's last beat
+        return live
+
+    live = asyncio.run(main())
+    result = live.wait()
+    assert len(result.generated[0]) == n_new
+    assert live.widget.state.n_steps == n_new and live.widget.state.status == "complete"
+    assert live.progress.value == n_new and live.progress.bar_style == "success"
+    assert live.trace.n_steps == n_new and live.trace.status == "complete"
+    counts = [n for n, _ in seen]
+    assert counts == sorted(counts) and counts[-1] == n_new
+    # The widget showed the trace while the generation was still running.
+    assert any(0 < n < n_new for n, _ in seen), seen
+    labels = live.widget.views["attention"].main.figure.title.text
+    assert f"step {n_new - 1}" in labels
