@@ -5,6 +5,8 @@ moments (merged over ranks).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import panel as pn
 from bokeh.models import ColumnDataSource, HoverTool, Span
@@ -19,13 +21,13 @@ STATS = {"std": "standard deviation", "kurtosis": "excess kurtosis", "max": "max
 PRE, POST = "mlp.act.pre", "mlp.act.post"
 
 
-def histogram(trace, layer: int, site: int, step: int, accumulate: bool = False) -> np.ndarray:
-    """Counts per bin at ``step`` (or summed over steps 0..step), merged over ranks."""
+def histograms(trace, layer: int, step: int, accumulate: bool = False) -> np.ndarray:
+    """Counts [site, bin] at ``step`` (or summed over steps 0..step), merged over ranks."""
     ds = trace.activations
     steps = slice(0, step + 1) if accumulate else slice(step, step + 1)
-    c = np.asarray(ds["hist_count"][steps, layer, site].values, dtype=np.float64)  # [step, rank, bin]
+    c = np.asarray(ds["hist_count"][steps, layer].values, dtype=np.float64)  # [step, site, rank, bin]
     c[c < 0] = 0
-    return c.sum(axis=(0, 1))
+    return c.sum(axis=(0, 2))
 
 
 def moment_stats(trace, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -40,7 +42,8 @@ def moment_stats(trace, start: int, stop: int) -> dict[str, np.ndarray]:
                          sums["value_sum4"])
     vmax = np.asarray(ds["value_max"][start:stop].values, dtype=np.float64)
     vmin = np.asarray(ds["value_min"][start:stop].values, dtype=np.float64)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # steps a live run has not written yet are all-NaN
         fin["max"] = np.fmax(np.nanmax(np.abs(vmax), axis=-1), np.nanmax(np.abs(vmin), axis=-1))
         fin["near_zero_fraction"] = sums["near_zero_count"] / sums["value_count"]
     return fin
@@ -65,13 +68,13 @@ class ActivationsView(TraceView):
     watch_params = ("trace", "step", "layer", "version")
 
     def build(self):
-        self.sites = pn.widgets.CheckButtonGroup(name="sites", options=[], value=[], button_type="light")
+        self.sites = pn.widgets.CheckButtonGroup(label="sites", options=[], value=[], color="light")
         self.sites.param.watch(lambda e: self._safe_redraw({"sites"}), "value")
-        self.accumulate = pn.widgets.Checkbox(name="sum steps 0..selected", value=False)
+        self.accumulate = pn.widgets.Checkbox(label="sum steps 0..selected", value=False)
         self.accumulate.param.watch(lambda e: self._safe_redraw({"accumulate"}), "value")
-        self.log_y = pn.widgets.Checkbox(name="log counts", value=True)
+        self.log_y = pn.widgets.Checkbox(label="log counts", value=True)
         self.log_y.param.watch(lambda e: self._safe_redraw({"log"}), "value")
-        self.stat = pn.widgets.Select(name="statistic", options={v: k for k, v in STATS.items()}, value="kurtosis",
+        self.stat = pn.widgets.Select(label="statistic", options={v: k for k, v in STATS.items()}, value="kurtosis",
                                       width=220)
         self.stat.param.watch(lambda e: self._safe_redraw({"stat"}), "value")
         self._hist_figs: dict[bool, figure] = {}
@@ -161,11 +164,12 @@ class ActivationsView(TraceView):
             fig.legend.click_policy = "hide"
             fig.add_tools(HoverTool(tooltips=[("bin", "[@left{0.00}, @right{0.00})"), ("count", "@top{0,0}")]))
         floor = 0.5 if self.log_y.value else 0.0
+        all_counts = histograms(st.trace, st.layer, st.step, self.accumulate.value)
         for i, name in enumerate(self._site_names):
             if name not in self.sites.value:
                 self.hist_sources[i].data = dict(left=[], right=[], top=[], bottom=[])
                 continue
-            counts = histogram(st.trace, st.layer, i, st.step, self.accumulate.value)
+            counts = all_counts[i]
             keep = counts > 0
             self.hist_sources[i].data = dict(left=lo[keep].tolist(), right=hi[keep].tolist(),
                                              top=counts[keep].tolist(), bottom=[floor] * int(keep.sum()))

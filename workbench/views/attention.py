@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import panel as pn
 from bokeh.events import Tap
-from bokeh.models import BoxAnnotation
-from bokeh.plotting import figure  # noqa: F401  (kept for notebook users extending the view)
+from bokeh.models import BoxAnnotation, ColumnDataSource, LinearColorMapper, Range1d
+from bokeh.plotting import figure
 
 from workbench.views.base import TraceView
-from workbench.views.heatmap import Heatmap
+from workbench.views.heatmap import NAN_COLOR, PALETTE, Heatmap, color_high, max_pool
 
 # Query rows the head grid and its scores look at: the most recent ones up to the selected step.
 GRID_ROWS = 256
@@ -98,6 +98,87 @@ def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> di
     return out
 
 
+class HeadGrid:
+    """All heads of a layer as small multiples in ONE Bokeh figure (one image glyph with a row per
+    head), so a layer switch refills one data source instead of building a figure per head. A tap
+    on a tile reports its head through ``on_pick``."""
+
+    TILE, GAP, LABEL = 1.0, 0.1, 0.22
+
+    def __init__(self, on_pick, cols: int = 4, tile_px: int = 118) -> None:
+        self.cols, self.tile_px, self.on_pick = cols, tile_px, on_pick
+        self.heads: list[int] = []
+        self.images = ColumnDataSource(name="attention-grid-source",
+                                       data=dict(image=[], x=[], y=[], dw=[], dh=[]))
+        self.labels = ColumnDataSource(data=dict(x=[], y=[], text=[], color=[]))
+        self.frames = ColumnDataSource(data=dict(x=[], y=[], color=[], width=[]))
+        self.mapper = LinearColorMapper(palette=PALETTE, low=0, high=1, nan_color=NAN_COLOR)
+        self.figure = figure(tools="tap", toolbar_location=None, name="attention-grid", min_border=4,
+                             x_range=Range1d(0, 1), y_range=Range1d(1, 0), width=10, height=10)
+        self.figure.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.images, color_mapper=self.mapper)
+        self.figure.rect(x="x", y="y", width=self.TILE, height=self.TILE, source=self.frames, fill_alpha=0,
+                         line_color="color", line_width="width")
+        self.figure.text(x="x", y="y", text="text", source=self.labels, text_font_size="11px",
+                         text_color="color", text_baseline="bottom")
+        self.figure.axis.visible = False
+        self.figure.grid.visible = False
+        self.figure.outline_line_color = None
+        self.figure.on_event(Tap, self._tapped)
+
+    def _origin(self, slot: int) -> tuple[float, float]:
+        r, c = divmod(slot, self.cols)
+        return c * (self.TILE + self.GAP), r * (self.TILE + self.GAP + self.LABEL) + self.LABEL
+
+    def show(self, maps: list[np.ndarray], heads: list[int], titles: list[str], selected: int) -> None:
+        """Draw ``maps`` (one per tile, in display order) for global ``heads``."""
+        n = len(maps)
+        rows = max(1, -(-n // self.cols))
+        cols = min(self.cols, max(n, 1))
+        width = cols * (self.TILE + self.GAP)
+        height = rows * (self.TILE + self.GAP + self.LABEL)
+        images, xs, ys = [], [], []
+        for slot, m in enumerate(maps):
+            pooled, _, _ = max_pool(m, 96)
+            top = color_high(pooled)
+            images.append(np.clip(pooled / top, 0, 1).astype(np.float32))  # each tile on its own scale
+            x, y = self._origin(slot)
+            xs.append(x)
+            ys.append(y + self.TILE)  # an image's y is its bottom edge; the y axis points down
+        self.heads = list(heads)
+        self.images.data = dict(image=images, x=xs, y=[y - self.TILE for y in ys], dw=[self.TILE] * n,
+                                dh=[self.TILE] * n)
+        self.labels.data = dict(x=xs, y=[y - self.TILE - 0.02 for y in ys], text=titles,
+                                color=["#b07d00" if h == selected else "#3d4758" for h in heads])
+        self.frames.data = dict(x=[x + self.TILE / 2 for x in xs], y=[y - self.TILE / 2 for y in ys],
+                                color=["#e0a100" if h == selected else "#c9d1dd" for h in heads],
+                                width=[3 if h == selected else 1 for h in heads])
+        self.figure.x_range.update(start=-0.02, end=width)
+        self.figure.y_range.update(start=height, end=-0.02)
+        self.figure.width = int(cols * self.tile_px * (1 + self.GAP)) + 8
+        self.figure.height = int(rows * self.tile_px * (1 + self.GAP + self.LABEL)) + 8
+
+    def highlight(self, selected: int) -> None:
+        """Move the selection frame without touching the images."""
+        heads = self.heads
+        self.frames.patch({"color": [(i, "#e0a100" if h == selected else "#c9d1dd") for i, h in enumerate(heads)],
+                           "width": [(i, 3 if h == selected else 1) for i, h in enumerate(heads)]})
+        self.labels.patch({"color": [(i, "#b07d00" if h == selected else "#3d4758") for i, h in enumerate(heads)]})
+
+    def head_at(self, x: float, y: float) -> int | None:
+        """The head whose tile contains data point (x, y), or None."""
+        c = int(x // (self.TILE + self.GAP))
+        r = int((y - self.LABEL) // (self.TILE + self.GAP + self.LABEL)) if y >= self.LABEL else -1
+        slot = r * self.cols + c
+        if r < 0 or not 0 <= c < self.cols or slot >= len(self.heads):
+            return None
+        return self.heads[slot]
+
+    def _tapped(self, event) -> None:
+        head = self.head_at(event.x, event.y)
+        if head is not None:
+            self.on_pick(head)
+
+
 class AttentionView(TraceView):
     """Heatmap of the selected head, grid of the layer's heads, and Perceiver cross-attention."""
 
@@ -108,13 +189,12 @@ class AttentionView(TraceView):
         self.step_box = BoxAnnotation(fill_color="#35c0ff", fill_alpha=0.10, line_color="#35c0ff",
                                       line_alpha=0.8, line_width=1)
         self.main.figure.add_layout(self.step_box)
-        self.sort = pn.widgets.Select(name="sort heads by", options={v: k for k, v in SCORES.items()},
+        self.sort = pn.widgets.Select(label="sort heads by", options={v: k for k, v in SCORES.items()},
                                       value="head", width=220)
         self.sort.param.watch(lambda e: self._safe_redraw({"sort"}), "value")
-        self.thumbs: list[Heatmap] = []
-        self.grid = pn.GridBox(ncols=4, sizing_mode="fixed")
+        self.grid = HeadGrid(on_pick=self._open_head)
         self.score_note = pn.pane.HTML("", margin=(0, 10))
-        self.cross_repeat = pn.widgets.IntSlider(name="repeat", start=0, end=1, value=0, width=200, visible=False)
+        self.cross_repeat = pn.widgets.IntSlider(label="repeat", start=0, end=1, value=0, width=200, visible=False)
         self.cross_repeat.param.watch(lambda e: self._safe_redraw({"cross"}), "value")
         self.cross = Heatmap(title="cross-attention", width=560, height=360, x_name="input", y_name="latent",
                              name="attention-cross")
@@ -127,7 +207,7 @@ class AttentionView(TraceView):
                    pn.Column(pn.Row(pn.pane.HTML("<b>All heads of the layer</b><br>"
                                                  "<span style='color:#6b7688'>click a head to open it</span>"),
                                     self.sort),
-                             self.grid, self.score_note)),
+                             pn.pane.Bokeh(self.grid.figure), self.score_note)),
             self.cross_pane, sizing_mode="stretch_width")
 
     # ---------------------------------------------------------------- data
@@ -153,10 +233,12 @@ class AttentionView(TraceView):
         qs, qe = query_range(st.trace, st.seq, st.step)
         self.main.show(m, labels, labels, title=f"layer {st.layer} · head {st.head} · step {st.step}")
         self.step_box.update(top=qs, bottom=qe, left=0, right=m.shape[1])
-        grid_key = (id(st.trace), st.seq, st.layer, st.step, self.sort.value, st.head)
+        grid_key = (id(st.trace), st.n_steps, st.seq, st.layer, st.step, self.sort.value)
         if grid_key != self._last_grid:
             self._draw_grid(ids)
             self._last_grid = grid_key
+        else:
+            self.grid.highlight(st.head)
         self._draw_cross(labels)
 
     def _draw_grid(self, ids: np.ndarray) -> None:
@@ -169,29 +251,13 @@ class AttentionView(TraceView):
         key = self.sort.value
         if key != "head":
             order.sort(key=lambda i: -float(scores[key][i]))
-        while len(self.thumbs) < len(heads):
-            self._add_thumb()
-        cells = []
-        for slot, i in enumerate(order):
-            t = self.thumbs[slot]
-            t.head_id = heads[i]
-            score = "" if key == "head" else f" · {scores[key][i]:.2f}"
-            t.show(maps[i], title=f"head {heads[i]}{score}")
-            t.figure.outline_line_color = "#e0a100" if heads[i] == st.head else "#c9d1dd"
-            t.figure.outline_line_width = 3 if heads[i] == st.head else 1
-            cells.append(t.pane)
-        if [id(c) for c in self.grid.objects] != [id(c) for c in cells]:
-            self.grid.objects = cells
+        titles = [f"head {heads[i]}" + ("" if key == "head" else f" · {scores[key][i]:.2f}") for i in order]
+        self.grid.show([maps[i] for i in order], [heads[i] for i in order], titles, st.head)
+        self.scores = {k: {heads[i]: float(v[i]) for i in range(len(heads))} for k, v in scores.items()}
         first = int(rows[0]) if len(rows) else 0
         self.score_note.object = (f"<span style='color:#6b7688;font-size:12px'>thumbnails and scores use query rows "
-                                  f"{first}–{first + len(rows) - 1} (the latest {len(rows)})</span>")
-
-    def _add_thumb(self) -> None:
-        t = Heatmap(width=120, height=120, small=True)
-        t.head_id = len(self.thumbs)
-        t.figure.on_event(Tap, lambda event, t=t: self._open_head(t.head_id))
-        t.pane = pn.pane.Bokeh(t.figure, margin=2)
-        self.thumbs.append(t)
+                                  f"{first}–{first + len(rows) - 1} (the latest {len(rows)}); each tile has its own "
+                                  f"colour scale</span>")
 
     def _open_head(self, head: int) -> None:
         self.state.head = int(head)

@@ -59,6 +59,8 @@ class TraceCatalog:
             except OSError:
                 return
             for c in children:
+                if c.resolve() != self.root and self.root not in c.resolve().parents:
+                    continue  # a symlink out of the root: never listed (and resolve() refuses it)
                 if is_trace_store(c):
                     found.append(c.relative_to(self.root).as_posix())
                 elif depth < _MAX_DEPTH:

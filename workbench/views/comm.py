@@ -59,7 +59,7 @@ class CommView(TraceView):
     watch_params = ("trace", "step", "layer", "version")
 
     def build(self):
-        self.site = pn.widgets.Select(name="site", options=["all sites"], value="all sites", width=200)
+        self.site = pn.widgets.Select(label="site", options=["all sites"], value="all sites", width=200)
         self.site.param.watch(lambda e: self._safe_redraw({"site"}), "value")
         tools = "pan,wheel_zoom,box_zoom,reset,save"
         self.over_steps = figure(height=260, width=620, tools=tools, x_axis_label="step", y_axis_label="ms",
@@ -157,8 +157,9 @@ class CommView(TraceView):
         share = comm_share(st.trace, first, n)
         steps = list(range(first, n))
         for r in range(self._ranks):
-            new = dict(step=steps, ms=(sec[:, r] * 1e3).tolist())
-            snew = dict(step=steps, share=share[:, r].tolist())
+            # fresh lists per source: ColumnDataSource.stream extends lists in place
+            new = dict(step=list(steps), ms=(sec[:, r] * 1e3).tolist())
+            snew = dict(step=list(steps), share=share[:, r].tolist())
             if first == 0:
                 self.rank_sources[r].data, self.share_sources[r].data = new, snew
             else:

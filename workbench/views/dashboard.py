@@ -96,25 +96,25 @@ class Dashboard(pn.viewable.Viewer):
     # ---------------------------------------------------------------- controls
     def _build_controls(self) -> None:
         st = self.state
-        self.trace_select = pn.widgets.Select(name="trace", options=[], sizing_mode="stretch_width")
+        self.trace_select = pn.widgets.Select(label="trace", options=[], sizing_mode="stretch_width")
         self.trace_select.param.watch(lambda e: self.select(e.new) if e.new else None, "value")
         self.status = pn.pane.HTML("", sizing_mode="stretch_width", margin=(5, 10))
         self.error = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
-        self.play = pn.widgets.Button(name="▶ Play", button_type="primary", width=90)
+        self.play = pn.widgets.Button(label="▶ Play", color="primary", width=90)
         self.play.on_click(lambda e: st.toggle_play())
-        self.prev_step = pn.widgets.Button(name="◀", width=40)
+        self.prev_step = pn.widgets.Button(label="◀", width=40)
         self.prev_step.on_click(lambda e: st.select_step(st.step - 1))
-        self.next_step = pn.widgets.Button(name="▶", width=40)
+        self.next_step = pn.widgets.Button(label="▶", width=40)
         self.next_step.on_click(lambda e: st.select_step(st.step + 1))
-        self.step_slider = pn.widgets.IntSlider(name="step", start=0, end=1, value=0, sizing_mode="stretch_width")
+        self.step_slider = pn.widgets.IntSlider(label="step", start=0, end=1, value=0, sizing_mode="stretch_width")
         self.step_slider.param.watch(self._slider_moved, "value_throttled")
-        self.speed = pn.widgets.Select(name="replay speed (per tick)", options=SPEEDS, value=1, width=140)
+        self.speed = pn.widgets.Select(label="replay speed (per tick)", options=SPEEDS, value=1, width=140)
         self.speed.param.watch(lambda e: setattr(st, "speed", int(e.new)), "value")
-        self.follow = pn.widgets.Checkbox(name="follow the newest step", value=True)
+        self.follow = pn.widgets.Checkbox(label="follow the newest step", value=True)
         self.follow.param.watch(self._follow_toggled, "value")
-        self.seq_select = pn.widgets.Select(name="sequence", options={"0": 0}, value=0, sizing_mode="stretch_width")
-        self.layer_select = pn.widgets.Select(name="layer", options={"0": 0}, value=0, sizing_mode="stretch_width")
-        self.head_select = pn.widgets.Select(name="head", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        self.seq_select = pn.widgets.Select(label="sequence", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        self.layer_select = pn.widgets.Select(label="layer", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        self.head_select = pn.widgets.Select(label="head", options={"0": 0}, value=0, sizing_mode="stretch_width")
         for w, name in ((self.seq_select, "seq"), (self.layer_select, "layer"), (self.head_select, "head")):
             w.param.watch(lambda e, name=name: setattr(st, name, int(e.new)), "value")
         self.sidebar = pn.Column(
@@ -144,7 +144,7 @@ class Dashboard(pn.viewable.Viewer):
         st = self.state
         last = max(st.n_steps - 1, 0)
         self.step_slider.param.update(end=max(last, 1), value=min(st.step, max(last, 1)), disabled=st.n_steps <= 1)
-        self.play.name = "⏸ Pause" if st.playing else "▶ Play"
+        self.play.label = "⏸ Pause" if st.playing else "▶ Play"
         self.follow.param.update(value=st.follow, visible=st.status == "running")
         for w, n, label in ((self.seq_select, st.n_seqs, "sequence"), (self.layer_select, st.n_layers, "layer"),
                             (self.head_select, st.n_heads, "head")):

@@ -46,9 +46,9 @@ class KVCacheView(TraceView):
 
     def build(self):
         self.metric = pn.widgets.RadioButtonGroup(options={v: k for k, v in METRICS.items()}, value="bytes",
-                                                  button_type="light", width=420)
+                                                  color="light", width=420)
         self.metric.param.watch(lambda e: self._safe_redraw({"metric"}), "value")
-        self.accumulate = pn.widgets.Checkbox(name="sum over steps 0..selected (heavy-hitter score)", value=False)
+        self.accumulate = pn.widgets.Checkbox(label="sum over steps 0..selected (heavy-hitter score)", value=False)
         self.accumulate.param.watch(lambda e: self._safe_redraw({"accumulate"}), "value")
         self.growth = figure(height=300, width=620, title="KV cache against step", tools="pan,wheel_zoom,box_zoom,reset,save",
                              x_axis_label="step", name="kv-growth")

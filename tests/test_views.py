@@ -1,0 +1,337 @@
+"""Dashboard state and views without a browser: real trace stores on disk, written by the real writer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from workbench.errors import WorkbenchError
+from workbench.trace.reader import open_trace
+from workbench.trace.schema import TraceSpec
+from workbench.trace.synthetic import write_synthetic_trace
+from workbench.trace.writer import TraceWriter
+from workbench.views.attention import attention_map, head_scores
+from workbench.views.catalog import TraceCatalog
+from workbench.views.dashboard import Dashboard
+from workbench.views.heatmap import max_pool, tick_labels
+from workbench.views.state import TraceState
+
+PROMPT = 6
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("views") / "synthetic"
+    write_synthetic_trace(path, n_steps=20, n_layers=3, n_heads=4, world=2, perceiver=True, seed=1)
+    return path
+
+
+# --------------------------------------------------------------------------- a live writer
+def _start_live(path, n_steps: int, layers: int = 2, heads: int = 2) -> tuple[TraceSpec, TraceWriter]:
+    spec = TraceSpec.for_generation(PROMPT, n_steps - 1, n_seq=1, n_layers=layers, n_heads=heads)
+    writer = TraceWriter(path, spec, {"prompts": ["p"], "sampler": {"temperature": 0}}, flush_interval=0.02)
+    writer.write_prompt(np.arange(PROMPT)[None], [[f"p{i}" for i in range(PROMPT)]])
+    return spec, writer
+
+
+def _write_step(writer: TraceWriter, spec: TraceSpec, step: int) -> None:
+    """One step as the runtime writes it: queries, attention rows, sample, new token, KV occupancy."""
+    q0, q1 = (0, PROMPT) if step == 0 else (PROMPT + step - 1, PROMPT + step)
+    q = np.arange(q0, q1)
+    rows = (np.arange(q1)[None, :] <= q[:, None]).astype(np.float32)
+    rows /= rows.sum(axis=1, keepdims=True)                          # uniform causal attention
+    rows = np.broadcast_to(rows, (1, spec.n_layers, spec.n_heads) + rows.shape)
+    writer.write_queries(step, q0, q1)
+    writer.write_attention(step, rows, query_start=q0)
+    token = 100 + step
+    writer.write_sample(step, [token], chosen_prob=[0.6], candidate_ids=[[token, 7]], candidate_probs=[[0.6, 0.3]])
+    if q1 < spec.max_positions:
+        writer.write_tokens(step, q1, [[token]], [[f" g{step}"]])
+    writer.write_kv(step, tokens=np.full(spec.n_layers, q1), blocks=np.full(spec.n_layers, -(-q1 // 4)),
+                    bytes_used=np.full(spec.n_layers, q1 * 64), bytes_reserved=np.full(spec.n_layers, -(-q1 // 4) * 256))
+    writer.end_step(step)
+
+
+# --------------------------------------------------------------------------- state
+def test_state_opens_a_finished_trace_at_its_last_step(synthetic):
+    st = TraceState()
+    assert st.open(synthetic)
+    assert (st.n_steps, st.status, st.error) == (20, "complete", "")
+    assert (st.n_seqs, st.n_layers, st.n_heads) == (1, 3, 4)
+    assert st.step == 19 and not st.follow
+
+
+def test_select_step_clamps_and_replay_plays_to_the_end(synthetic):
+    st = TraceState()
+    st.open(synthetic)
+    st.select_step(500)
+    assert st.step == 19
+    st.select_step(-3)
+    assert st.step == 0
+    st.select_step(19)
+    st.toggle_play()                      # at the end: replay starts over
+    assert st.playing and st.step == 0
+    st.speed = 5
+    seen = [st.step]
+    while st.playing:
+        st.tick()
+        seen.append(st.step)
+    assert seen == [0, 5, 10, 15, 19, 19]
+    st.toggle_play()
+    st.toggle_play()
+    assert not st.playing
+
+
+def test_selection_is_clamped_to_the_trace(synthetic):
+    st = TraceState()
+    st.open(synthetic)
+    st.layer, st.head = 99, 99
+    assert (st.layer, st.head) == (2, 3)
+
+
+def test_live_state_follows_new_steps_and_keeps_a_chosen_step(tmp_path):
+    path = tmp_path / "live"
+    spec, writer = _start_live(path, n_steps=12)
+    for s in range(4):
+        _write_step(writer, spec, s)
+    writer.flush()
+    st = TraceState()
+    assert st.open(path)
+    assert (st.n_steps, st.status, st.step, st.follow) == (4, "running", 3, True)
+    for s in range(4, 7):
+        _write_step(writer, spec, s)
+    writer.flush()
+    assert st.tick()
+    assert (st.n_steps, st.step) == (7, 6)                   # followed the newest step
+    st.select_step(2)                                        # the user looks back: stop following
+    assert not st.follow
+    _write_step(writer, spec, 7)
+    writer.flush()
+    st.tick()
+    assert (st.n_steps, st.step) == (8, 2)
+    for s in range(8, 12):
+        _write_step(writer, spec, s)
+    writer.close()
+    st.tick()
+    assert (st.n_steps, st.status) == (12, "complete")
+    assert not st.tick()                                     # finished: nothing more to read
+
+
+def test_missing_trace_waits_then_opens_when_it_appears(tmp_path):
+    path = tmp_path / "later"
+    st = TraceState()
+    assert not st.open(path)
+    assert "waiting" in st.error and st.trace is None
+    assert not st.tick()
+    spec, writer = _start_live(path, n_steps=3)
+    _write_step(writer, spec, 0)
+    writer.flush()
+    assert st.tick()
+    assert st.error == "" and st.n_steps == 1
+    writer.close()
+
+
+def test_corrupt_and_foreign_stores_show_an_error(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "zarr.json").write_text("{not json")
+    st = TraceState()
+    assert not st.open(bad) and "unreadable root metadata" in st.error
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    assert not st.open(other) and "not a workbench-trace store" in st.error
+    notdir = tmp_path / "file.txt"
+    notdir.write_text("x")
+    assert not st.open(notdir) and "not a directory" in st.error
+
+
+# --------------------------------------------------------------------------- catalog (path safety)
+def test_catalog_lists_traces_and_refuses_paths_outside(tmp_path, synthetic):
+    root = tmp_path / "runs"
+    (root / "group").mkdir(parents=True)
+    (root / "a").symlink_to(synthetic, target_is_directory=True)
+    (root / "group" / "b").symlink_to(synthetic, target_is_directory=True)
+    (root / "notes").mkdir()
+    cat = TraceCatalog(root)
+    assert not cat.single
+    assert cat.names() == []           # symlinks leading out of the root are not listed...
+    for name in ("a", "group/b"):
+        with pytest.raises(WorkbenchError, match="outside"):
+            cat.resolve(name)          # ...nor served
+    with pytest.raises(WorkbenchError, match="outside"):
+        cat.resolve("../runs/../..")
+    with pytest.raises(WorkbenchError, match="relative"):
+        cat.resolve("/etc")
+    assert TraceCatalog(synthetic).single and TraceCatalog(synthetic).names() == ["."]
+
+
+def test_catalog_lists_real_traces_in_a_directory(tmp_path):
+    for name in ("r1", "nested/r2"):
+        write_synthetic_trace(tmp_path / name, n_steps=2, n_layers=1, n_heads=1, prompt_len=2)
+    (tmp_path / "empty").mkdir()
+    cat = TraceCatalog(tmp_path)
+    assert cat.names() == ["nested/r2", "r1"]
+    assert cat.resolve("nested/r2") == (tmp_path / "nested" / "r2").resolve()
+
+
+# --------------------------------------------------------------------------- numbers behind the views
+def test_max_pool_keeps_peaks_and_masks():
+    a = np.zeros((1000, 700), np.float32)
+    a[123, 456] = 0.9
+    a[:, 600:] = np.nan
+    pooled, fr, fc = max_pool(a, 512)
+    assert pooled.shape[0] <= 512 and pooled.shape[1] <= 512 and (fr, fc) == (2, 2)
+    assert pooled[61, 228] == pytest.approx(0.9) and np.nanmax(pooled) == pytest.approx(0.9)
+    assert np.isnan(pooled[:, 300:]).all() and not np.isnan(pooled[:, :300]).any()
+    small = np.eye(4, dtype=np.float32)
+    assert max_pool(small)[0] is not None and np.array_equal(max_pool(small)[0], small)
+
+
+def test_tick_labels_thin_out_long_sequences():
+    ticks, labels = tick_labels([f"t{i}" for i in range(100)], 100, limit=40)
+    assert len(ticks) == 34 and ticks[0] == 0.5 and labels[3.5] == "t3"
+    _, labels = tick_labels(["a b\n"], 1)
+    assert labels[0.5] == "a\u00b7b\u21b5"
+
+
+def _reference_scores(maps, rows, ids):
+    """Loop-by-loop definition of the scores, as independent check of the vectorised code."""
+    n_heads = maps.shape[0]
+    prev, induction = np.zeros(n_heads), np.zeros(n_heads)
+    for h in range(n_heads):
+        p, ind = [], []
+        for i, q in enumerate(rows):
+            if q >= 1:
+                p.append(maps[h, i, q - 1])
+            targets = [j + 1 for j in range(q) if ids[j] == ids[q] and j + 1 < q]
+            if targets:
+                ind.append(sum(maps[h, i, t] for t in targets))
+        prev[h], induction[h] = np.mean(p), np.mean(ind)
+    return prev, induction
+
+
+def test_head_scores_find_previous_token_and_induction_heads():
+    ids = np.array([5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8])
+    n = len(ids)
+    rows = np.arange(n)
+    prev_head = np.zeros((n, n), np.float32)
+    prev_head[0, 0] = 1
+    prev_head[rows[1:], rows[1:] - 1] = 1
+    ind_head = np.zeros((n, n), np.float32)
+    for q in range(n):
+        earlier = [j + 1 for j in range(q) if ids[j] == ids[q] and j + 1 < q]
+        if earlier:
+            ind_head[q, earlier[-1]] = 1       # the most recent occurrence's successor
+        else:
+            ind_head[q, 0] = 1
+    rng = np.random.default_rng(0)
+    noise = np.tril(rng.random((n, n))).astype(np.float32)
+    noise /= noise.sum(axis=1, keepdims=True)
+    maps = np.stack([prev_head, ind_head, noise])
+    scores = head_scores(maps, rows, ids)
+    assert scores["previous"][0] == pytest.approx(1.0)
+    assert scores["induction"][1] == pytest.approx(1.0)
+    assert np.argmax(scores["previous"]) == 0 and np.argmax(scores["induction"]) == 1
+    assert scores["sink"][1] > 0 and scores["sink"][0] == pytest.approx(2 / n)  # rows 0 and 1 look at position 0
+    prev_ref, ind_ref = _reference_scores(maps, rows, ids)
+    np.testing.assert_allclose(scores["previous"], prev_ref, rtol=1e-6)
+    np.testing.assert_allclose(scores["induction"], ind_ref, rtol=1e-6)
+
+
+def test_attention_map_is_cut_at_the_selected_step(synthetic):
+    tr = open_trace(synthetic)
+    m5 = attention_map(tr, 0, 1, 2, 5)
+    assert m5.shape == (16 + 5, 16 + 5)                     # prompt 16, then one row per decode step
+    np.testing.assert_allclose(np.nansum(m5, axis=1), 1.0, atol=2e-3)
+    full = tr.attention_map(0, 1, 2, step=5).values          # the reader's own cut, as reference
+    np.testing.assert_array_equal(m5, full[:21, :21])
+
+
+# --------------------------------------------------------------------------- the composed views
+def _danger(dash):
+    return {k: v._note.object for k, v in dash.views.items() if v._note.visible and v._note.alert_type == "danger"}
+
+
+def test_dashboard_views_follow_the_selection(synthetic):
+    dash = Dashboard(synthetic)
+    st = dash.state
+    assert st.error == "" and _danger(dash) == {}
+    att = dash.views["attention"]
+    before = att.main.source.data["image"][0].copy()
+    st.layer = 2
+    after_layer = att.main.source.data["image"][0]
+    assert not np.array_equal(before, after_layer, equal_nan=True)
+    assert att.main.figure.title.text.startswith("layer 2 · head 0")
+    st.head = 3
+    assert att.main.figure.title.text.startswith("layer 2 · head 3")
+    assert not np.array_equal(after_layer, att.main.source.data["image"][0], equal_nan=True)
+    assert att.cross_pane.visible                              # the trace has Perceiver cross-attention
+    assert len(att.grid.images.data["image"]) == 4
+    tokens = dash.views["tokens"]
+    st.select_step(3)
+    assert tokens.strip.visible == 16 + 4                       # the prompt + tokens of steps 0..3
+    assert tokens.strip.selected == 16 + 3
+    assert att.main.source.data["dh"] == [16 + 3]
+    assert dash.views["kv_cache"].cursor.location == 3
+    assert len(dash.views["kv_cache"].growth_source.data["step"]) == 20
+    assert "step 3" in dash.views["activations"].by_layer.title.text
+    assert "step 3" in dash.views["comm"].timeline.title.text
+    assert _danger(dash) == {}
+
+
+def test_clicking_a_token_selects_the_step_that_produced_it(synthetic):
+    dash = Dashboard(synthetic)
+    strip = dash.views["tokens"].strip
+    strip.clicked = 16 + 7                                       # the token sampled at step 7
+    assert dash.state.step == 7
+    strip.clicked = 2                                            # a prompt token: the prefill
+    assert dash.state.step == 0
+
+
+def test_head_grid_sorts_and_a_tile_tap_opens_its_head(synthetic):
+    dash = Dashboard(synthetic)
+    att = dash.views["attention"]
+    att.sort.value = "previous"
+    titles = att.grid.labels.data["text"]
+    scores = [float(t.split("· ")[-1]) for t in titles]
+    assert scores == sorted(scores, reverse=True) and len(titles) == 4
+    best = max(att.scores["previous"], key=att.scores["previous"].get)
+    assert att.grid.heads[0] == best
+    # a tap in the middle of the third tile (top row) opens that head
+    x, y = att.grid._origin(2)
+    att.grid._tapped(type("Tap", (), {"x": x + 0.5, "y": y + 0.5})())
+    assert dash.state.head == att.grid.heads[2]
+    assert att.grid.frames.data["width"][2] == 3 and att.grid.head_at(x + 0.5, 0.05) is None
+
+
+def test_live_dashboard_streams_only_new_steps(tmp_path):
+    path = tmp_path / "live"
+    spec, writer = _start_live(path, n_steps=10)
+    for s in range(3):
+        _write_step(writer, spec, s)
+    writer.flush()
+    dash = Dashboard(path)
+    kv = dash.views["kv_cache"]
+    growth = kv.growth_source
+    assert growth.data["step"] == [0, 1, 2]
+    streamed = []
+    growth.on_change("data", lambda attr, old, new: streamed.append(len(new["step"])))
+    for s in range(3, 6):
+        _write_step(writer, spec, s)
+    writer.flush()
+    dash.tick()
+    assert dash.state.step == 5 and growth.data["step"] == list(range(6))
+    assert growth.data["total_used"][-1] == (PROMPT + 5) * 64 * spec.n_layers
+    assert dash.views["tokens"].strip.tokens[-1] == " g5"       # sampled at step 5, at position P + 5
+    assert _danger(dash) == {}
+    writer.close()
+
+
+def test_dashboard_refuses_traces_outside_its_root(tmp_path, synthetic):
+    root = tmp_path / "served"
+    root.mkdir()
+    dash = Dashboard(root, trace="../" + synthetic.name)
+    assert dash.state.trace is None and "outside the served directory" in dash.state.error
+    assert dash.error.visible and "refused" in dash.error.object
