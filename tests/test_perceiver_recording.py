@@ -178,6 +178,24 @@ def test_plain_xarray_opens_the_perceiver_groups(recorded):
     assert (ca.input_position.values[0, 0] == np.r_[np.arange(6), -np.ones(ca.sizes["input"] - 6)]).all()
 
 
+def test_perceiver_view_draws_the_window_maps(recorded):
+    from workbench.views.cross_attention import PerceiverAttentionView
+    from workbench.views.state import TraceState
+    st = TraceState()
+    assert st.open(recorded[0])
+    view = PerceiverAttentionView(st)
+    st.head, st.seq = 2, 1
+    view.repeat.value, view.block.value = 1, 1
+    st.select_step(3)
+    assert not view._note.visible, view._note.object
+    tr = st.trace
+    shown = view.cross.source.data["image"][0]
+    assert np.array_equal(shown, tr.cross_attention_map(1, 1, 2, step=3).values, equal_nan=True)
+    shown = view.latent.source.data["image"][0]
+    assert np.array_equal(shown, tr.latent_attention_map(1, 1, 1, 2, step=3).values, equal_nan=True)
+    assert view.cross.y_labels.data["text"][:2] == ["0:<bos>", "1:a"]  # seq 1 = "<bos>ab..." window from 0
+
+
 def test_cli_refuses_layer_selection_for_perceiver(model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir),
                            "--prompt", "x", "--max-new-tokens", "2", "--record", str(tmp_path / "t.zarr"),
