@@ -4,11 +4,12 @@
    without ARM, and ARM alone on act(gate(x)) [batch, 1, 1408].
 2. The whole decode step of a ~20M-parameter Llama (6 layers) with ARM off and on layer 0.
 Interleaved repeats, best of each, so the ratios are fair on a shared, noisy machine.
-Usage: .venv/bin/python bench/arm.py [--repeats 5] [--iters 300] [--new-tokens 32] [--threads 1]
+Usage: .venv/bin/python bench/arm.py [--repeats 10] [--iters 50] [--new-tokens 32] [--threads 1]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -37,8 +38,8 @@ def decode_step_seconds(model, prompts, new_tokens: int) -> float:
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="1 keeps timings stable on a shared machine")
@@ -50,7 +51,7 @@ def main() -> None:
     mlp = model.layers[0].mlp
     arm = ARM(ARMConfig(), layer=0, seed=0, d_ff=cfg.d_ff)
     print(f"d_model {cfg.d_model}, d_ff {cfg.d_ff}, float32, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats} x {args.iters} calls")
+          f"best of {args.repeats} x {args.iters} calls, load average {os.getloadavg()[0]:.1f}")
     print(f"{'batch':>5} {'MLP us':>8} {'MLP+ARM us':>11} {'ARM alone us':>13} {'ratio':>6}")
     for batch in (1, 8):
         x = torch.randn(batch, 1, cfg.d_model)
