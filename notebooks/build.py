@@ -60,7 +60,7 @@ every few hundred milliseconds while the kernel is idle).
     code('''
 from workbench.notebook import TraceWidget, generate_live, show_dashboard
 
-live = generate_live(model=MODEL, prompts=["def fibonacci(n):\\n"], max_new_tokens=48,
+live = generate_live(model=MODEL, prompts=["def fibonacci(n):\\n"], max_new_tokens=32,
                      record=str(RUNS / "quickstart.zarr"))
 '''),
     md('''
@@ -112,7 +112,7 @@ bytes in use grow by one token per step and the reserved bytes grow a block at a
     code('''
 kv = trace.kv_cache.sel(layer=0, rank=0)
 table = kv[["tokens", "blocks", "bytes_used", "bytes_reserved"]].to_dataframe()
-print(table.iloc[[0, 1, 2, -1]].to_string())
+print(table[["tokens", "blocks", "bytes_used", "bytes_reserved"]].iloc[[0, 1, 2, -1]].to_string())
 assert int(kv["tokens"][-1]) == len(trace.token_ids(0)) - 1   # every position but the newest is cached
 '''),
     code('''
@@ -181,21 +181,31 @@ TraceWidget(traces["allreduce"], views=["comm"])
     md('''
 ## The two algorithms
 
-Same tokens, different collectives. Share of each decode step spent in collectives (median over
-steps, rank 0), and the bytes each moves per layer and step:
+Same tokens, different collectives. `reduce_scatter` pads the token rows to a multiple of the ranks,
+reduce-scatters them, adds and normalises only its own rows, then all-gathers
+`[residual | normed]`: two collectives instead of one, to save norm work on 1/N of the tokens. The
+time per layer in the prefill (the whole prompt) and in a decode step (one token), the share of a
+decode step spent in collectives (medians, rank 0), and the bytes the collectives of one layer
+carry at a decode step:
 '''),
     code('''
 for algorithm, tr in traces.items():
-    c = tr.comm.isel(step=slice(1, None), rank=0)
+    c = tr.comm.isel(rank=0)
+    per_layer = c["seconds"].sum("site")                            # (step, layer)
+    prefill_us = float(per_layer.isel(step=0).median("layer")) * 1e6
+    decode_us = float(per_layer.isel(step=slice(1, None)).median()) * 1e6
     step_s = tr.timing["step_seconds"].isel(step=slice(1, None), rank=0)
-    share = (c["seconds"].sum(["layer", "site"]) / step_s).median("step")
-    moved = int(c["bytes"].isel(step=0).sum("site").max())
-    print(f"{algorithm:15s} collectives {float(share):5.1%} of a decode step, "
-          f"{moved} bytes per layer and step")
+    share = float((c["seconds"].isel(step=slice(1, None)).sum(["layer", "site"]) / step_s).median("step"))
+    moved = int(c["bytes"].isel(step=1).sum("site").max())
+    print(f"{algorithm:15s} per layer: prefill {prefill_us:7.0f} us, decode {decode_us:6.0f} us; "
+          f"collectives {share:5.1%} of a decode step; {moved} bytes per layer at a decode step")
 '''),
     md('''
-On a 2-core CPU box the gloo collectives are a large share of a decode step of this small model;
-the numbers vary between runs as the two processes compete for the cores.
+At batch 1 a decode step has a single token row, so `reduce_scatter` pays for two collectives and a
+padded row to save the norm of half a row: it loses here. Its case is many tokens (long prefills,
+big batches) on a fast interconnect (docs/tensor-parallel.md). On a 2-core CPU box the gloo
+collectives are a large share of a decode step of this small model, and the figures vary between
+runs as the two processes compete for the cores.
 '''),
 ]
 
@@ -241,9 +251,10 @@ from workbench.compare import compare_traces, format_comparison
 
 with_slashes = compare_traces(paths["plain"], paths["slashes"], labels=("plain", "slashes"))
 with_arm = compare_traces(paths["plain"], paths["arm"], labels=("plain", "arm"))
-print(format_comparison(with_slashes.sel(layer=[0])))
+stats = ("near_zero_fraction", "zero_bin_fraction", "std")
+print(format_comparison(with_slashes.sel(layer=[0]), stats))
 print()
-print(format_comparison(with_arm.sel(layer=[0])))
+print(format_comparison(with_arm.sel(layer=[0]), stats))
 '''),
     code('''
 site = "mlp.act.post"
@@ -378,9 +389,11 @@ import xarray as xr
 root = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").exists())
 model = os.environ.get("WORKBENCH_MODEL", str(root / "data" / "models" / "llama-bytes"))
 path = Path(tempfile.mkdtemp(prefix="workbench-nb-")) / "plain.zarr"
-subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", model,
-                "--prompt", "class Stack:\\n    def __init__(self):\\n", "--max-new-tokens", "40",
-                "--probes", "attention,sampler", "--record", str(path)], check=True)
+done = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", model,
+                       "--prompt", "class Stack:\\n    def __init__(self):\\n", "--max-new-tokens", "40",
+                       "--probes", "attention,sampler", "--record", str(path)], capture_output=True, text=True)
+assert done.returncode == 0, done.stderr
+print("recorded", path)
 '''),
     md('''
 ## Read it back
@@ -406,7 +419,7 @@ attention
 can only attend to itself):
 '''),
     code('''
-w = attention["weights"].isel(seq=0, query=slice(1, n), key=slice(0, n))
+w = attention["weights"].isel(seq=0, query=slice(1, n), key=slice(0, n)).astype("float32")  # stored as float16: sum in float32
 to_first = w.isel(key=0).mean("query").compute()       # (layer, head)
 print(to_first.round(2).to_pandas().to_string())
 ranking = to_first.to_series().sort_values(ascending=False)
