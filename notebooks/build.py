@@ -358,11 +358,12 @@ print("the newest latent attends most to inputs", [(int(i), str(text[i])) for i 
 assert np.isclose(np.nansum(newest), 1.0, atol=1e-3)   # one softmax row over the inputs it sees
 '''),
     md('''
-The attention view shows cross-attention under the latent self-attention heatmap when the trace
-has it; the step control walks through the generation.
+The dashboard's Perceiver AR view draws the same maps: cross-attention of the selected head and
+the latent self-attention of the window; the step control walks through the generation, and the
+window slides along the input as it grows.
 '''),
     code('''
-TraceWidget(trace, views=["tokens", "attention"])
+TraceWidget(trace, views=["tokens", "perceiver"])
 '''),
 ]
 

@@ -75,6 +75,7 @@ def test_controls_move_the_state_and_the_heatmap(trace_path):
     assert stop2 < stop
     np.testing.assert_allclose(shown(w), raw_map(trace_path, 1, 1, 2, stop2), atol=1e-6)
     assert "step 2" in w.views["attention"].main.figure.title.text
+    assert not {k: v._note.object for k, v in w.views.items() if v._note.object}   # every view drew
 
 
 def test_state_moves_the_controls(trace_path):
@@ -151,3 +152,24 @@ def test_live_run_is_followed_as_it_grows(model_dir, tmp_path):
     assert any(0 < n < n_new for n, _ in seen), seen
     labels = live.widget.views["attention"].main.figure.title.text
     assert f"step {n_new - 1}" in labels
+
+
+def test_perceiver_trace_gets_the_perceiver_view(tmp_path):
+    from workbench.models.perceiver import PerceiverAR, PerceiverConfig
+    from workbench.runtime.perceiver_checkpoint import save_perceiver
+    torch.manual_seed(0)
+    save_perceiver(PerceiverAR(PerceiverConfig(d_model=32, n_latents=8, n_heads=4, n_self_layers=1, d_ff=64,
+                                               max_seq_len=128)), tmp_path / "model")
+    path = tmp_path / "p.zarr"
+    run(RunSpec(model=str(tmp_path / "model"), prompts=["import sys\n"], max_new_tokens=12, record=str(path),
+                device="cpu"))
+    w = TraceWidget(path)
+    assert "perceiver" in w.views and "attention" not in w.views   # no self-attention maps in this trace
+    cross = w.views["perceiver"].cross.source
+    before = np.asarray(cross.data["image"][0]).copy()
+    expected = w.state.trace.cross_attention_map(0, 0, 0).values
+    np.testing.assert_allclose(before, expected, atol=1e-6, equal_nan=True)
+    w.controls["head"].value = 2
+    np.testing.assert_allclose(np.asarray(cross.data["image"][0]),
+                               w.state.trace.cross_attention_map(0, 0, 2).values, atol=1e-6, equal_nan=True)
+    assert not any(v._note.object for v in w.views.values())

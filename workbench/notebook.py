@@ -33,6 +33,7 @@ from workbench.errors import WorkbenchError
 from workbench.views.activations import ActivationsView
 from workbench.views.attention import AttentionView
 from workbench.views.comm import CommView
+from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
@@ -46,6 +47,7 @@ VIEWS: dict[str, tuple[type, str]] = {
     "activations": (ActivationsView, "Activations"),
     "comm": (CommView, "Communication"),
     "run": (RunInfoView, "Run"),
+    "perceiver": (PerceiverAttentionView, "Perceiver AR"),
 }
 REFRESH_SECONDS = 0.3   # live refresh period, as the dashboard's clock
 
@@ -95,7 +97,9 @@ class TraceWidget:
     Args:
         trace: a trace store path, or an open ``workbench.trace.reader.Trace``. The path may not
             exist yet (a live run): the widget waits for it while following.
-        views: which views to show, from ``VIEWS`` (default: all, tokens above tabs of the others).
+        views: which views to show, from ``VIEWS`` (default: all, tokens above tabs of the others;
+            "perceiver" only when the trace has Perceiver cross-attention, "attention" only when it
+            has self-attention maps).
         state: share a ``TraceState`` with other widgets (default: a new one).
 
     Attributes:
@@ -117,6 +121,12 @@ class TraceWidget:
             raise WorkbenchError(f"TraceWidget needs a trace path or an open Trace, got {type(trace).__name__}")
         self.path = Path(path)
         self.state.open(self.path)
+        trace_now = self.state.trace
+        if views is None and trace_now is not None:   # by default, only the views this trace has data for
+            if trace_now.cross_attention is None:
+                names.remove("perceiver")
+            if not trace_now.spec.attention_layers:
+                names.remove("attention")
         self.views = {name: VIEWS[name][0](self.state) for name in names}
         self._syncing = False
         self._task: asyncio.Task | None = None
