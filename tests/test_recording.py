@@ -105,7 +105,11 @@ def test_histograms_and_moments_match_numpy(recorded, model_dir):
         assert np.isclose(acts.value_sumsq.values[step, 1, site, 0], (x ** 2).sum(), rtol=1e-5)
         assert np.isclose(acts.value_sum4.values[step, 1, site, 0], (x ** 4).sum(), rtol=1e-5)
         assert np.isclose(acts.value_max.values[step, 1, site, 0], x.max(), rtol=1e-6)
-        assert acts.near_zero_count.values[step, 1, site, 0] == (np.abs(x) < tr.spec.near_zero_eps).sum()
+        mag = np.sort(np.abs(x))
+        med = mag[(x.size + 1) // 2 - 1]  # lower median, ARM's convention
+        eps = 1.4826 * np.sort(np.abs(mag - med))[(x.size + 1) // 2 - 1] * 0.13
+        assert np.isclose(acts.near_zero_eps.values[step, 1, site, 0], eps, rtol=1e-5)
+        assert acts.near_zero_count.values[step, 1, site, 0] == (np.abs(x) < eps).sum()
 
 
 def test_kv_and_timing_are_recorded(recorded):

@@ -27,6 +27,18 @@ COMM_SITES = ("attn_allreduce", "mlp_allreduce")
 STAMP_HOOKS = ("attn.in", "attn.out", "attn_allreduce.normed", "mlp.out", "mlp_allreduce.normed")
 
 
+def activation_bin_edges(n_bins: int = 128, span: float = 32.0, finest: float = 0.02) -> tuple[float, ...]:
+    """-inf, then sinh-spaced edges over [-span, span] with 0 among them, then +inf.
+
+    Bins are ~0.003 wide near zero (where SiLU's negative lobe and ARM's changes live) and widen
+    towards the tails, so one set of fixed edges serves activations and the residual stream.
+    """
+    u = np.linspace(-1.0, 1.0, n_bins - 1)
+    inner = finest * np.sinh(u * np.arcsinh(span / finest))
+    inner[(n_bins - 1) // 2] = 0.0
+    return (-np.inf, *inner.tolist(), np.inf)
+
+
 def trace_spec_for(model, selection: ProbeSelection, n_seq: int, prompt_positions: int, max_new_tokens: int,
                    world: int = 1, top_k: int = 5) -> TraceSpec:
     """The store sizes of one generation: one step per forward pass (step 0 = prefill)."""
@@ -34,7 +46,16 @@ def trace_spec_for(model, selection: ProbeSelection, n_seq: int, prompt_position
     return TraceSpec(n_seq=n_seq, max_steps=max_new_tokens, max_positions=prompt_positions + max_new_tokens,
                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, world=world,
                      top_k=top_k, attention_layers=selection.attention_layers,
-                     attention_heads=selection.attention_heads)
+                     attention_heads=selection.attention_heads, bin_edges=activation_bin_edges())
+
+
+def mad_thresholds(x: torch.Tensor, c: float = 0.13) -> torch.Tensor:
+    """ARM's eps = 1.4826 * MAD(|a|) * c for each row of x [rows, n], with lower medians, in one pass."""
+    mag = x.float().abs()
+    k = (mag.shape[1] + 1) // 2
+    med = mag.kthvalue(k, dim=1, keepdim=True).values
+    mad = (mag - med).abs().kthvalue(k, dim=1).values
+    return 1.4826 * mad * c
 
 
 def batched_stats(tensors: Sequence[torch.Tensor], edges: torch.Tensor, eps: torch.Tensor) -> ActivationStats:
@@ -231,7 +252,7 @@ class Recorder:
         sites = self.spec.hist_sites
         keys = sorted(self._acts)
         rows = [j for j in range(len(active)) if active[j]]
-        tensors, eps = [], []
+        tensors = []
         for layer, s in keys:
             x = self._acts[(layer, s)]  # [b, t, width]
             if step == 0:
@@ -240,9 +261,9 @@ class Recorder:
             else:
                 x = x[rows]
             tensors.append(x)
-            eps.append(self._near_zero_eps(layer, sites[s]))
-        if not tensors or all(t.numel() == 0 for t in tensors):
+        if not tensors or any(t.numel() == 0 for t in tensors):
             return
+        eps = self._near_zero_eps(keys, tensors)
         stats = batched_stats(tensors, self.edges.to(tensors[0].device),
                               torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
         for i, (layer, s) in enumerate(keys):
@@ -250,14 +271,31 @@ class Recorder:
                                   sum3=stats.sum3[i], sum4=stats.sum4[i], min=stats.min[i], max=stats.max[i],
                                   near_zero=stats.near_zero[i])
             self.writer.write_activations(step, one, layer=layer, site=sites[s])
+            self.writer.write(step, "activations/near_zero_eps", eps[i], layer=layer, site=sites[s])
 
-    def _near_zero_eps(self, layer: int, site: str) -> float:
-        """ARM's own threshold at its layers' MLP sites (so before/after compare on one eps)."""
-        if site.startswith("mlp.act"):
-            arm = getattr(self.model.layers[layer].mlp, "redistribute", None)
+    def _near_zero_eps(self, keys: list[tuple[int, int]], tensors: list[torch.Tensor]) -> list[float]:
+        """The threshold of |a| < eps per (layer, site).
+
+        At the MLP activation sites this is ARM's eps, MAD-based on the pre-redistribution
+        activation: ARM's own where it runs, the same formula elsewhere, so runs with ARM off and on
+        count near-zero values the same way and before/after share one eps. (Under tensor
+        parallelism a layer without ARM takes the MAD of the rank's own columns.)
+        """
+        sites = self.spec.hist_sites
+        eps = [float(self.spec.near_zero_eps)] * len(keys)
+        pre = [i for i, (_, s) in enumerate(keys) if sites[s] == "mlp.act.pre"]
+        if not pre:
+            return eps
+        mad = mad_thresholds(torch.stack([tensors[i].reshape(-1) for i in pre])).tolist()
+        by_layer = {keys[i][0]: m for i, m in zip(pre, mad)}
+        for layer, m in list(by_layer.items()):
+            arm = getattr(getattr(self.model.layers[layer], "mlp", None), "redistribute", None)
             if arm is not None and getattr(arm, "stats", None) is not None:
-                return float(arm.stats.eps)
-        return float(self.spec.near_zero_eps)
+                by_layer[layer] = float(arm.stats.eps)
+        for i, (layer, s) in enumerate(keys):
+            if sites[s].startswith("mlp.act") and layer in by_layer:
+                eps[i] = by_layer[layer]
+        return eps
 
     def _write_timing(self, step: int, event) -> None:
         parts = self.spec.timing_parts

@@ -376,7 +376,9 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
         _arr("value_min", moment_dims, "float64", sh, mchunk, "minimum"),
         _arr("value_max", moment_dims, "float64", sh, mchunk, "maximum"),
         _arr("near_zero_count", moment_dims, "int64", sh, mchunk,
-             "values with |a| < near_zero_eps (attr)"),
+             "values with |a| < near_zero_eps"),
+        _arr("near_zero_eps", moment_dims, "float64", sh, mchunk,
+             "threshold of near_zero_count (MLP sites: ARM's MAD-based eps; else the attr)"),
     ), "activation histograms and moments, mergeable across ranks and steps")
 
     sc = dict(s, site=len(spec.comm_sites))
