@@ -271,12 +271,17 @@ def test_dashboard_views_follow_the_selection(synthetic):
     assert len(att.grid.images.data["image"]) == 4
     tokens = dash.views["tokens"]
     st.select_step(3)
-    assert tokens.strip.visible == 16 + 4                       # the prompt + tokens of steps 0..3
+    assert tokens.strip.n_visible == 16 + 4                       # the prompt + tokens of steps 0..3
     assert tokens.strip.selected == 16 + 3
     assert att.main.source.data["dh"] == [16 + 3]
-    assert dash.views["kv_cache"].cursor.location == 3
-    assert len(dash.views["kv_cache"].growth_source.data["step"]) == 20
+    kv = dash.views["kv_cache"]
+    assert not kv.active and kv._pending and kv.cursor.location != 3   # a hidden tab waits...
+    dash.tabs.active = 1
+    assert kv.active and kv.cursor.location == 3                 # ...and catches up when shown
+    assert len(kv.growth_source.data["step"]) == 20
+    dash.tabs.active = 2
     assert "step 3" in dash.views["activations"].by_layer.title.text
+    dash.tabs.active = 3
     assert "step 3" in dash.views["comm"].timeline.title.text
     assert _danger(dash) == {}
 
@@ -313,6 +318,7 @@ def test_live_dashboard_streams_only_new_steps(tmp_path):
         _write_step(writer, spec, s)
     writer.flush()
     dash = Dashboard(path)
+    dash.tabs.active = 1                                         # show the KV cache tab
     kv = dash.views["kv_cache"]
     growth = kv.growth_source
     assert growth.data["step"] == [0, 1, 2]

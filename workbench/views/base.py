@@ -20,13 +20,16 @@ class TraceView(pn.viewable.Viewer):
     state = param.ClassSelector(class_=TraceState)
     watch_params: tuple[str, ...] = ("trace", "step", "seq", "layer", "head", "version")
     last_redraw_seconds = param.Number(default=0.0, doc="how long the last redraw took (for the benchmark)")
+    active = param.Boolean(default=True, doc="shown on the page; a hidden view defers redraws until shown")
 
     def __init__(self, state: TraceState | None = None, **params) -> None:
         super().__init__(state=state or TraceState(), **params)
         self._note = pn.pane.Alert("", alert_type="light", visible=False, margin=(4, 10))
         self._body = self.build()
         self._layout = pn.Column(self._note, self._body, sizing_mode="stretch_width")
+        self._pending: set[str] = set()
         self.state.param.watch(self._changed, list(self.watch_params))
+        self.param.watch(self._shown, "active")
         self._safe_redraw(None)
 
     def __panel__(self):
@@ -40,7 +43,16 @@ class TraceView(pn.viewable.Viewer):
         raise NotImplementedError
 
     def _changed(self, *events) -> None:
-        self._safe_redraw({e.name for e in events})
+        changed = {e.name for e in events}
+        if not self.active:  # e.g. a background tab during replay: catch up when it is shown
+            self._pending |= changed
+            return
+        self._safe_redraw(changed)
+
+    def _shown(self, event) -> None:
+        if event.new and self._pending:
+            pending, self._pending = self._pending, set()
+            self._safe_redraw(pending)
 
     def _safe_redraw(self, changed: set[str] | None) -> None:
         t0 = time.perf_counter()

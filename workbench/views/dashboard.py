@@ -9,6 +9,7 @@ committed steps, so views update within a second of each commit without reloadin
 from __future__ import annotations
 
 import html
+import time
 from pathlib import Path
 
 import panel as pn
@@ -43,6 +44,7 @@ class Dashboard(pn.viewable.Viewer):
         super().__init__(state=params.pop("state", None) or TraceState(), **params)
         self.catalog = TraceCatalog(root)
         self._ticks = 0
+        self._rest_until = 0.0
         self._callback = None
         self._build_controls()
         self.views = {
@@ -56,6 +58,9 @@ class Dashboard(pn.viewable.Viewer):
         self.tabs = pn.Tabs(("Attention", self.views["attention"]), ("KV cache", self.views["kv_cache"]),
                             ("Activations", self.views["activations"]), ("Communication", self.views["comm"]),
                             ("Run", self.views["run"]), dynamic=False, sizing_mode="stretch_width")
+        self._tab_views = ["attention", "kv_cache", "activations", "comm", "run"]
+        self.tabs.param.watch(self._tab_changed, "active")
+        self._tab_changed()
         self.state.param.watch(self._sync_controls, ["trace", "n_steps", "step", "playing", "status", "error",
                                                      "layer", "head", "seq", "follow"])
         self._requested = trace or ""
@@ -96,25 +101,30 @@ class Dashboard(pn.viewable.Viewer):
     # ---------------------------------------------------------------- controls
     def _build_controls(self) -> None:
         st = self.state
-        self.trace_select = pn.widgets.Select(label="trace", options=[], sizing_mode="stretch_width")
+        self.trace_select = pn.widgets.Select(label="trace", options=[], sizing_mode="stretch_width",
+                                              css_classes=["wb-trace"])
         self.trace_select.param.watch(lambda e: self.select(e.new) if e.new else None, "value")
-        self.status = pn.pane.HTML("", sizing_mode="stretch_width", margin=(5, 10))
-        self.error = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width")
-        self.play = pn.widgets.Button(label="▶ Play", color="primary", width=90)
+        self.status = pn.pane.HTML("", sizing_mode="stretch_width", margin=(5, 10), css_classes=["wb-status"])
+        self.error = pn.pane.Alert("", alert_type="danger", visible=False, sizing_mode="stretch_width",
+                                   css_classes=["wb-error"])
+        self.play = pn.widgets.Button(label="▶ Play", color="primary", width=90, css_classes=["wb-play"])
         self.play.on_click(lambda e: st.toggle_play())
         self.prev_step = pn.widgets.Button(label="◀", width=40)
         self.prev_step.on_click(lambda e: st.select_step(st.step - 1))
         self.next_step = pn.widgets.Button(label="▶", width=40)
         self.next_step.on_click(lambda e: st.select_step(st.step + 1))
-        self.step_slider = pn.widgets.IntSlider(label="step", start=0, end=1, value=0, sizing_mode="stretch_width")
+        self.step_slider = pn.widgets.IntSlider(label="step", start=0, end=1, value=0, sizing_mode="stretch_width",
+                                                css_classes=["wb-step"])
         self.step_slider.param.watch(self._slider_moved, "value_throttled")
         self.speed = pn.widgets.Select(label="replay speed (per tick)", options=SPEEDS, value=1, width=140)
         self.speed.param.watch(lambda e: setattr(st, "speed", int(e.new)), "value")
         self.follow = pn.widgets.Checkbox(label="follow the newest step", value=True)
         self.follow.param.watch(self._follow_toggled, "value")
         self.seq_select = pn.widgets.Select(label="sequence", options={"0": 0}, value=0, sizing_mode="stretch_width")
-        self.layer_select = pn.widgets.Select(label="layer", options={"0": 0}, value=0, sizing_mode="stretch_width")
-        self.head_select = pn.widgets.Select(label="head", options={"0": 0}, value=0, sizing_mode="stretch_width")
+        self.layer_select = pn.widgets.Select(label="layer", options={"0": 0}, value=0, sizing_mode="stretch_width",
+                                              css_classes=["wb-layer"])
+        self.head_select = pn.widgets.Select(label="head", options={"0": 0}, value=0, sizing_mode="stretch_width",
+                                             css_classes=["wb-head"])
         for w, name in ((self.seq_select, "seq"), (self.layer_select, "layer"), (self.head_select, "head")):
             w.param.watch(lambda e, name=name: setattr(st, name, int(e.new)), "value")
         self.sidebar = pn.Column(
@@ -126,6 +136,11 @@ class Dashboard(pn.viewable.Viewer):
                          "sequence, layer and head. Click a token to jump to its step; click a head "
                          "thumbnail to open it.</div>"),
             sizing_mode="stretch_width")
+
+    def _tab_changed(self, *events) -> None:
+        # Only the tokens strip and the visible tab redraw on every step; hidden tabs catch up when shown.
+        for i, name in enumerate(self._tab_views):
+            self.views[name].active = i == self.tabs.active
 
     def _slider_moved(self, event) -> None:
         if event.new is not None and event.new != self.state.step:
@@ -171,10 +186,17 @@ class Dashboard(pn.viewable.Viewer):
                 if name:
                     self.select(name)
                     return
+        if time.monotonic() < self._rest_until:
+            return
+        t0 = time.monotonic()
         try:
             self.state.tick()
         except Exception as e:  # never let the clock die
             self.state.error = f"{type(e).__name__}: {e}"
+        took = time.monotonic() - t0
+        if took > TICK_MS / 1000:
+            # The redraw took longer than a beat: rest as long, so replay cannot outrun the page.
+            self._rest_until = time.monotonic() + took
 
     def start_clock(self) -> None:
         """Start the periodic callback (once per page; needs a running server or notebook kernel)."""

@@ -15,7 +15,7 @@ class TokenStrip(JSComponent):
 
     tokens = param.List(default=[], doc="token texts, by position")
     n_prompt = param.Integer(default=0, doc="positions before this are the prompt")
-    visible = param.Integer(default=0, doc="positions before this exist at the selected step")
+    n_visible = param.Integer(default=0, doc="positions before this exist at the selected step")
     selected = param.Integer(default=-1, doc="highlighted position")
     clicked = param.Integer(default=-1, doc="set by the browser: the position last clicked")
 
@@ -47,7 +47,7 @@ class TokenStrip(JSComponent):
       let spans = [];
       function cls(i) {
         let c = 'tok ' + (i < model.n_prompt ? 'prompt' : 'gen');
-        if (i >= model.visible) c += ' future';
+        if (i >= model.n_visible) c += ' future';
         if (i === model.selected) c += ' sel';
         return c;
       }
@@ -78,7 +78,7 @@ class TokenStrip(JSComponent):
       function reset() { box.innerHTML = ''; spans = []; rebuild(); }
       rebuild();
       model.on('tokens', rebuild);
-      model.on(['visible', 'selected', 'n_prompt'], restyle);
+      model.on(['n_visible', 'selected', 'n_prompt'], restyle);
       model.on('msg:custom', (msg) => { if (msg.type === 'reset') reset(); });
     }
     """

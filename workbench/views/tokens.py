@@ -135,7 +135,7 @@ class TokensView(TraceView):
         elif len(t.texts) != len(self.strip.tokens):
             self.strip.tokens = list(t.texts)   # same prefix: the browser appends the new spans
         pos = t.position_of(st.step)
-        self.strip.param.update(visible=t.visible(st.step), selected=pos)
+        self.strip.param.update(n_visible=t.visible(st.step), selected=pos)
         self._show_candidates(pos)
 
     def _show_candidates(self, pos: int) -> None:
