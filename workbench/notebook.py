@@ -85,6 +85,21 @@ def _pause(busy: float, interval: float = REFRESH_SECONDS) -> float:
     return max(interval, 2.0 * busy)
 
 
+def as_ipywidget(obj) -> ipw.Widget:
+    """A Panel object as one jupyter_bokeh ipywidget, with Panel's stylesheets inlined.
+
+    ``pn.ipywidget`` links Panel's CSS from its CDN; Panel's own notebook output inlines it, and so
+    do we, so that a notebook without internet access looks the same.
+    """
+    from bokeh.models import UIElement
+    from panel.io.notebook import patch_inline_stylesheets
+    widget = pn.ipywidget(obj)
+    for model in widget._model.select({"type": UIElement}):
+        patch_inline_stylesheets(model)
+    widget.update_from_model(widget._model)   # re-render the bundle the page receives
+    return widget
+
+
 def _display(obj) -> None:
     if in_notebook():
         from IPython.display import display
@@ -152,7 +167,7 @@ class TraceWidget:
     def bokeh_widget(self) -> ipw.Widget:
         """The views as one jupyter_bokeh ipywidget (built once, on first display)."""
         if self._bokeh is None:
-            self._bokeh = pn.ipywidget(self.panel())
+            self._bokeh = as_ipywidget(self.panel())
             self.widget.children = (*self.widget.children, self._bokeh)
         return self._bokeh
 
@@ -291,7 +306,7 @@ def show_dashboard(path: str | Path, trace: str | None = None):
     from workbench.views.dashboard import Dashboard
     load_extension()
     dashboard = Dashboard(path, trace=trace)
-    widget = pn.ipywidget(dashboard)
+    widget = as_ipywidget(dashboard)
     if _running_loop() is not None:
         dashboard.start_clock()  # a tornado periodic callback on the kernel's loop
     _display(widget)
