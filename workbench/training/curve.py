@@ -7,6 +7,12 @@ from pathlib import Path
 CURVE_COLUMNS = ("step", "seconds", "lr", "train_bpb", "heldout_bpb")
 
 
+def read_curve_csv(path: Path) -> list[dict]:
+    """Rows written by ``write_curve_csv`` (numbers as floats, empty cells as None)."""
+    with open(path, newline="") as fh:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
 def write_curve_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CURVE_COLUMNS)
@@ -16,7 +22,7 @@ def write_curve_csv(rows: list[dict], path: Path) -> None:
 
 
 def write_curve_svg(rows: list[dict], path: Path, title: str, baseline: float | None = None) -> None:
-    """Train bits per byte per step (grey), held-out points (blue), unigram baseline (dashed)."""
+    """Train bits per byte per step (grey), small held-out sample (blue), unigram baseline (dashed)."""
     w, h, left, right, top, bottom = 640, 360, 56, 16, 32, 40
     train = [(r["step"], r["train_bpb"]) for r in rows if r.get("train_bpb") is not None]
     held = [(r["step"], r["heldout_bpb"]) for r in rows if r.get("heldout_bpb") is not None]
@@ -57,7 +63,7 @@ def write_curve_svg(rows: list[dict], path: Path, title: str, baseline: float | 
         line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in held)
         out.append(f'<polyline points="{line}" fill="none" stroke="#36c" stroke-width="2"/>')
         out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="#36c"/>' for x, y in held]
-        out.append(f'<text x="{w - right - 4}" y="{top + 14}" text-anchor="end" fill="#36c">held-out '
+        out.append(f'<text x="{w - right - 4}" y="{top + 14}" text-anchor="end" fill="#36c">held-out sample '
                    f'{held[-1][1]:.2f}</text>')
     out.append("</svg>")
     Path(path).write_text("\n".join(out) + "\n")

@@ -268,8 +268,9 @@ def train_and_save(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
     save_model(result.model, tc.model_kind, out)
     (out / "train_files.txt").write_text(corpus.file_list_text())
     write_curve_csv(result.curve, out / "loss_curve.csv")
-    write_curve_svg(result.curve, out / "loss_curve.svg", f"{tc.model_kind} on stdlib sources (seed {tc.seed})",
-                    baseline=result.report["unigram_bits_per_byte"])
+    write_curve_svg(result.curve, out / "loss_curve.svg",
+                    f"{tc.model_kind} on stdlib sources (seed {tc.seed}): held-out "
+                    f"{result.report['heldout_bits_per_byte']:.3f} bits/byte", baseline=result.report["unigram_bits_per_byte"])
     report = result.report
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"saved {out}: {report['steps']} steps in {report['seconds']:.0f} s")
