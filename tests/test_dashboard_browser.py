@@ -105,17 +105,20 @@ class Page:
             self.wait_for(lambda: self.error_text().strip(), "the error box")
 
     def error_text(self) -> str:
-        """Text of the error box (its content lives in a shadow root, which innerText skips)."""
-        return self.page.evaluate("""() => {
+        return self.deep_text("wb-error")
+
+    def deep_text(self, css_class: str) -> str:
+        """Text of the element with ``css_class``, shadow roots included (innerText skips them)."""
+        return self.page.evaluate("""(cls) => {
             const deep = (n) => n.shadowRoot ? deep(n.shadowRoot) : Array.from(n.childNodes).map(
                 c => c.nodeType === 3 ? c.textContent : (c.nodeType === 1 || c.nodeType === 11) ? deep(c) : '').join('');
             const host = (function find(root) {
                 for (const e of root.querySelectorAll('*')) {
-                    if (e.classList.contains('wb-error')) return e;
+                    if (e.classList.contains(cls)) return e;
                     if (e.shadowRoot) { const f = find(e.shadowRoot); if (f) return f; }
                 }
                 return null; })(document);
-            return host && getComputedStyle(host).display !== 'none' ? deep(host) : ''; }""")
+            return host && getComputedStyle(host).display !== 'none' ? deep(host) : ''; }""", css_class)
 
     def wait_for(self, condition, what: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
@@ -299,7 +302,8 @@ def test_live_generation_appears_in_the_page_without_reload(server, open_page, t
         assert gen.returncode == 0, gen.stderr.read().decode()[-2000:]
         n_prompt = len(PROMPT.encode()) + 1                # bytes + <bos>
         final = n_prompt + LIVE_TOKENS
-        page.wait_for(lambda: page.tokens()[0] == final, f"all {final} tokens", timeout=20)
+        page.wait_for(lambda: page.tokens()[0] == final, f"all {final} tokens (seen {seen[-5:]}, "
+                      f"error {page.error_text()!r})", timeout=20)
     finally:
         if gen.poll() is None:
             gen.kill()
@@ -312,5 +316,5 @@ def test_live_generation_appears_in_the_page_without_reload(server, open_page, t
     lagging = [(t, c) for t, c in seen if c > 0 and
                c < max([n for tc, n in committed if tc <= t - 1.0], default=0)]
     assert len(lagging) <= len(seen) // 10, lagging[:5]
-    page.wait_for(lambda: page.page.locator(".wb-status").inner_text().find("complete") >= 0, "status complete")
+    page.wait_for(lambda: "complete" in page.deep_text("wb-status"), "status complete")
     assert page.errors == []

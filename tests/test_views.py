@@ -335,6 +335,21 @@ def test_live_dashboard_streams_only_new_steps(tmp_path):
     writer.close()
 
 
+def test_dashboard_opened_before_the_prefill_shows_the_prompt_once_it_lands(tmp_path):
+    path = tmp_path / "early"
+    spec, writer = _start_live(path, n_steps=5)
+    dash = Dashboard(path)                                       # the store exists, no step committed
+    assert dash.state.n_steps == 0 and dash.views["tokens"].strip.tokens == []
+    for s in range(3):
+        _write_step(writer, spec, s)
+    writer.flush()
+    dash.tick()
+    strip = dash.views["tokens"].strip
+    assert strip.tokens == [f"p{i}" for i in range(PROMPT)] + [" g0", " g1", " g2"]
+    assert strip.n_prompt == PROMPT
+    writer.close()
+
+
 def test_dashboard_refuses_traces_outside_its_root(tmp_path, synthetic):
     root = tmp_path / "served"
     root.mkdir()

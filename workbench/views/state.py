@@ -122,6 +122,11 @@ class TraceState(param.Parameterized):
             self.error = f"cannot refresh trace: {type(e).__name__}: {e}"
             return False
         n, status = int(trace.n_steps), str(trace.status)
+        if status != "running" and self.status == "running":
+            # The writer commits its last steps before it marks the run finished; a refresh that
+            # caught the status but an older marker must look again, or the tail would never show.
+            trace.refresh()
+            n = int(trace.n_steps)
         if n == self.n_steps and status == self.status:
             return False
         with param.parameterized.batch_call_watchers(self):

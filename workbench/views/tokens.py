@@ -58,14 +58,13 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
     n_steps = int(trace.n_steps)
     if known is None or known.seq != seq:
         known = TokenText(seq=seq)
-        if n_steps > 0:
-            known.n_prompt = int(ds["query_stop"][seq, 0].values)
-            known.prompt_len = int(ds["prompt_len"][seq].values)
     if n_steps == 0:
         return known
-    # One token per decode step after the prompt: positions up to prompt + steps - 1 ... read
-    # generously to the committed prefix the reader exposes and drop unwritten (-1) cells.
-    stop = min(int(ds.sizes["position"]), known.n_prompt + n_steps)
+    if known.n_prompt == 0:  # first read after the prefill was committed
+        known.n_prompt = int(ds["query_stop"][seq, 0].values)
+        known.prompt_len = int(ds["prompt_len"][seq].values)
+    # The reader cuts `position` at the last position produced by a committed step.
+    stop = int(ds.sizes["position"])
     start = len(known.texts)
     if stop <= start:
         return known
@@ -135,7 +134,7 @@ class TokensView(TraceView):
         elif len(t.texts) != len(self.strip.tokens):
             self.strip.tokens = list(t.texts)   # same prefix: the browser appends the new spans
         pos = t.position_of(st.step)
-        self.strip.param.update(n_visible=t.visible(st.step), selected=pos)
+        self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.n_prompt)
         self._show_candidates(pos)
 
     def _show_candidates(self, pos: int) -> None:
