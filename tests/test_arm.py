@@ -302,15 +302,19 @@ def test_recorded_run_shows_mass_moved_away_from_zero(tiny_dir, tmp_path):
     edges = np.asarray(tr.spec.bin_edges)
     hist = tr.activations["hist_count"].isel(step=0).sum("rank")  # prefill: [layer, site, bin]
     pre, post = hist.sel(layer=0, site="mlp.act.pre").values, hist.sel(layer=0, site="mlp.act.post").values
-    zero = int(np.searchsorted(edges, 0.0, side="right") - 1)  # bin [0, e) on these edges
-    near = [zero - 1, zero]                                       # the two bins touching zero
-    assert int(np.argmax(pre)) in near                            # the peak sits at zero
+    # The recorder's edges are fine near zero (sinh-spaced), so "at zero" is a window of bins.
+    width = np.diff(edges)
+    density = np.where(np.isfinite(width), pre / np.where(np.isfinite(width), width, 1.0), 0.0)
+    window = (edges[:-1] >= -0.05) & (edges[1:] <= 0.05)
+    right = edges[:-1] >= 0.05
+    # The sharpest peak near zero sits at zero (SiLU also piles values up at its minimum, -0.278,
+    # so look within +-0.2).
+    near = (edges[:-1] >= -0.2) & (edges[1:] <= 0.2)
+    assert window[int(np.argmax(np.where(near, density, 0.0)))]
     assert pre.sum() == post.sum()
-    moved = pre[near].sum() - post[near].sum()
-    # A sizeable share left the bins at zero: of the ~20% replaced, the positive ones drawn above
-    # the first edge (U * p99.5 > 0.32 here) leave; negative draws stay within [-|min|, 0)...
-    assert moved > 0.05 * pre.sum()
-    assert post[zero + 1:].sum() - pre[zero + 1:].sum() == moved  # ...and all of it went outwards
+    moved = pre[window].sum() - post[window].sum()
+    assert moved > 0.05 * pre.sum()                               # a sizeable share left the zero window
+    assert post[right].sum() > pre[right].sum()                   # ...outwards: the positive tail grew
     # Layer 1 has no ARM: its histograms before and after are identical.
     assert np.array_equal(hist.sel(layer=1, site="mlp.act.pre"), hist.sel(layer=1, site="mlp.act.post"))
     # The near-zero share (ARM's own eps at both sites) falls.
