@@ -141,3 +141,6 @@ def test_cli_train_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--steps", "0"])
     assert e.value.code == 2
+    capsys.readouterr()
+    assert main(["train", "--minutes", "0"]) == 2
+    assert "more than 0 minutes" in capsys.readouterr().err

@@ -68,6 +68,8 @@ class TrainConfig:
             raise WorkbenchError(f"unknown model kind {self.model_kind!r} (known: {', '.join(MODEL_KINDS)})")
         if self.minutes is None and self.steps is None:
             raise WorkbenchError("give a wall-clock budget (minutes) or a step count (steps)")
+        if self.minutes is not None and not self.minutes > 0:
+            raise WorkbenchError(f"the wall-clock budget must be more than 0 minutes, got {self.minutes}")
         if self.seq_len > self.max_seq_len:
             raise WorkbenchError(f"seq_len {self.seq_len} exceeds the model context {self.max_seq_len}")
         if self.batch_size is None:  # same number of predicted bytes per step for both kinds
