@@ -183,11 +183,15 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
     # prompt + one token per step (the last step's sample lies past the trace's positions), none faded
     assert page.tokens() == (16 + 39, 0)
     page.shot("attention")
-    for tab, figure, shot in (("KV cache", "kv-growth", "kv_cache"), ("Activations", "activations-by-layer", "activations"),
+    for tab, figure, shot in (("KV cache", "kv-mass", "kv_cache"), ("Activations", "activations-by-layer", "activations"),
                               ("Communication", "comm-timeline", "communication"), ("Run", None, "run")):
         page.tab(tab)
-        if figure:
-            assert page.model_text(figure)
+        if figure:   # a background tab draws when it is shown
+            page.wait_for(lambda figure=figure: "step 39" in (page.model_text(figure) or ""), f"{figure} to draw")
+        else:
+            page.wait_for(lambda: "tensor-parallel size" in page.page.content() or
+                          page.page.locator("text=tensor-parallel size").count(), "the run view")
+        page.page.wait_for_timeout(500)
         page.shot(shot)
     assert page.page.locator("text=tensor-parallel size").count() >= 1
     page.tab("Attention")
@@ -212,7 +216,7 @@ def test_changing_layer_or_head_changes_the_heatmap(server, open_page):
     grid_before = page.image_digest("attention-grid-source")
     page.select(".wb-layer", "layer 1")
     page.wait_for(lambda: "layer 1 · head 3" in page.model_text("attention-main"), "layer 1")
-    assert page.image_digest("attention-grid-source") != grid_before   # the head grid follows the layer
+    page.wait_for(lambda: page.image_digest("attention-grid-source") != grid_before, "the head grid to follow the layer")
     page.shot("attention_layer1_head3")
     assert page.errors == []
 
