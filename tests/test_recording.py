@@ -215,3 +215,18 @@ def test_sigkill_leaves_committed_prefix_intact(model_dir, tmp_path):
     assert tr.status != "complete"
     assert 20 <= tr.n_steps < 900
     _check_consistent(tr)
+
+
+def test_user_probe_on_any_hook_point_from_python(model_dir, tmp_path):
+    """A user's own probe function rides along a recorded run and sees every step's tensors."""
+    seen = []
+
+    def residual_norm(x, hp):
+        seen.append((hp.name, hp.layer, tuple(x.shape), float(x.norm())))
+
+    spec = RunSpec(model=str(model_dir), prompts=["hi"], max_new_tokens=4, record=str(tmp_path / "u.zarr"),
+                   device="cpu", hooks=[("layers.*.mlp_allreduce.residual", residual_norm)])
+    run(spec)
+    assert [s[:2] for s in seen] == [("layers.0.mlp_allreduce.residual", 0), ("layers.1.mlp_allreduce.residual", 1)] * 4
+    assert seen[0][2] == (1, 3, 32) and seen[2][2] == (1, 1, 32)  # prefill of bos+"hi", then one token a step
+    assert open_trace(tmp_path / "u.zarr").status == "complete"

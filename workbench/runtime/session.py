@@ -38,6 +38,9 @@ class RunSpec:
     overwrite: bool = False         # replace an existing trace at ``record``
     probes: object = None           # ProbeSelection, or list of probe names (None: everything)
     arm: dict | None = None         # redistribution settings (None: off)
+    # Your own probes: (hook point name or glob, fn(tensor, hook_point)) pairs attached on every rank
+    # for the run (fn must be picklable under --tp); a returned tensor replaces the hooked one.
+    hooks: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,6 +136,8 @@ def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, wor
     apply_arm(model, spec.arm, seed=spec.sampler.seed, group=group)
     prompts = encode_prompts(spec, tok, model.cfg.max_seq_len)
     stop_ids = [tok.eos_id] if tok.eos_id is not None else []
+    for pattern, fn in spec.hooks:
+        model.add_listener(pattern, fn)
     with worker_setup(spec, model, rank, world, tok=tok, prompts=prompts, group=group) as rank_on_step:
         callbacks = [f for f in (rank_on_step, on_step) if f is not None]
         result = generate(model, prompts, spec.max_new_tokens, sampler=sampler, stop_ids=stop_ids,
