@@ -174,6 +174,12 @@ def test_catalog_lists_real_traces_in_a_directory(tmp_path):
     cat = TraceCatalog(tmp_path)
     assert cat.names() == ["nested/r2", "r1"]
     assert cat.resolve("nested/r2") == (tmp_path / "nested" / "r2").resolve()
+    dash = Dashboard(tmp_path)                                   # opens the most recently written
+    assert dash.trace_select.options == ["nested/r2", "r1"] and dash.state.path.endswith("r2")
+    dash = Dashboard(tmp_path, trace="nested/r2")
+    assert dash.trace_select.value == "nested/r2" and dash.state.path.endswith("r2")
+    dash.trace_select.value = "r1"                               # the selector switches traces
+    assert dash.state.path.endswith("r1") and dash.state.error == ""
 
 
 # --------------------------------------------------------------------------- numbers behind the views

@@ -70,7 +70,15 @@ class Dashboard(pn.viewable.Viewer):
     # ---------------------------------------------------------------- traces
     def _default_name(self) -> str:
         names = self.catalog.names()
-        return names[-1] if names else ""
+        if not names:
+            return ""
+
+        def modified(name: str) -> float:  # the most recently written trace is the likeliest wanted
+            try:
+                return (self.catalog.root / name / "zarr.json").stat().st_mtime
+            except OSError:
+                return 0.0
+        return max(names, key=modified)
 
     def select(self, name: str) -> None:
         """Open trace ``name`` (relative to the root); a refused or broken trace shows an error."""
@@ -84,10 +92,22 @@ class Dashboard(pn.viewable.Viewer):
             self.state._fail(self.catalog.root, str(e))
             self._sync_controls()
             return
-        if self.trace_select.value != name and name in self.trace_select.options:
-            self.trace_select.value = name
+        if self.state.trace is not None and Path(self.state.path).resolve() == path:
+            return  # already shown (the selector caught up with a trace opened another way)
         self.state.open(path)
+        self._show_selected()
         self._sync_controls()
+
+    def _show_selected(self) -> None:
+        """Make the selector show the open trace (opened by URL, or listed only after it appeared)."""
+        if self.catalog.single or not self.state.path:
+            return
+        try:
+            name = Path(self.state.path).resolve().relative_to(self.catalog.root).as_posix()
+        except ValueError:
+            return
+        if name in self.trace_select.options and self.trace_select.value != name:
+            self.trace_select.value = name
 
     def _refresh_catalog(self) -> None:
         if self.catalog.single:
@@ -96,6 +116,7 @@ class Dashboard(pn.viewable.Viewer):
         names = self.catalog.names()
         if names != list(self.trace_select.options):
             self.trace_select.options = names
+            self._show_selected()
         self.trace_select.visible = True
 
     # ---------------------------------------------------------------- controls
@@ -181,6 +202,7 @@ class Dashboard(pn.viewable.Viewer):
         self._ticks += 1
         if self._ticks % CATALOG_EVERY == 0:
             self._refresh_catalog()
+            self._show_selected()
             if self.state.trace is None and not self._requested and not self.catalog.single:
                 name = self._default_name()   # the first run appeared in a watched directory
                 if name:

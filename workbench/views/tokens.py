@@ -154,7 +154,8 @@ class TokensView(TraceView):
         self.summary.object = (
             f"<div style='color:#3d4758;font-size:13px'>step <b>{st.step}</b> of {st.n_steps}"
             f"{' (prefill)' if st.step == 0 else ''} · sampled <code>{_html(chosen_text)}</code>"
-            f"{'' if p != p else f' with p = {p:.3f}'} at position {pos if pos >= 0 else '—'} · "
+            f"{'' if p != p else f' with p = {p:.3f}'} "
+            f"{f'at position {pos}' if pos >= 0 else '(past the last recorded position)'} · "
             f"prompt {t.prompt_len} tokens, {generated} generated</div>")
 
     def _on_click(self, event) -> None:
