@@ -70,6 +70,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           hook_pattern: HookPoint) -> torch.Tensor:
+    """Grouped-query attention: q [b, h, tq, hd], k/v [b, kvh, tk, hd], mask [b|1, 1, tq|1, tk] -> [b, h, tq, hd].
+
+    The softmax weights are materialised, and passed through ``hook_pattern`` [b, h, tq, tk], only
+    when someone listens there; otherwise the fused SDPA kernel runs.
+    """
+    if not hook_pattern.listeners:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    pattern = hook_pattern(torch.softmax(scores, dim=-1))
+    return pattern.to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -98,17 +115,7 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(self.layer_idx, k, v)
             k, v = cache.read(self.layer_idx)  # [b, keys, kvh, hd]
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kvh, keys, hd]
-        if self.hook_pattern.listeners:
-            # Manual softmax only when someone records the maps; SDPA otherwise.
-            rep = self.n_heads // self.n_kv_heads
-            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            scores = (q @ kk.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            scores = scores.float().masked_fill(~mask, float("-inf"))
-            pattern = self.hook_pattern(torch.softmax(scores, dim=-1))  # [b, h, t, keys]
-            y = pattern.to(q.dtype) @ vv
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = attend(q, k.transpose(1, 2), v.transpose(1, 2), mask, self.hook_pattern)  # [b, h, t, hd]
         y = self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
         if self.hook_out.listeners:
             y = self.hook_out(y)

@@ -26,13 +26,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.models.config import SUPPORTED_ACTS, ConfigError
 from workbench.models.hook_points import HookedModule, HookPoint
-from workbench.models.llama import MLP, Block, ResidualNorm, RMSNorm, Rotary, apply_rotary
+from workbench.models.llama import MLP, Block, ResidualNorm, RMSNorm, Rotary, apply_rotary, attend
 
 MODEL_TYPES = ("perceiver_ar", "perceiver")
 
@@ -144,17 +143,8 @@ class CrossAttention(nn.Module):
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)  # [b, h, latent, hd]
         if cos is not None:
             q = apply_rotary(q, cos, sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kvh, input, hd]
-        if self.hook_pattern.listeners:
-            # Manual softmax only when someone records the maps; SDPA otherwise.
-            rep = self.n_heads // self.n_kv_heads
-            kk, vv = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            scores = (q @ kk.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            scores = scores.float().masked_fill(~mask, float("-inf"))
-            pattern = self.hook_pattern(torch.softmax(scores, dim=-1))  # [b, h, latent, input]
-            y = pattern.to(q.dtype) @ vv
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        # pattern hook: [b, h, latent, input]
+        y = attend(q, k.transpose(1, 2), v.transpose(1, 2), mask, self.hook_pattern)
         y = self.o_proj(y.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
         if self.hook_out.listeners:
             y = self.hook_out(y)
