@@ -322,3 +322,51 @@ def test_live_generation_appears_in_the_page_without_reload(server, open_page, t
     assert len(lagging) <= len(seen) // 10, lagging[:5]
     page.wait_for(lambda: "complete" in page.deep_text("wb-status"), "status complete")
     assert page.errors == []
+
+
+def _non_loopback_addresses() -> list[str]:
+    import socket
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        return []
+    return sorted({i[4][0] for i in infos if not i[4][0].startswith("127.")})
+
+
+def test_generate_serve_shows_the_run_then_serves_until_ctrl_c(browser, model_dir, tmp_path):
+    import socket
+    import threading
+    port = free_port()
+    record = tmp_path / "served_run"
+    gen = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir), "--prompt", "abc",
+         "--max-new-tokens", "40", "--device", "cpu", "--record", str(record), "--serve", "--port", str(port)],
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(gen.stderr.readline, "")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(l.startswith("dashboard: ") for l in lines) and time.monotonic() < deadline:
+            assert gen.poll() is None, "".join(lines)
+            time.sleep(0.1)
+        url = next(l.split()[1] for l in lines if l.startswith("dashboard: "))
+        assert url == f"http://127.0.0.1:{port}/dashboard"
+        for address in _non_loopback_addresses():          # reachable from this machine only
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=1).close()
+        page = Page(browser, url, ready="heatmap")
+        page.wait_for(lambda: page.tokens()[0] == 4 + 40, "the whole run in the page", timeout=120)  # <bos>abc + 40
+        page.wait_for(lambda: any("still at" in l for l in lines), "generation to finish")
+        assert gen.poll() is None                           # still serving after generation
+        page.page.reload()
+        page.wait_for(lambda: page.tokens()[0] == 44 and "complete" in page.deep_text("wb-status"),
+                      "the finished run after a reload")
+        assert page.errors == []
+        page.close()
+        gen.send_signal(signal.SIGINT)                      # Ctrl-C stops the dashboard
+        assert gen.wait(timeout=30) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    finally:
+        if gen.poll() is None:
+            gen.kill()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from workbench.trace.synthetic import write_synthetic_trace
 from workbench.trace.writer import TraceWriter
 from workbench.views.attention import attention_map, head_scores
 from workbench.views.catalog import TraceCatalog
-from workbench.views.dashboard import Dashboard
+from workbench.views.dashboard import CATALOG_EVERY, Dashboard
 from workbench.views.heatmap import max_pool, tick_labels
 from workbench.views.state import TraceState
 
@@ -130,6 +131,19 @@ def test_missing_trace_waits_then_opens_when_it_appears(tmp_path):
     assert st.tick()
     assert st.error == "" and st.n_steps == 1
     writer.close()
+
+
+def test_a_replaced_trace_is_reopened(tmp_path):
+    path = tmp_path / "again"
+    write_synthetic_trace(path, n_steps=3, n_layers=1, n_heads=1, prompt_len=2)
+    dash = Dashboard(path)
+    assert dash.state.n_steps == 3 and not dash.state.replaced()
+    time.sleep(0.01)
+    write_synthetic_trace(path, n_steps=5, n_layers=1, n_heads=1, prompt_len=2)   # re-recorded
+    assert dash.state.replaced()
+    for _ in range(CATALOG_EVERY):
+        dash.tick()
+    assert dash.state.n_steps == 5 and not dash.state.replaced()
 
 
 def test_corrupt_and_foreign_stores_show_an_error(tmp_path):

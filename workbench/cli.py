@@ -216,6 +216,8 @@ def _generate_and_serve(args) -> int:
     from workbench.views.server import DEFAULT_PORT, start_server_process
     if not args.record:
         raise WorkbenchError("--serve needs --record (the dashboard shows the trace being recorded)")
+    from workbench.probes.recording import check_record_path
+    check_record_path(args.record, args.overwrite)  # fail before a server starts
     proc, url = start_server_process(Path(args.record).resolve(), address=args.address,
                                      port=DEFAULT_PORT if args.port is None else args.port)
     try:

@@ -203,6 +203,8 @@ class Dashboard(pn.viewable.Viewer):
         if self._ticks % CATALOG_EVERY == 0:
             self._refresh_catalog()
             self._show_selected()
+            if self.state.replaced():
+                self.state.open(self.state.path)
             if self.state.trace is None and not self._requested and not self.catalog.single:
                 name = self._default_name()   # the first run appeared in a watched directory
                 if name:

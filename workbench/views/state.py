@@ -57,7 +57,14 @@ class TraceState(param.Parameterized):
             self.n_steps, self.step, self.playing = 0, 0, False
         return False
 
+    def replaced(self) -> bool:
+        """True if the finished trace on disk was replaced (e.g. re-recorded with --overwrite)."""
+        if self.trace is None or self.status == "running":
+            return False
+        return _stamp(Path(self.path)) != self._stamp
+
     def _adopt(self, path: Path, trace) -> None:
+        self._stamp = _stamp(path)
         sizes = {"seq": trace.spec.n_seq, "layer": trace.spec.n_layers, "head": trace.spec.n_heads}
         n = int(trace.n_steps)
         with param.parameterized.batch_call_watchers(self):
@@ -150,3 +157,10 @@ class TraceState(param.Parameterized):
             self.follow = False
             self.playing = True
 
+
+def _stamp(path: Path) -> int:
+    """Modification time of a store's root metadata (rewritten when the store is re-created)."""
+    try:
+        return (path / "zarr.json").stat().st_mtime_ns
+    except OSError:
+        return -1
