@@ -81,6 +81,9 @@ class KVCacheView(TraceView):
     def _make_lines(self, n_layers: int) -> None:
         fig = self.growth
         fig.renderers = []
+        for legend in fig.legend:   # items of removed lines would keep them alive in the legend
+            legend.items = []
+        fig.tools = [t for t in fig.tools if not isinstance(t, HoverTool)]
         src = self.growth_source
         src.data = self._empty_growth(n_layers)
         for i in range(n_layers):
