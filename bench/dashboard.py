@@ -57,7 +57,7 @@ def main() -> None:
     assert st.error == "", st.error
     print(f"trace: {st.n_steps} steps, {st.n_layers} layers, {st.n_heads} heads, status {st.status}")
     first_show = {}
-    for i, name in enumerate(dash._tab_views[1:], start=1):   # background tabs draw when first shown
+    for i, name in list(enumerate(dash._tab_views))[1:]:   # background tabs draw when first shown
         t0 = time.perf_counter()
         dash.tabs.active = i
         first_show[name] = time.perf_counter() - t0

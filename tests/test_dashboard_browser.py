@@ -183,7 +183,8 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
     # prompt + one token per step (the last step's sample lies past the trace's positions), none faded
     assert page.tokens() == (16 + 39, 0)
     page.shot("attention")
-    for tab, figure, shot in (("KV cache", "kv-mass", "kv_cache"), ("Activations", "activations-by-layer", "activations"),
+    for tab, figure, shot in (("Perceiver", "perceiver-cross", "perceiver"), ("KV cache", "kv-mass", "kv_cache"),
+                              ("Activations", "activations-by-layer", "activations"),
                               ("Communication", "comm-timeline", "communication"), ("Run", None, "run")):
         page.tab(tab)
         if figure:   # a background tab draws when it is shown
@@ -194,11 +195,7 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
         page.page.wait_for_timeout(500)
         page.shot(shot)
     assert page.page.locator("text=tensor-parallel size").count() >= 1
-    page.tab("Attention")
-    page.page.locator(".bk-tab", has_text="Attention").first.scroll_into_view_if_needed()
-    page.page.mouse.wheel(0, 900)
-    page.page.wait_for_timeout(300)
-    page.page.screenshot(path=str(SHOTS / "cross_attention.png"))
+
     assert page.errors == []
 
 
@@ -233,7 +230,7 @@ def test_replay_slider_and_player_move_every_view(server, open_page):
     page.wait_for(lambda: page.tokens() == (16 + 39, 39 - (step + 1)), f"tokens sampled after step {step} to fade")
     # every view shows that step (hidden tabs catch up when they are shown)
     titles = {}
-    for tab, names in (("Attention", ("attention-main", "attention-cross")), ("KV cache", ("kv-mass",)),
+    for tab, names in (("Attention", ("attention-main",)), ("Perceiver", ("perceiver-cross",)), ("KV cache", ("kv-mass",)),
                        ("Activations", ("activations-hist", "activations-by-layer")),
                        ("Communication", ("comm-layers", "comm-timeline"))):
         page.tab(tab)

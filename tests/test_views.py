@@ -287,7 +287,10 @@ def test_dashboard_views_follow_the_selection(synthetic):
     st.head = 3
     assert att.main.figure.title.text.startswith("layer 2 · head 3")
     assert not np.array_equal(after_layer, att.main.source.data["image"][0], equal_nan=True)
-    assert att.cross_pane.visible                              # the trace has Perceiver cross-attention
+    assert dash._tab_views == ["attention", "perceiver", "kv_cache", "activations", "comm", "run"]
+    dash.tabs.active = 1                                         # the trace has Perceiver cross-attention
+    assert "step 19" in dash.views["perceiver"].cross.figure.title.text
+    dash.tabs.active = 0
     assert len(att.grid.images.data["image"]) == 4
     tokens = dash.views["tokens"]
     st.select_step(3)
@@ -296,13 +299,15 @@ def test_dashboard_views_follow_the_selection(synthetic):
     assert att.main.source.data["dh"] == [16 + 3]
     kv = dash.views["kv_cache"]
     assert not kv.active and kv._pending and kv.cursor.location != 3   # a hidden tab waits...
-    dash.tabs.active = 1
+    dash.tabs.active = 2
     assert kv.active and kv.cursor.location == 3                 # ...and catches up when shown
     assert len(kv.growth_source.data["step"]) == 20
-    dash.tabs.active = 2
-    assert "step 3" in dash.views["activations"].by_layer.title.text
     dash.tabs.active = 3
+    assert "step 3" in dash.views["activations"].by_layer.title.text
+    dash.tabs.active = 4
     assert "step 3" in dash.views["comm"].timeline.title.text
+    dash.tabs.active = 1
+    assert "step 3" in dash.views["perceiver"].cross.figure.title.text
     assert _danger(dash) == {}
 
 

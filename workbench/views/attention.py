@@ -1,6 +1,6 @@
 """Attention view: the selected layer and head as a heatmap with token labels, all heads of the layer
-as small multiples (sortable by a score computed from the recorded maps; click one to open it), and
-Perceiver cross-attention (latent x input) when the trace has it.
+as small multiples (sortable by a score computed from the recorded maps; click one to open it). Perceiver
+cross-attention has its own view (``cross_attention.py``), shown as a tab when the trace has it.
 
 Only the selected slices are read: one (seq, layer, head) map cut at the selected step for the big
 heatmap, the layer's heads for the grid. Large maps are max-pooled to at most 512 x 512 for display.
@@ -180,7 +180,7 @@ class HeadGrid:
 
 
 class AttentionView(TraceView):
-    """Heatmap of the selected head, grid of the layer's heads, and Perceiver cross-attention."""
+    """Heatmap of the selected head and the grid of the layer's heads."""
 
     watch_params = ("trace", "step", "seq", "layer", "head")
 
@@ -194,12 +194,6 @@ class AttentionView(TraceView):
         self.sort.param.watch(lambda e: self._safe_redraw({"sort"}), "value")
         self.grid = HeadGrid(on_pick=self._open_head)
         self.score_note = pn.pane.HTML("", margin=(0, 10))
-        self.cross_repeat = pn.widgets.IntSlider(label="repeat", start=0, end=1, value=0, width=200, visible=False)
-        self.cross_repeat.param.watch(lambda e: self._safe_redraw({"cross"}), "value")
-        self.cross = Heatmap(title="cross-attention", width=560, height=360, x_name="input", y_name="latent",
-                             name="attention-cross")
-        self.cross_pane = pn.Column(pn.pane.HTML("<b>Perceiver cross-attention</b> (latent × input)"),
-                                    self.cross_repeat, pn.pane.Bokeh(self.cross.figure), visible=False)
         self._token_cache: tuple | None = None
         self._last_grid: tuple | None = None
         return pn.Column(
@@ -208,7 +202,7 @@ class AttentionView(TraceView):
                                                  "<span style='color:#6b7688'>click a head to open it</span>"),
                                     self.sort),
                              pn.pane.Bokeh(self.grid.figure), self.score_note)),
-            self.cross_pane, sizing_mode="stretch_width")
+            sizing_mode="stretch_width")
 
     # ---------------------------------------------------------------- data
     def _tokens(self) -> tuple[list[str], np.ndarray]:
@@ -239,7 +233,6 @@ class AttentionView(TraceView):
             self._last_grid = grid_key
         else:
             self.grid.highlight(st.head)
-        self._draw_cross(labels)
 
     def _draw_grid(self, ids: np.ndarray) -> None:
         st = self.state
@@ -261,38 +254,3 @@ class AttentionView(TraceView):
 
     def _open_head(self, head: int) -> None:
         self.state.head = int(head)
-
-    def _draw_cross(self, labels: list[str]) -> None:
-        st = self.state
-        ds = getattr(st.trace, "cross_attention", None)
-        if ds is None:
-            self.cross_pane.visible = False
-            return
-        n_rep, n_heads = int(ds.sizes["repeat"]), int(ds.sizes["head"])
-        self.cross_repeat.param.update(end=max(n_rep - 1, 1), visible=n_rep > 1)
-        rep = min(self.cross_repeat.value, n_rep - 1)
-        head = st.head % n_heads
-        m = cross_map(st.trace, st.seq, st.step, rep, head)
-        in_pos = np.asarray(ds["input_position"][st.seq, st.step].values)
-        lat_pos = np.asarray(ds["latent_position"][st.seq, st.step].values)
-
-        def name(p, fallback):
-            return labels[p] if 0 <= p < len(labels) else fallback
-
-        xl = [name(int(p), f"in{i}") for i, p in enumerate(in_pos)]
-        yl = [name(int(p), f"latent {i}") for i, p in enumerate(lat_pos)]
-        self.cross.show(m, xl, yl, title=f"cross-attention · repeat {rep} · head {head} · step {st.step}")
-        self.cross_pane.visible = True
-
-
-def cross_map(trace, seq: int, step: int, repeat: int, head: int, window: int = 256) -> np.ndarray:
-    """Cross-attention [latent, input] as it stands after ``step``: for each latent, the latest row
-    written at or before the step (Perceiver AR decode writes one latent row per step)."""
-    ds = trace.cross_attention
-    first = max(0, step - window + 1)
-    w = np.asarray(ds["weights"][seq, first:step + 1, repeat, head].values, dtype=np.float32)  # [step, lat, in]
-    out = np.full(w.shape[1:], np.nan, dtype=np.float32)
-    for s in range(w.shape[0]):          # oldest to newest: newer rows overwrite older ones
-        rows = ~np.isnan(w[s]).all(axis=1)
-        out[rows] = w[s, rows]
-    return out

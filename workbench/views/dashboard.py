@@ -20,6 +20,7 @@ from workbench.views.activations import ActivationsView
 from workbench.views.attention import AttentionView
 from workbench.views.catalog import TraceCatalog
 from workbench.views.comm import CommView
+from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
@@ -27,6 +28,8 @@ from workbench.views.tokens import TokensView
 
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
+TAB_TITLES = {"attention": "Attention", "perceiver": "Perceiver", "kv_cache": "KV cache",
+              "activations": "Activations", "comm": "Communication", "run": "Run"}
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
 
@@ -54,13 +57,13 @@ class Dashboard(pn.viewable.Viewer):
             "activations": ActivationsView(self.state),
             "comm": CommView(self.state),
             "run": RunInfoView(self.state),
+            "perceiver": PerceiverAttentionView(self.state),
         }
-        self.tabs = pn.Tabs(("Attention", self.views["attention"]), ("KV cache", self.views["kv_cache"]),
-                            ("Activations", self.views["activations"]), ("Communication", self.views["comm"]),
-                            ("Run", self.views["run"]), dynamic=False, sizing_mode="stretch_width")
-        self._tab_views = ["attention", "kv_cache", "activations", "comm", "run"]
+        self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
+        self._tab_views: list[str] = []
+        self._set_tabs()
         self.tabs.param.watch(self._tab_changed, "active")
-        self._tab_changed()
+        self.state.param.watch(self._set_tabs, "trace")
         self.state.param.watch(self._sync_controls, ["trace", "n_steps", "step", "playing", "status", "error",
                                                      "layer", "head", "seq", "follow"])
         self._requested = trace or ""
@@ -158,10 +161,23 @@ class Dashboard(pn.viewable.Viewer):
                          "thumbnail to open it.</div>"),
             sizing_mode="stretch_width")
 
+    def _set_tabs(self, *events) -> None:
+        """The tabs this trace needs: Perceiver maps only for a Perceiver run."""
+        names = ["attention", "perceiver", "kv_cache", "activations", "comm", "run"]
+        tr = self.state.trace
+        if tr is None or getattr(tr, "cross_attention", None) is None:
+            names.remove("perceiver")
+        if names != self._tab_views:
+            shown = self._tab_views[self.tabs.active] if self._tab_views else "attention"
+            self._tab_views = names
+            self.tabs[:] = [(TAB_TITLES[n], self.views[n]) for n in names]
+            self.tabs.active = names.index(shown) if shown in names else 0
+        self._tab_changed()
+
     def _tab_changed(self, *events) -> None:
         # Only the tokens strip and the visible tab redraw on every step; hidden tabs catch up when shown.
-        for i, name in enumerate(self._tab_views):
-            self.views[name].active = i == self.tabs.active
+        for name in TAB_TITLES:
+            self.views[name].active = name in self._tab_views and self._tab_views.index(name) == self.tabs.active
 
     def _slider_moved(self, event) -> None:
         if event.new is not None and event.new != self.state.step:
