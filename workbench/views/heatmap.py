@@ -78,7 +78,7 @@ class Heatmap:
         self.mapper = LinearColorMapper(palette=palette, low=0, high=1, nan_color=NAN_COLOR)
         tools = "tap" if small else "pan,wheel_zoom,box_zoom,reset,save"
         fig = figure(title=title, width=width, height=height, tools=tools, toolbar_location=None if small else "right",
-                     x_range=Range1d(0, 1, bounds="auto"), y_range=Range1d(1, 0, bounds="auto"),
+                     x_range=Range1d(0, 1), y_range=Range1d(1, 0),
                      match_aspect=False, min_border=2 if small else 10, name=name)
         fig.image(image="image", x="x", y="y", dw="dw", dh="dh", source=self.source, color_mapper=self.mapper)
         fig.grid.visible = False
@@ -112,8 +112,9 @@ class Heatmap:
         self.mapper.high = color_high(pooled)
         self.source.data = dict(image=[pooled], x=[0], y=[0], dw=[cols], dh=[rows])
         fig = self.figure
-        fig.x_range.update(start=0, end=cols, reset_start=0, reset_end=cols)
-        fig.y_range.update(start=rows, end=0, reset_start=rows, reset_end=0)
+        # Explicit bounds (not "auto", which BokehJS fixes at the first ranges it sees).
+        fig.x_range.update(start=0, end=cols, reset_start=0, reset_end=cols, bounds=(0, cols))
+        fig.y_range.update(start=rows, end=0, reset_start=rows, reset_end=0, bounds=(0, rows))
         if title is not None:
             fig.title.text = title
         if not self.small:
