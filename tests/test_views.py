@@ -356,6 +356,8 @@ def test_live_dashboard_streams_only_new_steps(tmp_path):
     assert dash.state.step == 5 and growth.data["step"] == list(range(6))
     assert growth.data["total_used"][-1] == (PROMPT + 5) * 64 * spec.n_layers
     assert dash.views["tokens"].strip.tokens[-1] == " g5"       # sampled at step 5, at position P + 5
+    dash.tabs.active = 3                                         # communication, of a 1-rank run
+    assert "no all-reduce timings" in dash.views["comm"]._note.object
     assert _danger(dash) == {}
     writer.close()
 

@@ -69,7 +69,8 @@ class ActivationsView(TraceView):
 
     def build(self):
         self.sites = pn.widgets.CheckButtonGroup(label="sites", options=[], value=[], color="light")
-        self.sites.param.watch(lambda e: self._safe_redraw({"sites"}), "value")
+        self._quiet = False
+        self.sites.param.watch(lambda e: None if self._quiet else self._safe_redraw({"sites"}), "value")
         self.accumulate = pn.widgets.Checkbox(label="sum steps 0..selected", value=False)
         self.accumulate.param.watch(lambda e: self._safe_redraw({"accumulate"}), "value")
         self.log_y = pn.widgets.Checkbox(label="log counts", value=True)
@@ -117,8 +118,12 @@ class ActivationsView(TraceView):
         names = [str(s) for s in ds["site"].values]
         self._site_names = names
         default = [s for s in (PRE, POST) if s in names] or names[:1]
-        self.sites.param.update(options=names, value=default)
         self._edges = np.asarray(ds["edge"].values, dtype=np.float64)
+        self._quiet = True   # the redraw in progress draws the new sites; no second one from the widget
+        try:
+            self.sites.param.update(options=names, value=default)
+        finally:
+            self._quiet = False
         self._stats, self._stats_n = None, 0
         self.hist_sources = [ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[])) for _ in names]
         for log, fig in list(self._hist_figs.items()):

@@ -57,11 +57,11 @@ class TraceView(pn.viewable.Viewer):
     def _safe_redraw(self, changed: set[str] | None) -> None:
         t0 = time.perf_counter()
         try:
+            self.note("")  # before drawing, so a note the view sets while drawing stays
             if self.state.trace is None:
                 self.clear()
             else:
                 self.redraw(changed or set(self.watch_params))
-            self.note("")
         except Exception as e:  # keep the page alive; say what went wrong where it went wrong
             self.note(f"cannot draw this view: {type(e).__name__}: {e}", "danger")
         self.last_redraw_seconds = time.perf_counter() - t0

@@ -234,8 +234,9 @@ class Dashboard(pn.viewable.Viewer):
         except Exception as e:  # never let the clock die
             self.state.error = f"{type(e).__name__}: {e}"
         took = time.monotonic() - t0
-        if took > TICK_MS / 1000:
+        if took > TICK_MS / 1000 and self.state.playing:
             # The redraw took longer than a beat: rest as long, so replay cannot outrun the page.
+            # (Following a live run never rests: that would only add lag.)
             self._rest_until = time.monotonic() + took
 
     def start_clock(self) -> None:
