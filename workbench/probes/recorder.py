@@ -244,9 +244,12 @@ class Recorder:
                     self.writer.write_attention(step, rows_np[li].cpu().numpy()[None], query_start=a, layer=layer,
                                                 seq=slice(j, j + 1))
             # Attention received per cached position: sum over this rank's heads and the step's rows.
-            mass = rows.float().sum(dim=(1, 2))  # [layers, keys]
-            for li, layer in enumerate(layers):
-                self.writer.write_attention_mass(step, mass[li].cpu().numpy()[None], layer=layer, seq=slice(j, j + 1))
+            mass = rows.float().sum(dim=(1, 2)).cpu().numpy()  # [layers, keys]
+            if len(layers) == self.n_layers:
+                self.writer.write_attention_mass(step, mass[None], seq=slice(j, j + 1))
+            else:
+                for li, layer in enumerate(layers):
+                    self.writer.write_attention_mass(step, mass[li][None], layer=layer, seq=slice(j, j + 1))
 
     def _write_activations(self, step: int, q_start, q_stop, active) -> None:
         sites = self.spec.hist_sites
@@ -266,6 +269,10 @@ class Recorder:
         eps = self._near_zero_eps(keys, tensors)
         stats = batched_stats(tensors, self.edges.to(tensors[0].device),
                               torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
+        if len(keys) == self.n_layers * len(sites):  # every (layer, site): one region write per array
+            self.writer.write_activations(step, stats.reshape((self.n_layers, len(sites))))
+            self.writer.write(step, "activations/near_zero_eps", np.reshape(eps, (self.n_layers, len(sites))))
+            return
         for i, (layer, s) in enumerate(keys):
             one = ActivationStats(hist=stats.hist[i], count=stats.count[i], sum=stats.sum[i], sumsq=stats.sumsq[i],
                                   sum3=stats.sum3[i], sum4=stats.sum4[i], min=stats.min[i], max=stats.max[i],

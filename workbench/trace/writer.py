@@ -619,8 +619,12 @@ class TraceWriter:
             if step != self._ended:
                 raise TraceWriterError(f"end_step({step}) but the next step to end is "
                                        f"{self._ended}")
+            # Wake the thread only when it sleeps with nothing pending; otherwise it is already
+            # waiting out the flush interval, and a wake-up per step just churns the GIL.
+            was_idle = self._ended <= self._committed
             self._ended = step + 1
-            self._cond.notify_all()
+            if was_idle:
+                self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until every ended step is written and committed.
