@@ -352,9 +352,10 @@ every input before it.
 import numpy as np
 
 m = trace.cross_attention_map(seq=0, repeat=0, head=0)
-positions = m["latent_position"].values
-print("latents hold positions", positions.min(), "to", positions.max(), "of", trace.n_positions)
-newest = m.isel(latent=-1).values
+positions = m["latent_position"].values   # -1: a latent slot the window has not reached yet
+held = positions[positions >= 0]
+print("latents hold positions", held.min(), "to", held.max(), "of", trace.n_positions)
+newest = m.isel(latent=int(np.argmax(positions))).values
 top = np.argsort(np.nan_to_num(newest, nan=-1))[::-1][:5]
 text = trace.tokens["text"].isel(seq=0).values
 print("the newest latent attends most to inputs", [(int(i), str(text[i])) for i in top])
