@@ -116,3 +116,9 @@ def test_cli_rejects_unsupported_architecture_and_bad_shapes(model_dir, tmp_path
     (wrong / "config.json").write_text(json.dumps({**cfg, "hidden_size": 48, "head_dim": 12}))
     out = _cli("generate", "--model", str(wrong))
     assert out.returncode == 2 and "has shape" in out.stderr and "config implies" in out.stderr
+
+
+def test_bad_arm_layer_under_tp_fails_before_any_rank_starts(model_dir):
+    out = _cli("generate", "--model", str(model_dir), "--tp", "2", "--arm", "--arm-layers", "7")
+    assert out.returncode == 2 and out.stderr.strip() == \
+        "workbench: error: ARM layer 7 does not exist: the model has 2 layers (0..1)"

@@ -176,6 +176,13 @@ def _check_tensor_parallel(spec: RunSpec, world: int) -> None:
     cfg = read_config(spec.model)
     tp.check_shardable(cfg, world)
     encode_prompts(spec, load_tokenizer_only(spec.model), cfg.max_seq_len)
+    if spec.arm is not None and hasattr(cfg, "n_layers"):
+        from workbench.models.arm import ARMConfig
+        arm = ARMConfig.from_dict(spec.arm) if isinstance(spec.arm, dict) else spec.arm
+        bad = [i for i in arm.layers if i >= cfg.n_layers]
+        if bad:
+            raise WorkbenchError(f"ARM layer {bad[0]} does not exist: the model has {cfg.n_layers} layers "
+                                 f"(0..{cfg.n_layers - 1})")
 
 
 def _run_torchrun(spec: RunSpec, on_step: Callable | None):
