@@ -119,6 +119,6 @@ def test_cli_rejects_unsupported_architecture_and_bad_shapes(model_dir, tmp_path
 
 
 def test_bad_arm_layer_under_tp_fails_before_any_rank_starts(model_dir):
-    out = _cli("generate", "--model", str(model_dir), "--tp", "2", "--arm", "--arm-layers", "7")
+    out = _cli("generate", "--model", str(model_dir), "--tp", "2", "--arm", "--arm-layers", "7", "--max-new-tokens", "4")
     assert out.returncode == 2 and out.stderr.strip() == \
         "workbench: error: ARM layer 7 does not exist: the model has 2 layers (0..1)"
