@@ -59,22 +59,31 @@ def mad_thresholds(x: torch.Tensor, c: float = 0.13) -> torch.Tensor:
 
 
 def batched_stats(tensors: Sequence[torch.Tensor], edges: torch.Tensor, eps: torch.Tensor) -> ActivationStats:
-    """Histogram on fixed edges (bin i = [edges[i], edges[i+1])) and moments of each tensor, in one pass."""
+    """Histogram on fixed edges (bin i = [edges[i], edges[i+1])) and moments of each tensor.
+
+    Tensors of one size are stacked into a matrix and reduced along its rows, so a step costs a few
+    ops per distinct width (MLP and model width), not per (layer, site).
+    """
     n, n_bins = len(tensors), edges.numel() - 1
-    flat = torch.cat([t.reshape(-1) for t in tensors]).double()
-    sizes = torch.tensor([t.numel() for t in tensors], device=flat.device)
-    rows = torch.repeat_interleave(torch.arange(n, device=flat.device), sizes)
-    idx = (torch.bucketize(flat, edges, right=True) - 1).clamp_(0, n_bins - 1)
-    hist = torch.bincount(rows * n_bins + idx, minlength=n * n_bins).view(n, n_bins)
-    x2 = flat * flat
-    powers = torch.stack([flat, x2, x2 * flat, x2 * x2, (flat.abs() < eps[rows]).double()], dim=1)
-    sums = torch.zeros(n, 5, dtype=torch.float64, device=flat.device).index_add_(0, rows, powers)
-    lo = torch.full((n,), float("inf"), dtype=torch.float64, device=flat.device).scatter_reduce(0, rows, flat, "amin")
-    hi = torch.full((n,), float("-inf"), dtype=torch.float64, device=flat.device).scatter_reduce(0, rows, flat, "amax")
-    s = sums.cpu().numpy()
-    return ActivationStats(hist=hist.cpu().numpy().astype(np.int64), count=sizes.cpu().numpy().astype(np.int64),
-                           sum=s[:, 0], sumsq=s[:, 1], sum3=s[:, 2], sum4=s[:, 3], min=lo.cpu().numpy(),
-                           max=hi.cpu().numpy(), near_zero=s[:, 4].astype(np.int64))
+    hist = np.zeros((n, n_bins), dtype=np.int64)
+    sums = np.zeros((n, 5), dtype=np.float64)
+    lo, hi = np.zeros(n), np.zeros(n)
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.numel(), []).append(i)
+    for idxs in groups.values():
+        x = torch.stack([tensors[i].reshape(-1) for i in idxs]).double()  # [k, numel]
+        k = x.shape[0]
+        idx = (torch.bucketize(x, edges, right=True) - 1).clamp_(0, n_bins - 1)
+        idx += torch.arange(k, device=x.device)[:, None] * n_bins
+        hist[idxs] = torch.bincount(idx.reshape(-1), minlength=k * n_bins).view(k, n_bins).cpu().numpy()
+        x2 = x * x
+        near = (x.abs() < eps[idxs][:, None]).sum(1, dtype=torch.float64)
+        sums[idxs] = torch.stack([x.sum(1), x2.sum(1), (x2 * x).sum(1), (x2 * x2).sum(1), near], 1).cpu().numpy()
+        lo[idxs], hi[idxs] = x.amin(1).cpu().numpy(), x.amax(1).cpu().numpy()
+    count = np.array([t.numel() for t in tensors], dtype=np.int64)
+    return ActivationStats(hist=hist, count=count, sum=sums[:, 0], sumsq=sums[:, 1], sum3=sums[:, 2],
+                           sum4=sums[:, 3], min=lo, max=hi, near_zero=sums[:, 4].astype(np.int64))
 
 
 class Recorder:
