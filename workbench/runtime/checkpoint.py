@@ -79,33 +79,44 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
-    state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(path):
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    ours = hf_to_ours(key)
-                    if ours.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if ours not in expected:
-                        if cfg.tie_embeddings and ours == "lm_head.weight":
-                            continue
-                        raise WorkbenchError(f"unexpected tensor {key!r} in {f.name}")
-                    t = sf.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[ours].shape):
-                        raise WorkbenchError(f"tensor {key!r} has shape {tuple(t.shape)}, config implies "
-                                             f"{tuple(expected[ours].shape)}")
-                    state[ours] = t
-        except (OSError, RuntimeError) as e:
-            raise WorkbenchError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise WorkbenchError(f"checkpoint lacks {len(missing)} tensors, e.g. {ours_to_hf(missing[0])!r}")
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    state = read_tensors(_weight_files(path), {k: tuple(v.shape) for k, v in expected.items()}, rename=hf_to_ours,
+                         ignore=lambda ours: ours.endswith("rotary_emb.inv_freq") or ours in tied, show=ours_to_hf)
     dtype = dtype or torch.float32
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.to(device=device, dtype=dtype).eval()
+
+
+def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]], *, rename=lambda key: key,
+                 ignore=lambda name: False, show=lambda name: name) -> dict[str, torch.Tensor]:
+    """Every expected tensor from safetensors ``files``, checked by name and shape.
+
+    rename: file key -> our name; ignore: our names to skip (derived buffers, tied weights);
+    show: our name -> the name to print when one is missing. Errors name the tensor and the file.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    ours = rename(key)
+                    if ignore(ours):
+                        continue
+                    if ours not in expected:
+                        raise WorkbenchError(f"unexpected tensor {key!r} in {f.name}")
+                    t = sf.get_tensor(key)
+                    if tuple(t.shape) != expected[ours]:
+                        raise WorkbenchError(f"tensor {key!r} has shape {tuple(t.shape)}, config implies "
+                                             f"{expected[ours]}")
+                    state[ours] = t
+        except (OSError, RuntimeError) as e:
+            raise WorkbenchError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WorkbenchError(f"checkpoint lacks {len(missing)} tensors, e.g. {show(missing[0])!r}")
+    return state
 
 
 @contextlib.contextmanager

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from workbench.errors import WorkbenchError
 from workbench.models.perceiver import MODEL_TYPES, PerceiverConfig, PerceiverCore, build_perceiver
+from workbench.runtime.checkpoint import read_tensors
 
 
 def read_perceiver_config(path: str | Path) -> PerceiverConfig:
@@ -51,22 +51,7 @@ def load_perceiver(path: str | Path, device: str | torch.device = "cpu", dtype: 
     f = path / "model.safetensors"
     if not f.exists():
         raise WorkbenchError(f"{path} has no model.safetensors")
-    state: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                if key not in expected:
-                    raise WorkbenchError(f"unexpected tensor {key!r} in {f.name} (config {cfg.model_type})")
-                t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[key].shape):
-                    raise WorkbenchError(f"tensor {key!r} has shape {tuple(t.shape)}, config implies "
-                                         f"{tuple(expected[key].shape)}")
-                state[key] = t
-    except (OSError, RuntimeError) as e:
-        raise WorkbenchError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise WorkbenchError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[0]!r}")
+    state = read_tensors([f], {k: tuple(v.shape) for k, v in expected.items()})
     with torch.no_grad():
         for k, t in state.items():
             expected[k].copy_(t)
