@@ -103,6 +103,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     cache = make_cache(model, b, longest + max_new_tokens, block_size, num_blocks)
 
     stop_set = set(stop_ids)
+    # A stop string can only complete within the last few tokens (every token is at least one
+    # byte; +4 covers a character split across byte tokens): decode those, not the whole text.
+    tail = max((len(s.encode()) for s in stop_strings), default=0) + 4
     generated: list[list[int]] = [[] for _ in range(b)]
     reasons = ["length"] * b
     finished = [False] * b
@@ -128,7 +131,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             generated[j].append(tok)
             if tok in stop_set:
                 finished[j], reasons[j] = True, "eos"
-            elif stop_strings and any(s in decode(generated[j]) for s in stop_strings):
+            elif stop_strings and any(s in decode(generated[j][-tail:]) for s in stop_strings):
                 finished[j], reasons[j] = True, "stop"
         if on_step is not None:
             on_step(StepEvent(step=step, tokens=chosen, positions=(lengths + step).tolist(),
