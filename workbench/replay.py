@@ -47,15 +47,10 @@ def spec_from_trace(trace, model: str | None = None):
 
 def recorded_tokens(trace) -> list[list[int]]:
     """Generated tokens per sequence as recorded (up to the committed step)."""
-    chosen = trace.tokens.chosen.values  # [seq, step]
-    produced = trace.tokens.produced_step.values  # [seq, position]
+    produced = trace.tokens.produced_step.values  # [seq, position]; -1 where nothing was written
     ids = trace.tokens.token_id.values
-    out = []
-    for j in range(chosen.shape[0]):
-        gen = ids[j][produced[j] >= 0]
-        n_prompt = int(trace.tokens.prompt_len.values[j])
-        out.append([int(t) for t in gen[n_prompt:]])
-    return out
+    prompt_len = trace.tokens.prompt_len.values
+    return [[int(t) for t in ids[j][produced[j] >= 0][int(prompt_len[j]):]] for j in range(ids.shape[0])]
 
 
 def verify(path: str | Path, model: str | None = None, tp: int | None = None) -> ReplayReport:
