@@ -27,7 +27,7 @@ SHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LIVE_TOKENS = 150
+LIVE_TOKENS = 300
 PROMPT = "def dashboard(live):\n"
 
 if not Path(CHROMIUM).exists():
@@ -272,56 +272,69 @@ def test_refused_and_broken_traces_show_an_error_in_the_page(server, open_page, 
 
 
 def test_live_generation_appears_in_the_page_without_reload(server, open_page, traces, model_dir):
+    """The page follows a real generation step by step, however fast the machine.
+
+    A tiny model generates faster than a browser can be polled, so the test holds the generating
+    process still (SIGSTOP) at a few points, checks that the page catches up with exactly what the
+    store has committed by then, and lets it go on (SIGCONT).
+    """
     live = traces / "live"
     page = open_page(server + "?trace=live", ready="error")
     page.wait_for(lambda: "waiting" in page.error_text(), "the waiting note")
     page.page.evaluate("window.__no_reload = 42")
+    n_prompt = len(PROMPT.encode()) + 1                    # bytes + <bos>
+    final = n_prompt + LIVE_TOKENS
+    pauses = [n_prompt + k * LIVE_TOKENS // 5 for k in (1, 2, 3, 4)]
     gen = subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir), "--prompt", PROMPT,
          "--max-new-tokens", str(LIVE_TOKENS), "--temperature", "0.8", "--device", "cpu", "--record", str(live)],
         cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    seen: list[tuple[float, int]] = []            # (time, token spans in the page)
-    committed: list[tuple[float, int]] = []       # (time, positions committed in the store)
+    shown: list[int] = []        # token spans in the page at each pause
+    lags: list[float] = []       # seconds from the store holding them to the page showing them
     reader = None
-    shot_taken = False
     try:
-        while gen.poll() is None:
-            now = time.monotonic()
-            seen.append((now, page.tokens()[0]))
+        while gen.poll() is None and pauses:
             if reader is None and (live / "zarr.json").exists():
                 try:
                     reader = open_trace(live)
                 except Exception:
                     reader = None
-            if reader is not None:
-                reader.refresh()
-                committed.append((now, reader.n_positions))
-            if not shot_taken and seen[-1][1] > 40:
-                page.shot("live_generation")
-                shot_taken = True
-            page.page.wait_for_timeout(150)
-        assert gen.returncode == 0, gen.stderr.read().decode()[-2000:]
-        n_prompt = len(PROMPT.encode()) + 1                # bytes + <bos>
-        final = n_prompt + LIVE_TOKENS
-        page.wait_for(lambda: page.tokens()[0] == final, f"all {final} tokens (seen {seen[-5:]}, "
+            if reader is None:
+                time.sleep(0.02)
+                continue
+            reader.refresh()
+            if reader.n_positions < pauses[0]:
+                time.sleep(0.01)
+                continue
+            t_stored = time.monotonic()
+            gen.send_signal(signal.SIGSTOP)
+            try:
+                reader.refresh()                           # what the store holds while the run stands still
+                held = reader.n_positions
+                while pauses and pauses[0] <= held:
+                    pauses.pop(0)
+                page.wait_for(lambda: page.tokens()[0] == held, f"the page to show {held} tokens "
+                              f"(shows {page.tokens()[0]}, error {page.error_text()!r})", timeout=20)
+                lags.append(time.monotonic() - t_stored)
+                shown.append(held)
+                if len(shown) == 2:
+                    page.shot("live_generation")
+            finally:
+                gen.send_signal(signal.SIGCONT)
+        assert gen.wait(timeout=120) == 0, gen.stderr.read().decode()[-2000:]
+        page.wait_for(lambda: page.tokens()[0] == final, f"all {final} tokens (shows {page.tokens()[0]}, "
                       f"error {page.error_text()!r})", timeout=20)
     finally:
         if gen.poll() is None:
+            gen.send_signal(signal.SIGCONT)
             gen.kill()
-    counts = [c for _, c in seen if c > 0]
-    assert len(set(counts)) >= 4, counts                   # the text grew in several steps while generating
-    assert counts == sorted(counts)
+    assert len(shown) >= 3 and shown == sorted(set(shown)) and shown[-1] < final, shown   # grew while generating
     assert page.page.evaluate("window.__no_reload") == 42  # ...and the page never reloaded
-    # Lag of each observation: how long the store had held more tokens than the page showed. The
-    # target is under a second; this machine's 2 cores are shared by generation, server, browser
-    # and other jobs, so the median must meet it and no observation may be more than 3 s behind.
-    def lag(t: float, c: int) -> float:
-        newer = [tc for tc, n in committed if n > c and tc <= t]
-        return t - min(newer) if newer else 0.0
-    lags = sorted(lag(t, c) for t, c in seen if c > 0)
-    median = lags[len(lags) // 2]
-    print(f"live: {len(lags)} observations, lag median {median:.2f} s, max {lags[-1]:.2f} s")
-    assert median <= 1.0 and lags[-1] <= 3.0, lags
+    # The target is under a second behind the store; this machine's 2 cores are shared by
+    # generation, server, browser and other jobs, so the median must meet it and none be over 3 s.
+    lags.sort()
+    print(f"live: pauses at {shown} tokens, lag median {lags[len(lags) // 2]:.2f} s, max {lags[-1]:.2f} s")
+    assert lags[len(lags) // 2] <= 1.0 and lags[-1] <= 3.0, lags
     page.wait_for(lambda: "complete" in page.deep_text("wb-status"), "status complete")
     assert page.errors == []
 
