@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import numpy as np
@@ -132,30 +133,51 @@ def test_an_open_trace_and_the_dashboard(trace_path):
 
 
 def test_live_run_is_followed_as_it_grows(model_dir, tmp_path):
+    """The widget shows a run part-way through, however fast the machine generates.
+
+    A tiny model can finish before the refresh task's first beat, so the generation is held still at
+    one step (its ``on_step`` waits) until the widget shows exactly the steps committed by then.
+    """
     n_new = 48
-    seen = []
-    pace = lambda event: time.sleep(0.04)   # a tiny model is too quick to watch: slow it to ~25 steps/s
+    hold_at = n_new // 2                   # steps 0..hold_at are ended while the run is held
+    seen = []                              # (steps the widget shows, run ended)
+    shown_held = threading.Event()
+    held = []                              # True if the widget caught up while the run was held
+
+    def hold(event):
+        if event.step == hold_at:          # the recorder ended this step just before this callback
+            held.append(shown_held.wait(timeout=120))
+
+    def watch(event):
+        seen.append((event.new, live.done))
+        if event.new == hold_at + 1:
+            shown_held.set()
 
     async def main():
+        nonlocal live
         live = generate_live(model=str(model_dir), prompts=["live"], max_new_tokens=n_new, device="cpu",
-                             record=str(tmp_path / "live.zarr"), views=["tokens", "attention"], display=False, on_step=pace)
+                             record=str(tmp_path / "live.zarr"), views=["tokens", "attention"], display=False,
+                             on_step=hold)
         assert live.result is None or live.done
-        live.widget.state.param.watch(lambda e: seen.append((e.new, live.steps_done)), "n_steps")
-        while not live.done:
+        live.widget.state.param.watch(watch, "n_steps")
+        deadline = time.monotonic() + 180
+        while not (live.done and live.widget.state.status != "running"):   # the refresh task's last beat
+            assert time.monotonic() < deadline, f"still running: {live!r}, widget at {live.widget.state.n_steps}"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)   # the refresh task's last beat
         return live
 
+    live = None
     live = asyncio.run(main())
     result = live.wait()
+    assert held == [True], "the widget never showed the run while it was held"
     assert len(result.generated[0]) == n_new
     assert live.widget.state.n_steps == n_new and live.widget.state.status == "complete"
     assert live.progress.value == n_new and live.progress.bar_style == "success"
     assert live.trace.n_steps == n_new and live.trace.status == "complete"
     counts = [n for n, _ in seen]
     assert counts == sorted(counts) and counts[-1] == n_new
-    # The widget showed the trace while the generation was still running.
-    assert any(0 < n < n_new for n, _ in seen), seen
+    # The widget showed the trace while the generation was still running (held after step hold_at).
+    assert (hold_at + 1, False) in seen, seen
     labels = live.widget.views["attention"].main.figure.title.text
     assert f"step {n_new - 1}" in labels
 
