@@ -68,52 +68,85 @@ def read_config(path: str | Path) -> LlamaConfig:
     return LlamaConfig.from_hf_dict(hf)
 
 
-def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
-    """Build a Llama from a local HF checkpoint directory; errors name the problem."""
+def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               rank: int = 0, world: int = 1) -> Llama:
+    """Build a Llama from a local HF checkpoint directory; errors name the problem.
+
+    With ``world > 1`` the model is rank ``rank``'s shard for tensor parallelism: only the rank's
+    rows and columns of the split weights are read from the files (``tp.shard_plan``), replicated
+    tensors whole, so host memory holds one shard, not the whole model. The collectives are not
+    installed yet (``tp.install_collective``, or ``tp.shard_model``, which sees the shard).
+    """
     path = Path(path)
     cfg = read_config(path)
     if not isinstance(cfg, LlamaConfig):
         raise WorkbenchError(f"{path} holds a {cfg.model_type} model, not a Llama (use session.load_model)")
     with _skip_init():
-        model = Llama(cfg)
+        model = Llama(cfg)  # full size but never written: the split weights are replaced before use
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    parts = None
+    if world > 1:
+        from workbench.runtime import tp
+        parts = tp.shard_plan(model, rank, world)
     state = read_tensors(_weight_files(path), {k: tuple(v.shape) for k, v in expected.items()}, rename=hf_to_ours,
-                         ignore=lambda ours: ours.endswith("rotary_emb.inv_freq") or ours in tied, show=ours_to_hf)
+                         ignore=lambda ours: ours.endswith("rotary_emb.inv_freq") or ours in tied, show=ours_to_hf,
+                         parts=parts)
     dtype = dtype or torch.float32
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    for k in list(state):  # one tensor at a time, so a conversion never holds two copies of the model
+        state[k] = state[k].to(dtype)
+    if parts is not None:
+        tp.shard_weights(model, rank, world, loaded=state)
+        state = {k: v for k, v in state.items() if k not in parts}
+    model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.to(device=device, dtype=dtype).eval()
 
 
 def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]], *, rename=lambda key: key,
-                 ignore=lambda name: False, show=lambda name: name) -> dict[str, torch.Tensor]:
+                 ignore=lambda name: False, show=lambda name: name, parts: dict | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Every expected tensor from safetensors ``files``, checked by name and shape.
 
     rename: file key -> our name; ignore: our names to skip (derived buffers, tied weights);
     show: our name -> the name to print when one is missing. Errors name the tensor and the file.
+    parts: for one tensor-parallel rank (``tp.shard_plan``): our name -> the ``tp.Part`` to read
+    (only those rows or columns are read from the file), or None for a tensor the rank does not
+    hold (checked, not read); names not in ``parts`` are read whole. Each tensor is then copied out
+    of its own memory map of the file, closed right after, so the process holds its share plus at
+    most one tensor's pages of the file. Without ``parts`` the tensors stay views of the map.
     """
     state: dict[str, torch.Tensor] = {}
+    found: set[str] = set()
     for f in files:
         try:
+            to_read: list[tuple[str, str]] = []
             with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
+                for key in sf.keys():  # names and shapes first (from the header: no data is read)
                     ours = rename(key)
                     if ignore(ours):
                         continue
                     if ours not in expected:
                         raise WorkbenchError(f"unexpected tensor {key!r} in {f.name}")
-                    t = sf.get_tensor(key)
-                    if tuple(t.shape) != expected[ours]:
-                        raise WorkbenchError(f"tensor {key!r} has shape {tuple(t.shape)}, config implies "
-                                             f"{expected[ours]}")
-                    state[ours] = t
+                    shape = tuple(sf.get_slice(key).get_shape())
+                    if shape != expected[ours]:
+                        raise WorkbenchError(f"tensor {key!r} has shape {shape}, config implies {expected[ours]}")
+                    found.add(ours)
+                    if parts is None:
+                        state[ours] = sf.get_tensor(key)
+                    elif parts.get(ours, "whole") is not None:
+                        to_read.append((key, ours))
+            for key, ours in to_read:
+                with safe_open(str(f), framework="pt", device="cpu") as sf:
+                    part = parts.get(ours)
+                    piece = part.of(sf.get_slice(key)) if part is not None else sf.get_tensor(key)
+                    state[ours] = piece.clone(memory_format=torch.contiguous_format)  # own memory, not the map's
         except (OSError, RuntimeError) as e:
             raise WorkbenchError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - found)
     if missing:
         raise WorkbenchError(f"checkpoint lacks {len(missing)} tensors, e.g. {show(missing[0])!r}")
     return state

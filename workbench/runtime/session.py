@@ -54,8 +54,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(path: str | Path, device: torch.device):
-    """Model and tokenizer from a local checkpoint directory, by its config.json model_type."""
+def load_model(path: str | Path, device: torch.device, rank: int = 0, world: int = 1):
+    """Model and tokenizer from a local checkpoint directory, by its config.json model_type.
+
+    With ``world > 1`` the model is rank ``rank``'s tensor-parallel shard, read as slices from the
+    files (the collectives are installed by the caller: ``tp.install_collective``).
+    """
     from workbench.runtime.checkpoint import load_llama, read_config
     from workbench.runtime.tokenizer import load_tokenizer
     path = Path(path)
@@ -64,9 +68,9 @@ def load_model(path: str | Path, device: torch.device):
     cfg = read_config(path)
     if getattr(cfg, "model_type", "llama") in ("perceiver_ar", "perceiver"):
         from workbench.runtime.perceiver_checkpoint import load_perceiver
-        model = load_perceiver(path, device=device)
+        model = load_perceiver(path, device=device, rank=rank, world=world)
     else:
-        model = load_llama(path, device=device)
+        model = load_llama(path, device=device, rank=rank, world=world)
     tok = load_tokenizer(path, cfg.vocab_size, cfg.bos_id, cfg.eos_id)
     return model, tok
 
@@ -121,16 +125,16 @@ def worker_setup(spec: RunSpec, model, rank: int, world: int, tok=None, prompts=
 def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, world: int = 1, group=None):
     """Run one generation in this process (rank ``rank`` of ``world``); returns GenerationResult.
 
-    With ``world > 1`` the process group must be initialised; the model is sharded for this rank
-    (workbench/runtime/tp.py) and every rank uses rank 0's sampled tokens.
+    With ``world > 1`` the process group must be initialised; the model is loaded sharded for this
+    rank (workbench/runtime/tp.py) and every rank uses rank 0's sampled tokens.
     """
     from workbench.runtime.generate import generate
     device = pick_device(spec.device)
-    model, tok = load_model(spec.model, device)
+    model, tok = load_model(spec.model, device, rank=rank, world=world)  # only this rank's shard is read
     sampler = Sampler(spec.sampler)
     if world > 1:
         from workbench.runtime import tp
-        tp.shard_model(model, rank, world, group, spec.tp_algorithm)
+        tp.install_collective(model, spec.tp_algorithm, rank, world, group)
         sampler = tp.RankZeroSampler(spec.sampler, group)
     from workbench.models.arm import apply_arm  # ARM reads TP rank/world from model.info at call time
     apply_arm(model, spec.arm, seed=spec.sampler.seed, group=group)

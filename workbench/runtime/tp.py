@@ -14,11 +14,16 @@ partial sums into the residual stream and its RMSNorm:
   all_to_all emulation is needed.
 
 Embedding, final norm and LM head stay replicated, so every rank ends with the same logits.
+
+``shard_plan`` says which slice of each split tensor a rank owns; ``shard_weights`` cuts a built
+model to it, from the model's own weights or from slices already read (the checkpoint loaders read
+only these slices from the safetensors files, so no rank ever holds the whole model).
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -28,6 +33,8 @@ from torch import nn
 
 from workbench.errors import WorkbenchError
 from workbench.models.config import LlamaConfig
+from workbench.models.llama import Attention
+from workbench.models.perceiver import CrossAttention
 from workbench.runtime.sampler import Sampler, SamplerConfig
 
 ALGORITHMS = ("allreduce", "reduce_scatter")
@@ -58,28 +65,103 @@ def head_range(n_heads: int, rank: int, world: int) -> range:
     return range(rank * per, (rank + 1) * per)
 
 
-def _keep_rows(lin: nn.Linear, lo: int, hi: int) -> None:
-    """Column-parallel: keep output features [lo, hi) (weight rows, and their bias)."""
-    lin.weight = nn.Parameter(lin.weight.detach()[lo:hi].clone(), requires_grad=False)
-    if lin.bias is not None:
-        lin.bias = nn.Parameter(lin.bias.detach()[lo:hi].clone(), requires_grad=False)
-    lin.out_features = hi - lo
+@dataclass(frozen=True)
+class Part:
+    """The share of one tensor a rank holds: indices ``[start, stop)`` along ``dim``.
+
+    dim 0: output rows (column-parallel weights and their biases); dim 1: input columns
+    (row-parallel weights). ``part.of(x)`` cuts a tensor, or a safetensors slice without reading
+    the rest of it.
+    """
+
+    dim: int
+    start: int
+    stop: int
+
+    def of(self, x):
+        return x[self.start:self.stop] if self.dim == 0 else x[:, self.start:self.stop]
 
 
-def _keep_cols(lin: nn.Linear, lo: int, hi: int, rank: int) -> None:
-    """Row-parallel: keep input features [lo, hi); the bias is added once, by rank 0."""
-    lin.weight = nn.Parameter(lin.weight.detach()[:, lo:hi].clone(), requires_grad=False)
-    if lin.bias is not None and rank != 0:
-        lin.bias = None
-    lin.in_features = hi - lo
+# Linear children that tensor parallelism splits: attribute -> (dim of the weight cut, what is split).
+_SPLIT = {"q_proj": (0, "q"), "k_proj": (0, "kv"), "v_proj": (0, "kv"), "o_proj": (1, "q"),
+          "gate_proj": (0, "ff"), "up_proj": (0, "ff"), "down_proj": (1, "ff")}
+
+
+def _split_linears(model: nn.Module):
+    """(parameter-name prefix, attribute, Linear) of every Linear TP splits, each shared Linear once.
+
+    Works for Llama and the Perceivers alike: attention modules own q/k/v/o_proj, MLPs gate/up/down.
+    A Linear shared between Perceiver repeats gets the name ``named_parameters`` gives it (the first).
+    """
+    seen: set[int] = set()
+    for prefix, m in model.named_modules():
+        for attr, child in m._modules.items():
+            if attr in _SPLIT and isinstance(child, nn.Linear) and id(child) not in seen:
+                seen.add(id(child))
+                yield (f"{prefix}.{attr}" if prefix else attr), attr, child
+
+
+def shard_plan(model: nn.Module, rank: int, world: int) -> dict[str, Part | None]:
+    """What rank ``rank`` of ``world`` holds of each split parameter of a full (unsharded) model.
+
+    Returns:
+        parameter name -> its ``Part``, or None for a tensor the rank does not hold at all (the
+        bias of a row-parallel Linear lives on rank 0 only). Parameters not named are replicated.
+    Raises:
+        WorkbenchError: heads, KV heads or d_ff do not divide by ``world``.
+    """
+    cfg = model.cfg
+    check_shardable(cfg, world)
+    hd = cfg.head_dim
+    owned = {"q": head_range(cfg.n_heads, rank, world), "kv": head_range(cfg.n_kv_heads, rank, world),
+             "ff": head_range(cfg.d_ff, rank, world)}
+    plan: dict[str, Part | None] = {}
+    for name, attr, lin in _split_linears(model):
+        dim, what = _SPLIT[attr]
+        r, unit = owned[what], (1 if what == "ff" else hd)  # heads are head_dim rows/columns each
+        plan[f"{name}.weight"] = Part(dim, r.start * unit, r.stop * unit)
+        if lin.bias is not None and (dim == 0 or rank != 0):  # row-parallel: rank 0 adds the whole bias
+            plan[f"{name}.bias"] = plan[f"{name}.weight"] if dim == 0 else None
+    return plan
+
+
+def shard_weights(model: nn.Module, rank: int, world: int, loaded: dict[str, torch.Tensor] | None = None) -> None:
+    """Cut every split Linear of a full model to rank ``rank``'s part and set the local head counts.
+
+    Args:
+        model: a full Llama or Perceiver (its split weights may be uninitialised when ``loaded``
+            is given: they are never read then).
+        loaded: this rank's parts by parameter name, already read (``checkpoint.load_llama`` with
+            ``world > 1`` reads only these slices from the files); None: cut the model's own weights.
+    """
+    plan = shard_plan(model, rank, world)
+    for name, attr, lin in list(_split_linears(model)):
+        for pname in ("weight", "bias"):
+            key = f"{name}.{pname}"
+            if key not in plan:
+                continue
+            part = plan[key]
+            if part is None:
+                setattr(lin, pname, None)
+                continue
+            t = loaded[key] if loaded is not None else part.of(getattr(lin, pname).detach()).clone()
+            setattr(lin, pname, nn.Parameter(t, requires_grad=False))
+        lin.out_features, lin.in_features = lin.weight.shape
+    q, kv = head_range(model.cfg.n_heads, rank, world), head_range(model.cfg.n_kv_heads, rank, world)
+    for m in model.modules():  # every attention module, also those whose Linears are shared
+        if isinstance(m, (Attention, CrossAttention)):
+            m.n_heads, m.n_kv_heads = len(q), len(kv)
+    model.info.rank, model.info.world = rank, world
 
 
 def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGroup | None = None,
                 algorithm: str = "allreduce") -> nn.Module:
-    """Shard a built Llama in place for rank ``rank`` of ``world`` and install the collectives.
+    """Shard a built Llama (or Perceiver) in place for rank ``rank`` of ``world`` and install the collectives.
 
     Args:
-        model: a full (unsharded) ``Llama``; every rank must hold the same weights.
+        model: a full (unsharded) model, every rank holding the same weights; or one already
+            loaded sharded for this rank (``load_llama(..., rank=, world=)``), which only gets
+            the collectives.
         rank, world: this process's rank in ``group`` and the group's size.
         group: the process group to reduce over (None: the default group).
         algorithm: ``"allreduce"`` or ``"reduce_scatter"`` (see the module docstring).
@@ -88,26 +170,13 @@ def shard_model(model: nn.Module, rank: int, world: int, group: dist.ProcessGrou
     Raises:
         WorkbenchError: heads, KV heads or d_ff do not divide by ``world``; unknown algorithm.
     """
-    if hasattr(model, "repeats"):  # Perceiver / Perceiver AR: same split, its own module tree
-        from workbench.runtime.perceiver_tp import shard_perceiver
-        return shard_perceiver(model, rank, world, group, algorithm)
-    cfg = model.cfg
-    check_shardable(cfg, world)
+    check_shardable(model.cfg, world)
     check_algorithm(algorithm)
-    hd = cfg.head_dim
-    q, kv, ff = head_range(cfg.n_heads, rank, world), head_range(cfg.n_kv_heads, rank, world), \
-        head_range(cfg.d_ff, rank, world)
-    for layer in model.layers:
-        attn, mlp = layer.attn, layer.mlp
-        _keep_rows(attn.q_proj, q.start * hd, q.stop * hd)
-        _keep_rows(attn.k_proj, kv.start * hd, kv.stop * hd)
-        _keep_rows(attn.v_proj, kv.start * hd, kv.stop * hd)
-        _keep_cols(attn.o_proj, q.start * hd, q.stop * hd, rank)
-        attn.n_heads, attn.n_kv_heads = len(q), len(kv)
-        _keep_rows(mlp.gate_proj, ff.start, ff.stop)
-        _keep_rows(mlp.up_proj, ff.start, ff.stop)
-        _keep_cols(mlp.down_proj, ff.start, ff.stop, rank)
-    model.info.rank, model.info.world = rank, world
+    if (model.info.rank, model.info.world) != (rank, world):
+        if model.info.world != 1:
+            raise WorkbenchError(f"model is sharded for rank {model.info.rank} of {model.info.world}, "
+                                 f"not rank {rank} of {world}")
+        shard_weights(model, rank, world)
     install_collective(model, algorithm, rank, world, group)
     return model
 
