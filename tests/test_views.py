@@ -133,12 +133,27 @@ def test_missing_trace_waits_then_opens_when_it_appears(tmp_path):
     writer.close()
 
 
+def _wait_for_a_later_mtime(path, timeout: float = 30.0) -> None:
+    """Wait until a file written now on ``path``'s file system gets a later mtime than ``path`` has."""
+    before = path.stat().st_mtime_ns
+    probe = path.parent.parent / f".{path.parent.name}-mtime-probe"
+    deadline = time.monotonic() + timeout
+    try:
+        probe.write_bytes(b"")
+        while probe.stat().st_mtime_ns <= before:
+            assert time.monotonic() < deadline, f"the file-system clock did not move in {timeout} s"
+            time.sleep(0.001)
+            probe.write_bytes(b"")
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def test_a_replaced_trace_is_reopened(tmp_path):
     path = tmp_path / "again"
     write_synthetic_trace(path, n_steps=3, n_layers=1, n_heads=1, prompt_len=2)
     dash = Dashboard(path)
     assert dash.state.n_steps == 3 and not dash.state.replaced()
-    time.sleep(0.01)
+    _wait_for_a_later_mtime(path / "zarr.json")   # the stamp is an mtime: coarse on some file systems
     write_synthetic_trace(path, n_steps=5, n_layers=1, n_heads=1, prompt_len=2)   # re-recorded
     assert dash.state.replaced()
     for _ in range(CATALOG_EVERY):
