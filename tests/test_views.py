@@ -139,11 +139,11 @@ def _wait_for_a_later_mtime(path, timeout: float = 30.0) -> None:
     probe = path.parent.parent / f".{path.parent.name}-mtime-probe"
     deadline = time.monotonic() + timeout
     try:
-        probe.write_bytes(b"")
+        probe.write_bytes(b"x")
         while probe.stat().st_mtime_ns <= before:
             assert time.monotonic() < deadline, f"the file-system clock did not move in {timeout} s"
             time.sleep(0.001)
-            probe.write_bytes(b"")
+            probe.write_bytes(b"x")
     finally:
         probe.unlink(missing_ok=True)
 
