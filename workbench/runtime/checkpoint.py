@@ -113,11 +113,12 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]], *, ren
 
     rename: file key -> our name; ignore: our names to skip (derived buffers, tied weights);
     show: our name -> the name to print when one is missing. Errors name the tensor and the file.
-    parts: for one tensor-parallel rank (``tp.shard_plan``): our name -> the ``tp.Part`` to read
-    (only those rows or columns are read from the file), or None for a tensor the rank does not
-    hold (checked, not read); names not in ``parts`` are read whole. Each tensor is then copied out
-    of its own memory map of the file, closed right after, so the process holds its share plus at
-    most one tensor's pages of the file. Without ``parts`` the tensors stay views of the map.
+    Tensors read whole are views of the file's memory map (pages come in when used and are shared
+    with every process that maps the file). parts: for one tensor-parallel rank (``tp.shard_plan``):
+    our name -> the ``tp.Part`` to read, or None for a tensor the rank does not hold (checked, not
+    read); names not in ``parts`` are read whole. A part is read through its own map of the file,
+    touching only its rows or columns, copied out and the map closed, so the process never holds
+    more than its own parts plus one part's pages of the file.
     """
     state: dict[str, torch.Tensor] = {}
     found: set[str] = set()
@@ -135,14 +136,13 @@ def read_tensors(files: list[Path], expected: dict[str, tuple[int, ...]], *, ren
                     if shape != expected[ours]:
                         raise WorkbenchError(f"tensor {key!r} has shape {shape}, config implies {expected[ours]}")
                     found.add(ours)
-                    if parts is None:
-                        state[ours] = sf.get_tensor(key)
-                    elif parts.get(ours, "whole") is not None:
+                    if parts is None or ours not in parts:
+                        state[ours] = sf.get_tensor(key)  # whole: a view of the file's memory map
+                    elif parts[ours] is not None:
                         to_read.append((key, ours))
-            for key, ours in to_read:
+            for key, ours in to_read:  # a map per part, closed at once: its pages leave this process
                 with safe_open(str(f), framework="pt", device="cpu") as sf:
-                    part = parts.get(ours)
-                    piece = part.of(sf.get_slice(key)) if part is not None else sf.get_tensor(key)
+                    piece = parts[ours].of(sf.get_slice(key))
                     state[ours] = piece.clone(memory_format=torch.contiguous_format)  # own memory, not the map's
         except (OSError, RuntimeError) as e:
             raise WorkbenchError(f"cannot read {f}: {str(e).splitlines()[0]}") from None
