@@ -53,6 +53,9 @@ def block_hook(block: str, suffix: str) -> str:
 class PerceiverRecorder(Recorder):
     """Records one Perceiver AR generation on one rank (same arguments as ``Recorder``)."""
 
+    # Latent windows move and decode rows vary per block: every step is reduced as it ends.
+    batches_decode = False
+
     def __init__(self, model, writer, selection, token_text, prompts) -> None:
         super().__init__(model, writer, selection, token_text, prompts)
         cfg = model.cfg

@@ -1,13 +1,18 @@
-"""The per-rank recorder: listeners on hook points, one batched reduction per step, a TraceWriter.
+"""The per-rank recorder: listeners on hook points, batched reductions, a TraceWriter.
 
-Listeners only keep references to the tensors they see (the model never modifies them in place);
-all reductions run once per step in ``on_step``, batched across layers and sites, so the forward
-pass pays a Python call per subscribed hook point and nothing more. Nothing here communicates
-across ranks: each rank reduces its own heads, columns and timings and writes its own region.
+Listeners only keep references to the tensors they see (the model never modifies them in place),
+so the forward pass pays a Python call per subscribed hook point and nothing more. The prefill
+(step 0) is reduced and queued at once. Decode steps are only kept (references and a few numbers)
+and handed to the writer in batches at most ``batch_seconds`` old: one region write per array
+per batch, and raw activation values that the writer's worker process turns into histograms and
+moments on another core. A decode step on a small model takes about a millisecond; per-step
+tensor ops and writes would cost as much again. Nothing here communicates across ranks: each
+rank reduces its own heads, columns and timings and writes its own region.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -86,6 +91,26 @@ def batched_stats(tensors: Sequence[torch.Tensor], edges: torch.Tensor, eps: tor
                            sum4=sums[:, 3], min=lo, max=hi, near_zero=sums[:, 4].astype(np.int64))
 
 
+@dataclass
+class _DecodeStep:
+    """What one decode step left for the next batch: references and small numbers only."""
+
+    step: int
+    tokens: list[int]
+    positions: list[int]
+    active: list[bool]
+    acts: dict
+    arm_eps: dict
+    patterns: dict
+    comm: np.ndarray  # [3, layers, sites]
+    stamps: np.ndarray  # [layers, stamps]
+    kv: tuple | None
+    seconds: float
+    wall: float
+    cand_ids: torch.Tensor | None
+    cand_probs: torch.Tensor | None
+
+
 class Recorder:
     """Records one generation on one rank.
 
@@ -113,7 +138,16 @@ class Recorder:
         self._acts: dict[tuple[int, int], torch.Tensor] = {}
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
         self._stamps = np.zeros((self.n_layers, len(STAMP_HOOKS)), dtype=np.int64)
-        self._step_wall = 0.0
+        self._pending: list[_DecodeStep] = []
+        self._arms = [(i, layer.mlp.redistribute) for i, layer in enumerate(getattr(model, "layers", []))
+                      if getattr(getattr(layer, "mlp", None), "redistribute", None) is not None]
+
+    # Decode steps wait at most this long before they are queued (it adds to the live lag).
+    batch_seconds = 0.1
+    max_batch_steps = 256
+    # Decode steps with more activation values than this are reduced at once, on their device.
+    max_shipped_values = 1 << 20
+    batches_decode = True  # False: every step is reduced and queued as it ends
 
     # ------------------------------------------------- model-specific parts (subclasses override)
     @classmethod
@@ -163,6 +197,14 @@ class Recorder:
         return self
 
     def detach(self) -> None:
+        """Queue the steps still waiting in a batch and stop listening."""
+        try:
+            if self._pending:
+                self._drain()
+        finally:
+            self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
         for fn in self._subscriptions:
             self.model.remove_listener(fn)
         self._subscriptions.clear()
@@ -201,6 +243,17 @@ class Recorder:
             w.write(0, "tokens/prompt_len", self.lengths.numpy())
 
     def on_step(self, event) -> None:
+        """Keep what the listeners saw during this step; queue the batch when it is due."""
+        if event.step == 0 or not self.batches_decode:
+            self._record_step(event)
+            return
+        self._keep_decode_step(event)
+        pending = self._pending
+        if (len(pending) >= self.max_batch_steps or all(event.finished) or event.step >= self.spec.max_steps - 1
+                or pending[-1].wall - pending[0].wall + pending[0].seconds >= self.batch_seconds):
+            self._drain()
+
+    def _record_step(self, event) -> None:
         """Reduce what the listeners kept during this step, queue it, and end the step."""
         step, w = event.step, self.writer
         active = [not f for f in self.finished]
@@ -339,3 +392,182 @@ class Recorder:
         k = min(ids.shape[1], self.spec.top_k)
         self.writer.write_sample(step, chosen, chosen_prob=chosen_prob, candidate_ids=ids[:, :k],
                                  candidate_probs=probs[:, :k])
+
+    # ---------------------------------------------------------------- decode batches
+    def _keep_decode_step(self, event) -> None:
+        step = event.step
+        active = [not f for f in self.finished]
+        acts = self._acts
+        if acts and sum(x.numel() for x in acts.values()) > self.max_shipped_values:
+            # Too big to ship raw (large model or batch): reduce now, on the tensors' device.
+            q_start = self.lengths + step - 1
+            self._write_activations(step, q_start, q_start + 1, active)
+            acts = {}
+        self._pending.append(_DecodeStep(
+            step=step, tokens=list(event.tokens), positions=list(event.positions), active=active,
+            acts=acts, arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None} if acts else {},
+            patterns=self._patterns, comm=self._comm, stamps=self._stamps,
+            kv=self._kv_numbers(event.cache),
+            seconds=float(event.seconds), wall=time.time(),
+            cand_ids=event.cand_ids if "sampler" in self.sel and self.rank == 0 else None,
+            cand_probs=event.cand_probs if "sampler" in self.sel and self.rank == 0 else None))
+        self.finished = list(event.finished)
+        self._acts, self._patterns = {}, {}
+        self._comm, self._stamps = np.zeros_like(self._comm), np.zeros_like(self._stamps)
+
+    def _kv_numbers(self, cache) -> tuple[int, int, int, int] | None:
+        if "kv" not in self.sel or not hasattr(cache, "stats"):
+            return None
+        st = cache.stats()
+        return st.tokens, st.blocks, st.bytes_used, st.bytes_reserved
+
+    def _drain(self) -> None:
+        """Queue every kept decode step (one write per array), then end them in order."""
+        steps, self._pending = self._pending, []
+        first, k = steps[0].step, len(steps)
+        w = self.writer
+        if self.rank == 0:
+            q_start = self.lengths.numpy()[:, None] + np.arange(first, first + k)[None, :] - 1
+            w.write(first, "tokens/query_start", q_start, n_steps=k)
+            w.write(first, "tokens/query_stop", q_start + 1, n_steps=k)
+            self._queue_tokens(steps)
+            if steps[0].cand_ids is not None:
+                self._queue_samples(steps)
+        if any(st.patterns for st in steps):
+            self._queue_attention(steps)
+        if any(st.acts for st in steps):
+            self._queue_activation_values(steps)
+        if steps[0].kv is not None:
+            kv = np.array([st.kv for st in steps], dtype=np.int64)  # [k, 4]
+            for i, name in enumerate(("tokens", "blocks", "bytes_used", "bytes_reserved")):
+                w.write(first, f"kv_cache/{name}", np.repeat(kv[:, i:i + 1], self.n_layers, axis=1), n_steps=k)
+        comm = np.stack([st.comm for st in steps])  # [k, 3, layers, sites]
+        if "comm" in self.sel and comm[:, 1].any():
+            w.write(first, "comm/start", comm[:, 0], n_steps=k)
+            w.write(first, "comm/seconds", comm[:, 1], n_steps=k)
+            w.write(first, "comm/bytes", comm[:, 2].astype(np.int64), n_steps=k)
+        if "timing" in self.sel:
+            self._queue_timing(steps, comm)
+        for st in steps:
+            w.end_step(st.step)
+
+    def _queue_tokens(self, steps: list[_DecodeStep]) -> None:
+        """The chosen tokens of each sequence at their positions (consecutive while it is active)."""
+        first = steps[0].step
+        for j in range(len(self.prompts)):
+            ids = [st.tokens[j] for st in steps if st.active[j]]
+            if not ids:
+                continue
+            pos = slice(steps[0].positions[j], steps[0].positions[j] + len(ids))
+            last = first + len(steps) - 1
+            self.writer.write(last, "tokens/token_id", [ids], seq=slice(j, j + 1), position=pos)
+            self.writer.write(last, "tokens/produced_step", [list(range(first, first + len(ids)))],
+                              seq=slice(j, j + 1), position=pos)
+            self.writer.write(last, "tokens/text", np.asarray([[self.token_text(t) for t in ids]], dtype=object),
+                              seq=slice(j, j + 1), position=pos)
+
+    def _queue_samples(self, steps: list[_DecodeStep]) -> None:
+        first, k = steps[0].step, len(steps)
+        ids = torch.stack([st.cand_ids for st in steps], 1).cpu().numpy()  # [b, steps, k]
+        probs = torch.stack([st.cand_probs for st in steps], 1).float().cpu().numpy()
+        chosen = np.array([st.tokens for st in steps]).T  # [b, steps]
+        match = ids == chosen[..., None]
+        chosen_prob = np.where(match.any(-1), (probs * match).sum(-1), np.nan).astype(np.float32)
+        top = min(ids.shape[-1], self.spec.top_k)
+        w = self.writer
+        w.write(first, "tokens/chosen", chosen, n_steps=k)
+        w.write(first, "tokens/chosen_prob", chosen_prob, n_steps=k)
+        w.write(first, "tokens/candidate_id", ids[..., :top], n_steps=k, k=slice(0, top))
+        w.write(first, "tokens/candidate_prob", probs[..., :top], n_steps=k, k=slice(0, top))
+
+    def _queue_timing(self, steps: list[_DecodeStep], comm: np.ndarray) -> None:
+        ts = np.stack([st.stamps for st in steps]).astype(np.float64) / 1e9  # [k, layers, stamps]
+        comm_s = comm[:, 1].sum(axis=2)  # [k, layers]
+        values = {
+            "attention": ts[..., 1] - ts[..., 0],
+            "mlp": ts[..., 3] - ts[..., 2],
+            "comm": comm_s,
+            "norm": (ts[..., 2] - ts[..., 1]) + (ts[..., 4] - ts[..., 3]) - comm_s,
+        }
+        nan = np.full(ts.shape[:2], np.nan)
+        seconds = np.stack([values.get(p, nan) for p in self.spec.timing_parts], axis=2)  # [k, layers, parts]
+        seconds[~ts.any(axis=(1, 2))] = np.nan  # steps no stamp listener saw
+        step_seconds = np.array([st.seconds for st in steps])
+        first, k = steps[0].step, len(steps)
+        self.writer.write(first, "timing/seconds", seconds, n_steps=k)
+        self.writer.write(first, "timing/step_seconds", step_seconds, n_steps=k)
+        self.writer.write(first, "timing/step_start", np.array([st.wall for st in steps]) - step_seconds, n_steps=k)
+
+    def _queue_activation_values(self, steps: list[_DecodeStep]) -> None:
+        """Raw values of every (step, layer, site), shipped to the writer's worker to reduce."""
+        sites = self.spec.hist_sites
+        pieces, seg_steps, seg_layers, seg_sites, eps = [], [], [], [], []
+        for st in steps:
+            if not st.acts:
+                continue
+            rows = None if all(st.active) else [j for j, a in enumerate(st.active) if a]
+            if rows == []:
+                continue
+            for (layer, s), x in sorted(st.acts.items()):
+                pieces.append(x.reshape(-1) if rows is None else x[rows].reshape(-1))
+                seg_steps.append(st.step)
+                seg_layers.append(layer)
+                seg_sites.append(s)
+                # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
+                eps.append(st.arm_eps.get(layer, np.nan) if sites[s].startswith("mlp.act")
+                           else self.spec.near_zero_eps)
+        if not pieces:
+            return
+        values = torch.cat(pieces).float().cpu().numpy()
+        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([t.numel() for t in pieces], out=offsets[1:])
+        self.writer.write_activation_values(steps[0].step, steps[-1].step, values, offsets, np.array(seg_steps),
+                                            np.array(seg_layers), np.array(seg_sites), np.array(eps, dtype=np.float64))
+
+    def _queue_attention(self, steps: list[_DecodeStep]) -> None:
+        """One decode row per step: runs of consecutive recorded steps become one block per sequence."""
+        run: list[_DecodeStep] = []
+        for st in [*steps, None]:
+            if st is not None and st.patterns and (not run or st.step == run[-1].step + 1):
+                run.append(st)
+                continue
+            if run:
+                self._queue_attention_run(run)
+            run = [st] if st is not None and st.patterns else []
+
+    def _queue_attention_run(self, run: list[_DecodeStep]) -> None:
+        layers = sorted(run[0].patterns)
+        rows = [torch.stack([st.patterns[i] for i in layers], dim=1)[:, :, :, 0] for st in run]  # [b, L, H, keys]
+        n_keys = max(r.shape[-1] for r in rows)
+        block = rows[0].new_zeros((*rows[0].shape[:3], len(run), n_keys))  # [b, L, H, steps, keys]
+        for i, r in enumerate(rows):
+            block[:, :, :, i, : r.shape[-1]] = r
+        dtype = torch.float16 if self.spec.attention_dtype == "float16" else torch.float32
+        all_layers = len(layers) == len(self.spec.attention_layers)
+        first, last = run[0].step, run[-1].step
+        for j in range(block.shape[0]):
+            k = sum(st.active[j] for st in run)
+            if k == 0:
+                continue
+            q0 = int(self.lengths[j]) + first - 1  # query position of the first row
+            rows_j = block[j, :, :, :k, : q0 + k]  # [L, H, k, keys]
+            weights = rows_j.to(dtype).cpu().numpy()
+            # Attention received per cached position: sum over this rank's heads; keys past a
+            # row's query were never cached at that step.
+            mass = rows_j.float().sum(dim=1).transpose(0, 1).cpu().numpy()  # [k, L, keys]
+            uncached = np.arange(q0 + k)[None, :] > (q0 + np.arange(k))[:, None]  # [k, keys]
+            mass[np.broadcast_to(uncached[:, None, :], mass.shape)] = np.nan
+            seq = slice(j, j + 1)
+            if all_layers:
+                self.writer.write_attention(last, weights[None], query_start=q0, seq=seq)
+            else:
+                for li, layer in enumerate(layers):
+                    self.writer.write_attention(last, weights[li][None], query_start=q0, layer=layer, seq=seq)
+            if len(layers) == self.n_layers:
+                self.writer.write(first, "kv_cache/attention_mass", mass[None], n_steps=k, seq=seq,
+                                  position=slice(0, q0 + k))
+            else:
+                for li, layer in enumerate(layers):
+                    self.writer.write(first, "kv_cache/attention_mass", mass[None, :, li], n_steps=k, seq=seq,
+                                      layer=layer, position=slice(0, q0 + k))
+

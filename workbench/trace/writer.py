@@ -2,10 +2,11 @@
 
 Rank 0 creates the store (`create_store`) with every array at full size; other ranks open it after
 a barrier the caller provides (`TraceWriter.open`). Each rank owns one writer whose `write_*`
-methods only validate and copy into a bounded in-memory queue. A background thread flushes every
-`flush_interval` seconds: it takes every record of the steps ended so far, coalesces consecutive
-steps of one array into a single region write, writes all data, and only then advances this
-rank's commit marker. Readers never look past min(committed) over ranks.
+methods only validate and copy into a bounded in-memory queue. Every `flush_interval` seconds a
+background thread hands the records of the steps ended so far to the rank's worker process
+(`worker.py`), which coalesces consecutive steps of one array into a single region write, writes
+all data, and only then advances this rank's commit marker; the thread waits for it with the GIL
+released. Readers never look past min(committed) over ranks.
 
 Typical use on one rank::
 
@@ -22,16 +23,21 @@ Typical use on one rank::
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from multiprocessing.connection import Connection
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +47,7 @@ from zarr.codecs import ZstdCodec
 from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
                      STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
 from .stats import MOMENT_ARRAYS, ActivationStats
+from .worker import ActivationValues, Record
 
 Index = int | slice | str
 # zstd level 1 compresses attention rows as well as the default level (3) at ~3x the speed.
@@ -63,14 +70,6 @@ class WriterStats:
     peak_queue_bytes: int = 0
     blocked_seconds: float = 0.0  # time callers waited because the queue was full
     dropped_records: int = 0  # records of steps never ended (discarded at close)
-
-
-@dataclass
-class _Record:
-    step: int
-    name: str
-    region: tuple[slice, ...]
-    data: np.ndarray
 
 
 # ---------------------------------------------------------------------- store creation
@@ -208,9 +207,9 @@ class TraceWriter:
         self.max_flush_steps = int(max_flush_steps)
 
         self._arrays: dict[str, ArrayLayout] = dict(self.spec.iter_arrays())
-        self._zarr: dict[str, zarr.Array] = {}
+        self._start_worker()
         self._cond = threading.Condition()
-        self._records: list[_Record] = []
+        self._records: list[Record | ActivationValues] = []
         self._queued_bytes = 0
         self._ended = 0  # steps [0, _ended) are ended by the caller
         self._committed = 0  # steps [0, _committed) are on disk with their marker
@@ -240,9 +239,10 @@ class TraceWriter:
         return cls(path, None, None, rank=rank, world=world, create=False, **kwargs)
 
     # ------------------------------------------------------------------ generic write
-    def write(self, step: int, name: str, data: Any, **index: Index) -> None:
+    def write(self, step: int, name: str, data: Any, *, n_steps: int | None = None, **index: Index) -> None:
         """Queue `data` for the region of array `name` ("group/array") at `step`.
 
+        With `n_steps` the data covers steps [step, step + n_steps) and keeps the step dim.
         Unnamed dims default to: `step` -> step, `rank` -> this rank, attention/cross `head`
         -> the slots this rank owns, anything else -> the whole dim. An int index drops that
         dim from `data`; a str index names a site or part. `data` is broadcast to the region
@@ -252,18 +252,22 @@ class TraceWriter:
             step: step the data belongs to (not yet ended).
             name: "group/array", e.g. "timing/seconds".
             data: values for the region.
+            n_steps: number of consecutive steps the data covers (None: just `step`, dim dropped).
             **index: per-dim int, slice or label.
         """
         layout = self._arrays.get(name)
         if layout is None:
             raise TraceWriterError(f"no array {name!r} in this trace layout")
+        last = step if n_steps is None else step + n_steps - 1
         self._check_step(step)
+        self._check_step(last)
         region: list[slice] = []
         shape: list[int] = []
         for dim, size in zip(layout.dims, layout.shape):
             sel = index.pop(dim, None)
             if sel is None:
-                sel = self._default_index(name, dim, step, size)
+                sel = slice(step, last + 1) if dim == "step" and n_steps is not None else \
+                    self._default_index(name, dim, step, size)
             if isinstance(sel, str):
                 sel = self._label_index(name, dim, sel)
             if isinstance(sel, (int, np.integer)):
@@ -295,7 +299,7 @@ class TraceWriter:
                 raise TraceWriterError(f"{name}: data of shape {np.shape(data)} does not fit "
                                        f"the region of shape {shape}") from None
         full = np.array(arr, copy=True).reshape([r.stop - r.start for r in region])
-        self._put(_Record(step, name, tuple(region), full))
+        self._put(Record(last, name, tuple(region), full))
 
     def _default_index(self, name: str, dim: str, step: int, size: int) -> Index:
         if dim == "step":
@@ -498,6 +502,35 @@ class TraceWriter:
         self.write(step, "activations/hist_count", stats.hist, **index)
         for field, array in MOMENT_ARRAYS.items():
             self.write(step, f"activations/{array}", getattr(stats, field), **index)
+
+    def write_activation_values(self, first_step: int, last_step: int, values: np.ndarray,
+                                offsets: np.ndarray, steps: np.ndarray, layers: np.ndarray,
+                                sites: np.ndarray, eps: np.ndarray) -> None:
+        """Raw activation values of steps [first_step, last_step]; the worker process reduces them.
+
+        Histograms and moments then cost the generating process nothing but this copy. Every
+        (step, layer, site) of the range not given a segment is left unrecorded.
+
+        Args:
+            first_step, last_step: the steps covered (none ended yet).
+            values: [total] float32, segment i = values[offsets[i]:offsets[i + 1]].
+            offsets: [n + 1] segment bounds.
+            steps, layers, sites: [n] the (step, layer, site index) of each segment.
+            eps: [n] near-zero threshold per segment; NaN: ARM's MAD rule on the layer's
+                mlp.act.pre segment of that step.
+        """
+        self._check_step(first_step)
+        self._check_step(last_step)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        n = len(offsets) - 1
+        if len(values) != offsets[-1] or not all(len(a) == n for a in (steps, layers, sites, eps)):
+            raise TraceWriterError("write_activation_values: offsets, steps, layers, sites and eps disagree")
+        steps = np.asarray(steps, dtype=np.int64)
+        if n and (steps.min() < first_step or steps.max() > last_step):
+            raise TraceWriterError(f"write_activation_values: steps outside {first_step}..{last_step}")
+        self._put(ActivationValues(last_step, first_step, np.asarray(values, dtype=np.float32), offsets, steps,
+                                   np.asarray(layers, dtype=np.int64), np.asarray(sites, dtype=np.int64),
+                                   np.asarray(eps, dtype=np.float64)))
 
     def write_comm(self, step: int, *, start: Any = None, seconds: Any = None,
                    nbytes: Any = None, layer: int | None = None,
@@ -715,7 +748,7 @@ class TraceWriter:
         if self._error is not None:
             raise TraceWriterError(f"trace writer failed: {self._error!r}") from self._error
 
-    def _put(self, record: _Record) -> None:
+    def _put(self, record: Record | ActivationValues) -> None:
         if record.data.size == 0:
             return
         nbytes = record.data.nbytes
@@ -740,6 +773,7 @@ class TraceWriter:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+        self._stop_worker()
         with self._cond:
             dropped = len(self._records)
             if dropped:
@@ -776,95 +810,110 @@ class TraceWriter:
                 self._error = exc
                 self._cond.notify_all()
 
-    def _flush(self, records: list[_Record], ended: int) -> None:
+    def _flush(self, records: list[Record | ActivationValues], ended: int) -> None:
         t0 = time.perf_counter()
         start = self._committed
         for b0 in range(start, ended, self.max_flush_steps):
             b1 = min(ended, b0 + self.max_flush_steps)
             batch = [r for r in records if b0 <= r.step < b1] if (b0, b1) != (start, ended) \
                 else records
-            by_array: dict[str, list[_Record]] = {}
-            for r in batch:
-                by_array.setdefault(r.name, []).append(r)
-            written = 0
-            for name, pieces in by_array.items():
-                written += self._write_array(name, pieces)
-            self._zarr_array("committed")[self.rank] = b1
+            written, regions = self._worker_call(("flush", batch, b1))
             with self._cond:
                 self._committed = b1
                 self._queued_bytes -= sum(r.data.nbytes for r in batch)
                 self._stats.steps_committed = b1
                 self._stats.bytes_written += written
+                self._stats.region_writes += regions
                 self._cond.notify_all()
         with self._cond:
             self._stats.flushes += 1
             self._stats.seconds_writing += time.perf_counter() - t0
 
-    def _zarr_array(self, name: str) -> zarr.Array:
-        arr = self._zarr.get(name)
-        if arr is None:
-            arr = zarr.open_array(store=str(self.path), path=name, mode="r+")
-            arr = arr.with_config({"write_empty_chunks": True})  # skip the all-fill check
-            self._zarr[name] = arr
-        return arr
+    # ------------------------------------------------------------------ the worker process
+    def _start_worker(self) -> None:
+        # A fresh interpreter (not multiprocessing): spawn and forkserver would re-run the
+        # caller's __main__ script in the worker. It imports numpy and zarr only (~0.4 s), while
+        # the caller goes on; the first flush waits for it to be ready.
+        ours, theirs = socket.socketpair()
+        self._worker = subprocess.Popen(
+            [sys.executable, "-m", "workbench.trace.worker", str(theirs.fileno()), str(self.path), str(self.rank)],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._worker_ready = False
+        _LIVE_CONNECTIONS.append(self._conn)
 
-    def _write_array(self, name: str, pieces: list[_Record]) -> int:
-        """Coalesce pieces of one array into one bounding-box write; return bytes written."""
-        layout = self._arrays[name]
-        ndim = len(layout.dims)
-        lo = [min(p.region[d].start for p in pieces) for d in range(ndim)]
-        hi = [max(p.region[d].stop for p in pieces) for d in range(ndim)]
-        box = tuple(slice(a, b) for a, b in zip(lo, hi))
-        shape = tuple(b - a for a, b in zip(lo, hi))
-        dtype = object if layout.dtype == STRING else np.dtype(layout.dtype)
-        arr = self._zarr_array(name)
+    def _worker_call(self, message: tuple) -> tuple[int, int]:
+        if not self._worker_ready:
+            self._worker_reply("ready")
+            self._worker_ready = True
+        self._conn.send(message)
+        reply = self._worker_reply("ok")
+        return reply[1], reply[2]
 
-        causal = None
-        if layout.causal:
-            q_axis, k_axis = layout.dims.index("query"), layout.dims.index("key")
-            q = np.arange(lo[q_axis], hi[q_axis])
-            k = np.arange(lo[k_axis], hi[k_axis])
-            causal = k[None, :] > q[:, None]  # [query, key] cells that stay fill
+    def _worker_reply(self, expected: str) -> tuple:
+        try:
+            reply = self._conn.recv()  # the GIL is released while the worker writes
+        except (EOFError, OSError):
+            try:
+                code = self._worker.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise TraceWriterError(f"the trace worker process died (exit code {code})") from None
+        if reply[0] == "error":
+            raise TraceWriterError(f"worker: {reply[1]}\n{reply[2]}")
+        if reply[0] != expected:
+            raise TraceWriterError(f"unexpected reply from the trace worker: {reply[0]!r}")
+        return reply
 
-        if layout.is_step_major:
-            # This flush owns every step in the box for this rank's region: unwritten cells
-            # are simply left at the fill value.
-            base = np.full(shape, layout.fill, dtype=dtype)
-        else:
-            covered = np.zeros(shape, dtype=bool)
-            for p in pieces:
-                covered[self._local(p.region, lo)] = True
-            if causal is not None:
-                covered |= causal
-            if covered.all():
-                base = np.full(shape, layout.fill, dtype=dtype)
-            else:  # pieces leave holes that may hold earlier data: merge with what is stored
-                base = np.asarray(arr[box], dtype=dtype)
-        for p in pieces:
-            base[self._local(p.region, lo)] = p.data
-        if causal is not None:
-            base[..., causal] = layout.fill
-        arr[box] = base
-        with self._cond:
-            self._stats.region_writes += 1
-        return base.nbytes
-
-    @staticmethod
-    def _local(region: tuple[slice, ...], lo: list[int]) -> tuple[slice, ...]:
-        return tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, lo))
+    def _stop_worker(self) -> None:
+        try:
+            if self._worker.poll() is None:
+                self._conn.send(("stop",))
+                while self._conn.recv()[0] != "stopped":  # "ready" if it never flushed
+                    pass
+        except (EOFError, OSError):
+            pass
+        self._conn.close()
+        if self._conn in _LIVE_CONNECTIONS:
+            _LIVE_CONNECTIONS.remove(self._conn)
+        try:
+            self._worker.wait(30)
+        except subprocess.TimeoutExpired:
+            self._worker.kill()
+            self._worker.wait()
 
     def _set_status(self, status: str, message: str) -> None:
         if status not in (STATUS_COMPLETE, STATUS_FAILED, STATUS_RUNNING):
             raise TraceWriterError(f"unknown status {status!r}")
-        self._zarr_array("rank_status")[self.rank] = status
-        self._zarr_array("rank_error")[self.rank] = message
-        statuses = np.asarray(self._zarr_array("rank_status")[:], dtype=object)
-        errors = np.asarray(self._zarr_array("rank_error")[:], dtype=object)
+        def array(name: str) -> zarr.Array:
+            return zarr.open_array(store=str(self.path), path=name, mode="r+")
+        array("rank_status")[self.rank] = status
+        array("rank_error")[self.rank] = message
+        statuses = np.asarray(array("rank_status")[:], dtype=object)
+        errors = np.asarray(array("rank_error")[:], dtype=object)
         overall, error = aggregate_status(list(statuses), list(errors))
         if overall == STATUS_RUNNING and self.rank != 0:
             return  # the last rank to finish (or any failing rank) sets the root attributes
         root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         root.attrs.update({"status": overall, "error": error, "updated": _now()})
+
+
+# Pipes to live workers, closed at exit so that the workers see the end of their input and exit.
+_LIVE_CONNECTIONS: list = []
+
+
+def _worker_env() -> dict[str, str]:
+    """The caller's environment, with this package importable even when run from a checkout."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+
+
+@atexit.register
+def _close_worker_pipes() -> None:
+    for conn in _LIVE_CONNECTIONS:
+        conn.close()
 
 
 def aggregate_status(statuses: Sequence[str], errors: Sequence[str]) -> tuple[str, str]:
