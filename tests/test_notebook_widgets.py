@@ -136,22 +136,24 @@ def test_live_run_is_followed_as_it_grows(model_dir, tmp_path):
     """The widget shows a run part-way through, however fast the machine generates.
 
     A tiny model can finish before the refresh task's first beat, so the generation is held still at
-    one step (its ``on_step`` waits) until the widget shows exactly the steps committed by then.
+    one step (its ``on_step`` waits) until the widget shows the run part-way. What it can show then
+    is what the recorder has handed to the store by that step: at least the prefill (queued at
+    once), at most steps 0..hold_at (decode steps are queued in batches, so maybe fewer).
     """
     n_new = 48
-    hold_at = n_new // 2                   # steps 0..hold_at are ended while the run is held
+    hold_at = n_new // 2
     seen = []                              # (steps the widget shows, run ended)
-    shown_held = threading.Event()
-    held = []                              # True if the widget caught up while the run was held
+    shown_part_way = threading.Event()
+    held = []                              # True if the widget showed the run part-way by the end of the hold
 
     def hold(event):
-        if event.step == hold_at:          # the recorder ended this step just before this callback
-            held.append(shown_held.wait(timeout=120))
+        if event.step == hold_at:
+            held.append(shown_part_way.wait(timeout=120))
 
     def watch(event):
         seen.append((event.new, live.done))
-        if event.new == hold_at + 1:
-            shown_held.set()
+        if 0 < event.new <= hold_at + 1 and not live.done:
+            shown_part_way.set()
 
     async def main():
         nonlocal live
@@ -176,8 +178,8 @@ def test_live_run_is_followed_as_it_grows(model_dir, tmp_path):
     assert live.trace.n_steps == n_new and live.trace.status == "complete"
     counts = [n for n, _ in seen]
     assert counts == sorted(counts) and counts[-1] == n_new
-    # The widget showed the trace while the generation was still running (held after step hold_at).
-    assert (hold_at + 1, False) in seen, seen
+    # The widget showed the trace while the generation was still running (at the latest, while held).
+    assert any(0 < n <= hold_at + 1 and not done for n, done in seen), seen
     labels = live.widget.views["attention"].main.figure.title.text
     assert f"step {n_new - 1}" in labels
 
