@@ -88,9 +88,10 @@ class Watched:
 
     def _watch(self) -> None:
         while not self._stop and self.proc.poll() is None:
-            new = _children(self.proc.pid) - self.seen
-            self.ranks |= {p for p in new if _is_rank(p)}
-            self.seen |= new
+            children = _children(self.proc.pid)
+            # classified on every scan: between fork and exec a child still shows the launcher's command line
+            self.ranks |= {p for p in children - self.ranks if _is_rank(p)}
+            self.seen |= children
             time.sleep(0.05)
 
     def wait_for_ranks(self, n: int, timeout: float = 120) -> None:
