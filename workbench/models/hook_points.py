@@ -53,6 +53,10 @@ class HookPoint(nn.Module):
                 x = out
         return x
 
+    # Called directly, not through nn.Module.__call__: its hook machinery costs a few microseconds
+    # per call, dozens of calls per decode step, and listeners are this module's hooks.
+    __call__ = forward
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, listeners={len(self.listeners)}"
 

@@ -99,7 +99,7 @@ class _DecodeStep:
     tokens: list[int]
     positions: list[int]
     active: list[bool]
-    acts: dict
+    values: torch.Tensor | None  # [rows, width]: this step's activations, active sequences only
     arm_eps: dict
     patterns: dict
     comm: np.ndarray  # [3, layers, sites]
@@ -139,6 +139,9 @@ class Recorder:
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
         self._stamps = np.zeros((self.n_layers, len(STAMP_HOOKS)), dtype=np.int64)
         self._pending: list[_DecodeStep] = []
+        self._value_keys: list[tuple[int, int]] = []  # (layer, site) column blocks of shipped values
+        self._value_offsets = np.zeros(1, dtype=np.int64)
+        self._ship_values = True
         self._arms = [(i, layer.mlp.redistribute) for i, layer in enumerate(getattr(model, "layers", []))
                       if getattr(getattr(layer, "mlp", None), "redistribute", None) is not None]
 
@@ -397,23 +400,38 @@ class Recorder:
     def _keep_decode_step(self, event) -> None:
         step = event.step
         active = [not f for f in self.finished]
-        acts = self._acts
-        if acts and sum(x.numel() for x in acts.values()) > self.max_shipped_values:
-            # Too big to ship raw (large model or batch): reduce now, on the tensors' device.
-            q_start = self.lengths + step - 1
-            self._write_activations(step, q_start, q_start + 1, active)
-            acts = {}
+        values = None
+        if self._acts:
+            values = self._activation_row(step, active)
         self._pending.append(_DecodeStep(
             step=step, tokens=list(event.tokens), positions=list(event.positions), active=active,
-            acts=acts, arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None} if acts else {},
-            patterns=self._patterns, comm=self._comm, stamps=self._stamps,
-            kv=self._kv_numbers(event.cache),
+            values=values, arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
+            if values is not None else {},
+            patterns=self._patterns, comm=self._comm, stamps=self._stamps, kv=self._kv_numbers(event.cache),
             seconds=float(event.seconds), wall=time.time(),
             cand_ids=event.cand_ids if "sampler" in self.sel and self.rank == 0 else None,
             cand_probs=event.cand_probs if "sampler" in self.sel and self.rank == 0 else None))
         self.finished = list(event.finished)
         self._acts, self._patterns = {}, {}
         self._comm, self._stamps = np.zeros_like(self._comm), np.zeros_like(self._stamps)
+
+    def _activation_row(self, step: int, active: list[bool]) -> torch.Tensor | None:
+        """This step's activations side by side, [active sequences, width]; None if reduced at once."""
+        keys = sorted(self._acts)
+        if keys != self._value_keys:
+            self._value_keys = keys
+            widths = [self._acts[k].shape[-1] for k in keys]
+            self._value_offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+            self._ship_values = (sum(x.numel() for x in self._acts.values()) <= self.max_shipped_values
+                                 and all(x.shape[-2] == 1 for x in self._acts.values()))
+        if not self._ship_values or not any(active):
+            # Too big to ship raw (large model or batch): reduce now, on the tensors' device.
+            q_start = self.lengths + step - 1
+            self._write_activations(step, q_start, q_start + 1, active)
+            return None
+        row = torch.cat([self._acts[k] for k in keys], dim=-1)  # [b, 1, width]
+        row = row.reshape(row.shape[0], -1)
+        return row if all(active) else row[[j for j, a in enumerate(active) if a]]
 
     def _kv_numbers(self, cache) -> tuple[int, int, int, int] | None:
         if "kv" not in self.sel or not hasattr(cache, "stats"):
@@ -435,8 +453,7 @@ class Recorder:
                 self._queue_samples(steps)
         if any(st.patterns for st in steps):
             self._queue_attention(steps)
-        if any(st.acts for st in steps):
-            self._queue_activation_values(steps)
+        self._queue_activation_values(steps)
         if steps[0].kv is not None:
             kv = np.array([st.kv for st in steps], dtype=np.int64)  # [k, 4]
             for i, name in enumerate(("tokens", "blocks", "bytes_used", "bytes_reserved")):
@@ -448,8 +465,7 @@ class Recorder:
             w.write(first, "comm/bytes", comm[:, 2].astype(np.int64), n_steps=k)
         if "timing" in self.sel:
             self._queue_timing(steps, comm)
-        for st in steps:
-            w.end_step(st.step)
+        w.end_step(first, steps[-1].step)  # together: a record of several steps commits as one
 
     def _queue_tokens(self, steps: list[_DecodeStep]) -> None:
         """The chosen tokens of each sequence at their positions (consecutive while it is active)."""
@@ -500,29 +516,22 @@ class Recorder:
 
     def _queue_activation_values(self, steps: list[_DecodeStep]) -> None:
         """Raw values of every (step, layer, site), shipped to the writer's worker to reduce."""
-        sites = self.spec.hist_sites
-        pieces, seg_steps, seg_layers, seg_sites, eps = [], [], [], [], []
-        for st in steps:
-            if not st.acts:
-                continue
-            rows = None if all(st.active) else [j for j, a in enumerate(st.active) if a]
-            if rows == []:
-                continue
-            for (layer, s), x in sorted(st.acts.items()):
-                pieces.append(x.reshape(-1) if rows is None else x[rows].reshape(-1))
-                seg_steps.append(st.step)
-                seg_layers.append(layer)
-                seg_sites.append(s)
-                # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
-                eps.append(st.arm_eps.get(layer, np.nan) if sites[s].startswith("mlp.act")
-                           else self.spec.near_zero_eps)
-        if not pieces:
+        kept = [st for st in steps if st.values is not None]
+        if not kept:
             return
-        values = torch.cat(pieces).float().cpu().numpy()
-        offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-        np.cumsum([t.numel() for t in pieces], out=offsets[1:])
-        self.writer.write_activation_values(steps[0].step, steps[-1].step, values, offsets, np.array(seg_steps),
-                                            np.array(seg_layers), np.array(seg_sites), np.array(eps, dtype=np.float64))
+        sites = self.spec.hist_sites
+        layers = np.array([k[0] for k in self._value_keys], dtype=np.int64)
+        site_ids = np.array([k[1] for k in self._value_keys], dtype=np.int64)
+        first, last = steps[0].step, steps[-1].step
+        eps = np.full((last - first + 1, len(layers)), float(self.spec.near_zero_eps))
+        mlp = np.array([sites[s].startswith("mlp.act") for s in site_ids])
+        for st in kept:
+            # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
+            eps[st.step - first, mlp] = [st.arm_eps.get(int(layer), np.nan) for layer in layers[mlp]]
+        values = torch.cat([st.values for st in kept]).float().cpu().numpy()
+        row_steps = np.repeat([st.step for st in kept], [st.values.shape[0] for st in kept])
+        self.writer.write_activation_values(first, last, values, row_steps, self._value_offsets, layers, site_ids,
+                                            eps)
 
     def _queue_attention(self, steps: list[_DecodeStep]) -> None:
         """One decode row per step: runs of consecutive recorded steps become one block per sequence."""

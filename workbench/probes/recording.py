@@ -53,6 +53,22 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
     }
 
 
+def leave_a_core_for_the_writer(model) -> int | None:
+    """On CPU, run torch on one core fewer while recording; return the thread count to restore.
+
+    The trace writer's worker process needs a core. Torch's intra-op threads spin while they wait
+    for each other, so with every core busy generation slows down several-fold, far more than
+    the one thread fewer costs (small decode-step ops barely use a second thread anyway).
+    """
+    import torch
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu":
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before - 1))
+    return before
+
+
 def recorder_class(model) -> type[Recorder]:
     """The Recorder that knows this model's hook points: Perceiver models have repeats, not layers."""
     if hasattr(model, "repeats"):
@@ -84,12 +100,19 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
     if rank != 0:
         writer = TraceWriter.open(spec.record, rank, world)
     recorder = recorder_cls(model, writer, selection, tok.token_text, prompts).attach()
+    threads = leave_a_core_for_the_writer(model)
     try:
         yield recorder
     except BaseException as e:
-        recorder.detach()
-        writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
+        try:
+            recorder.detach()  # the steps already complete are still committed
+        finally:
+            writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     else:
         recorder.detach()
         writer.close()
+    finally:
+        if threads is not None:
+            import torch
+            torch.set_num_threads(threads)

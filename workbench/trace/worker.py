@@ -27,95 +27,107 @@ import zarr
 from numcodecs import VLenUTF8, Zstd
 
 from .schema import ArrayLayout, TraceSpec
-from .stats import MOMENT_ARRAYS, ActivationStats
+from .stats import MOMENT_ARRAYS
 
 
 @dataclass
 class Record:
-    """Values for one region of one array, produced by `step` (the last step they belong to)."""
+    """Values for one region of one array, of steps [first_step, step] (first_step None: step)."""
 
     step: int
     name: str
     region: tuple[slice, ...]
     data: np.ndarray
+    first_step: int | None = None
 
 
 @dataclass
 class ActivationValues:
-    """Raw activation values of steps [first_step, step], reduced by the worker.
+    """Raw activation values of consecutive steps [first_step, step], reduced by the worker.
 
-    Segment i holds the values of (steps[i], layers[i], sites[i]): values[offsets[i]:offsets[i+1]].
-    eps[i] is the near-zero threshold; NaN means ARM's MAD rule on the mlp.act.pre segment of the
-    same step and layer.
+    `values` holds one row per (step, sequence) the steps computed, rows of one step together and
+    in step order; columns [col_offsets[i], col_offsets[i + 1]) hold site `sites[i]` of layer
+    `layers[i]`. eps[s, i] is the near-zero threshold of step first_step + s and column block i;
+    NaN means ARM's MAD rule on the mlp.act.pre values of the same step and layer.
     """
 
     step: int
     first_step: int
-    values: np.ndarray  # [total] float32
-    offsets: np.ndarray  # [n + 1] int64
-    steps: np.ndarray  # [n] int64
-    layers: np.ndarray  # [n] int64
-    sites: np.ndarray  # [n] int64
-    eps: np.ndarray  # [n] float64
+    values: np.ndarray  # [rows, width] float32
+    row_steps: np.ndarray  # [rows] int64, non-decreasing
+    col_offsets: np.ndarray  # [blocks + 1] int64
+    layers: np.ndarray  # [blocks] int64
+    sites: np.ndarray  # [blocks] int64
+    eps: np.ndarray  # [steps, blocks] float64
     data: np.ndarray = field(init=False)  # for queue accounting
 
     def __post_init__(self) -> None:
         self.data = self.values
 
 
-def mad_eps(x: np.ndarray, c: float = 0.13) -> float:
-    """ARM's eps = 1.4826 * MAD(|a|) * c, with lower medians (as `probes.recorder.mad_thresholds`)."""
+def mad_eps(x: np.ndarray, c: float = 0.13) -> np.ndarray:
+    """ARM's eps = 1.4826 * MAD(|a|) * c per row of x [rows, n], lower medians (as `mad_thresholds`)."""
     mag = np.abs(x.astype(np.float32))
-    k = (mag.size - 1) // 2
-    med = np.partition(mag, k)[k]
+    k = (mag.shape[1] - 1) // 2
+    med = np.partition(mag, k, axis=1)[:, k:k + 1]
     dev = np.abs(mag - med)
-    return float(1.4826 * np.partition(dev, k)[k] * c)
+    return (np.float32(1.4826) * np.partition(dev, k, axis=1)[:, k] * np.float32(c)).astype(np.float64)
 
 
 def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int) -> list[Record]:
     """Histogram and moment records of the `activations` group for steps [first_step, step]."""
-    n_steps = av.step - av.first_step + 1
-    n_sites = len(spec.hist_sites)
-    lengths = np.diff(av.offsets)
-    eps = av.eps.copy()
-    missing = np.flatnonzero(np.isnan(eps))
-    if missing.size:
-        pre = spec.hist_sites.index("mlp.act.pre")
-        where = {(int(s), int(l)): i for i, (s, l, t) in enumerate(zip(av.steps, av.layers, av.sites)) if t == pre}
-        cache: dict[int, float] = {}
-        for i in missing:
-            j = where.get((int(av.steps[i]), int(av.layers[i])))
-            if j is None:  # no pre-redistribution values recorded for this layer
-                eps[i] = spec.near_zero_eps
-                continue
-            if j not in cache:
-                cache[j] = mad_eps(av.values[av.offsets[j]:av.offsets[j + 1]])
-            eps[i] = cache[j]
+    n_steps, n_sites, n_layers = av.step - av.first_step + 1, len(spec.hist_sites), spec.n_layers
     edges = np.asarray(spec.bin_edges, dtype=np.float64)
     n_bins = len(edges) - 1
-    box = (n_steps, spec.n_layers, n_sites)
-    hist = np.zeros((*box, n_bins), dtype=np.int64)
-    moments = {f: np.full(box, np.nan) for f in ("sum", "sumsq", "sum3", "sum4", "min", "max")}
-    count = np.zeros(box, dtype=np.int64)
-    near = np.zeros(box, dtype=np.int64)
-    eps_box = np.full(box, np.nan)
-    at = (av.steps - av.first_step, av.layers, av.sites)
-    for n in np.unique(lengths):  # segments of one length reduce as one matrix
-        idx = np.flatnonzero(lengths == n)
-        rows = av.offsets[idx][:, None] + np.arange(n)[None, :]
-        x = av.values[rows].astype(np.float64)  # [k, n]
-        stats = ActivationStats.from_values(x, edges, 0.0, lead_dims=1)
-        where = tuple(a[idx] for a in at)
-        hist[where] = stats.hist
-        count[where] = stats.count
-        for f in moments:
-            moments[f][where] = getattr(stats, f)
-        near[where] = (np.abs(x) < eps[idx][:, None]).sum(1)
-    eps_box[at] = eps
-    region = (slice(av.first_step, av.step + 1), slice(0, spec.n_layers), slice(0, n_sites), slice(rank, rank + 1))
+    local = av.row_steps - av.first_step  # [rows] step index of each row
+    present = np.unique(local)
+    starts = np.searchsorted(local, present)  # first row of each step that has rows
+    counts_per_step = np.diff(np.append(starts, len(local)))
+    same_rows = bool(np.all(counts_per_step == counts_per_step[0]))
+    eps = av.eps.copy()
+    blocks = list(zip(av.layers.tolist(), av.sites.tolist()))
+    if np.isnan(eps).any():
+        pre_site = spec.hist_sites.index("mlp.act.pre")
+        for i, (layer, site) in enumerate(blocks):
+            if not np.isnan(eps[:, i]).any():
+                continue
+            j = blocks.index((layer, pre_site)) if (layer, pre_site) in blocks else None
+            if j is None:  # no pre-redistribution values recorded for this layer
+                eps[:, i] = np.where(np.isnan(eps[:, i]), spec.near_zero_eps, eps[:, i])
+                continue
+            x = av.values[:, av.col_offsets[j]:av.col_offsets[j + 1]]
+            if same_rows:  # one matrix row per step: all its sequences' values
+                mad = mad_eps(x.reshape(len(present), -1))
+            else:
+                mad = np.array([mad_eps(x[r0:r0 + n].reshape(1, -1))[0] for r0, n in zip(starts, counts_per_step)])
+            full = np.full(n_steps, np.nan)
+            full[present] = mad
+            eps[:, i] = np.where(np.isnan(eps[:, i]), full, eps[:, i])
+    layouts = dict(spec.iter_arrays())
+    box = (n_steps, n_layers, n_sites)  # cells of steps, layers or sites not recorded keep the fill
+    hist = np.full((*box, n_bins), layouts["activations/hist_count"].fill, dtype=np.int64)
+    fields = {f: np.full(box, layouts[f"activations/{a}"].fill, dtype=layouts[f"activations/{a}"].dtype)
+              for f, a in MOMENT_ARRAYS.items()}
+    eps_box = np.full(box, layouts["activations/near_zero_eps"].fill, dtype=np.float64)
+    compact = np.searchsorted(present, local)  # [rows] index of each row's step among present
+    for i, (layer, site) in enumerate(blocks):
+        x = av.values[:, av.col_offsets[i]:av.col_offsets[i + 1]].astype(np.float64)  # [rows, w]
+        idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)  # bin i: [e_i, e_i+1)
+        hist[present, layer, site] = np.bincount((compact[:, None] * n_bins + idx).ravel(),
+                                                 minlength=len(present) * n_bins).reshape(len(present), n_bins)
+        x2 = x * x
+        per_row = {"sum": x.sum(1), "sumsq": x2.sum(1), "sum3": (x2 * x).sum(1), "sum4": (x2 * x2).sum(1)}
+        for f, v in per_row.items():
+            fields[f][present, layer, site] = np.add.reduceat(v, starts)
+        fields["min"][present, layer, site] = np.minimum.reduceat(x.min(1), starts)
+        fields["max"][present, layer, site] = np.maximum.reduceat(x.max(1), starts)
+        fields["count"][present, layer, site] = counts_per_step * x.shape[1]
+        near = (np.abs(x) < eps[local, i][:, None]).sum(1)
+        fields["near_zero"][present, layer, site] = np.add.reduceat(near, starts)
+        eps_box[present, layer, site] = eps[present, i]
+    region = (slice(av.first_step, av.step + 1), slice(0, n_layers), slice(0, n_sites), slice(rank, rank + 1))
     out = [Record(av.step, "activations/hist_count", region + (slice(0, n_bins),), hist[:, :, :, None]),
            Record(av.step, "activations/near_zero_eps", region, eps_box[..., None])]
-    fields = dict(moments, count=count, near_zero=near)
     for f, array in MOMENT_ARRAYS.items():
         out.append(Record(av.step, f"activations/{array}", region, fields[f][..., None]))
     return out

@@ -299,7 +299,7 @@ class TraceWriter:
                 raise TraceWriterError(f"{name}: data of shape {np.shape(data)} does not fit "
                                        f"the region of shape {shape}") from None
         full = np.array(arr, copy=True).reshape([r.stop - r.start for r in region])
-        self._put(Record(last, name, tuple(region), full))
+        self._put(Record(last, name, tuple(region), full, step))
 
     def _default_index(self, name: str, dim: str, step: int, size: int) -> Index:
         if dim == "step":
@@ -504,31 +504,36 @@ class TraceWriter:
             self.write(step, f"activations/{array}", getattr(stats, field), **index)
 
     def write_activation_values(self, first_step: int, last_step: int, values: np.ndarray,
-                                offsets: np.ndarray, steps: np.ndarray, layers: np.ndarray,
+                                row_steps: np.ndarray, col_offsets: np.ndarray, layers: np.ndarray,
                                 sites: np.ndarray, eps: np.ndarray) -> None:
         """Raw activation values of steps [first_step, last_step]; the worker process reduces them.
 
-        Histograms and moments then cost the generating process nothing but this copy. Every
-        (step, layer, site) of the range not given a segment is left unrecorded.
+        Histograms and moments then cost the generating process nothing but this copy.
 
         Args:
             first_step, last_step: the steps covered (none ended yet).
-            values: [total] float32, segment i = values[offsets[i]:offsets[i + 1]].
-            offsets: [n + 1] segment bounds.
-            steps, layers, sites: [n] the (step, layer, site index) of each segment.
-            eps: [n] near-zero threshold per segment; NaN: ARM's MAD rule on the layer's
-                mlp.act.pre segment of that step.
+            values: [rows, width] one row per (step, sequence), rows of one step together, in
+                step order (steps without rows are left unrecorded).
+            row_steps: [rows] the step of each row.
+            col_offsets: [blocks + 1] column block i = values[:, col_offsets[i]:col_offsets[i + 1]].
+            layers, sites: [blocks] the layer and site index of each column block.
+            eps: [last_step - first_step + 1, blocks] near-zero thresholds; NaN: ARM's MAD rule
+                on the layer's mlp.act.pre block of that step.
         """
         self._check_step(first_step)
         self._check_step(last_step)
-        offsets = np.asarray(offsets, dtype=np.int64)
-        n = len(offsets) - 1
-        if len(values) != offsets[-1] or not all(len(a) == n for a in (steps, layers, sites, eps)):
-            raise TraceWriterError("write_activation_values: offsets, steps, layers, sites and eps disagree")
-        steps = np.asarray(steps, dtype=np.int64)
-        if n and (steps.min() < first_step or steps.max() > last_step):
-            raise TraceWriterError(f"write_activation_values: steps outside {first_step}..{last_step}")
-        self._put(ActivationValues(last_step, first_step, np.asarray(values, dtype=np.float32), offsets, steps,
+        values = np.asarray(values, dtype=np.float32)
+        row_steps, col_offsets = np.asarray(row_steps, dtype=np.int64), np.asarray(col_offsets, dtype=np.int64)
+        n = len(col_offsets) - 1
+        if (values.ndim != 2 or len(row_steps) != len(values) or col_offsets[-1] != values.shape[1]
+                or len(layers) != n or len(sites) != n or np.shape(eps) != (last_step - first_step + 1, n)):
+            raise TraceWriterError("write_activation_values: values, row_steps, col_offsets, layers, sites "
+                                   "and eps disagree")
+        if len(row_steps) and (row_steps[0] < first_step or row_steps[-1] > last_step
+                               or np.any(np.diff(row_steps) < 0)):
+            raise TraceWriterError(f"write_activation_values: row steps must run in order within "
+                                   f"{first_step}..{last_step}")
+        self._put(ActivationValues(last_step, first_step, values, row_steps, col_offsets,
                                    np.asarray(layers, dtype=np.int64), np.asarray(sites, dtype=np.int64),
                                    np.asarray(eps, dtype=np.float64)))
 
@@ -642,20 +647,22 @@ class TraceWriter:
                        **({} if seq is None else {"seq": seq}))
 
     # ------------------------------------------------------------------ step protocol
-    def end_step(self, step: int) -> None:
-        """Declare `step` complete on this rank; it is committed by the next flush.
+    def end_step(self, step: int, last: int | None = None) -> None:
+        """Declare `step` (or steps [step, last]) complete on this rank; the next flush commits them.
 
-        Steps must be ended in order (0, 1, 2, ...). Writes for an ended step are refused.
+        Steps must be ended in order (0, 1, 2, ...). Writes for an ended step are refused. Steps
+        written together (`write(..., n_steps=)`) must be ended together, in one call.
         """
+        last = step if last is None else last
         with self._cond:
             self._raise_if_failed()
-            if step != self._ended:
+            if step != self._ended or last < step:
                 raise TraceWriterError(f"end_step({step}) but the next step to end is "
                                        f"{self._ended}")
             # Wake the thread only when it sleeps with nothing pending; otherwise it is already
             # waiting out the flush interval, and a wake-up per step just churns the GIL.
             was_idle = self._ended <= self._committed
-            self._ended = step + 1
+            self._ended = last + 1
             if was_idle:
                 self._cond.notify_all()
 
@@ -813,8 +820,12 @@ class TraceWriter:
     def _flush(self, records: list[Record | ActivationValues], ended: int) -> None:
         t0 = time.perf_counter()
         start = self._committed
-        for b0 in range(start, ended, self.max_flush_steps):
+        b0 = start
+        while b0 < ended:
             b1 = min(ended, b0 + self.max_flush_steps)
+            # A record of several steps commits with its last step: never cut through one.
+            b1 = max([b1] + [r.step + 1 for r in records
+                             if (r.step if r.first_step is None else r.first_step) < b1 <= r.step])
             batch = [r for r in records if b0 <= r.step < b1] if (b0, b1) != (start, ended) \
                 else records
             written, regions = self._worker_call(("flush", batch, b1))
@@ -825,6 +836,7 @@ class TraceWriter:
                 self._stats.bytes_written += written
                 self._stats.region_writes += regions
                 self._cond.notify_all()
+            b0 = b1
         with self._cond:
             self._stats.flushes += 1
             self._stats.seconds_writing += time.perf_counter() - t0
