@@ -79,12 +79,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     if not hook_pattern.listeners:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    b, h, tq, hd = q.shape
+    kvh = k.shape[1]
+    # Heads sharing a KV head are stacked as extra query rows: no copies of k and v.
+    grouped = q.reshape(b, kvh, (h // kvh) * tq, hd)
+    scores = (grouped @ k.transpose(-1, -2)).view(b, h, tq, -1) * (1.0 / math.sqrt(hd))
     scores = scores.float().masked_fill(~mask, float("-inf"))
     pattern = hook_pattern(torch.softmax(scores, dim=-1))
-    return pattern.to(q.dtype) @ v
+    out = pattern.to(q.dtype).reshape(b, kvh, (h // kvh) * tq, -1) @ v
+    return out.view(b, h, tq, hd)
 
 
 class Attention(nn.Module):

@@ -11,6 +11,7 @@ rank reduces its own heads, columns and timings and writes its own region.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -139,6 +140,10 @@ class Recorder:
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
         self._stamps = np.zeros((self.n_layers, len(STAMP_HOOKS)), dtype=np.int64)
         self._pending: list[_DecodeStep] = []
+        self._lock = threading.Lock()  # the generating thread and the idle drain share the batch
+        self._stopping = threading.Event()
+        self._idle_watch: threading.Thread | None = None
+        self._idle_error: BaseException | None = None
         self._value_keys: list[tuple[int, int]] = []  # (layer, site) column blocks of shipped values
         self._value_offsets = np.zeros(1, dtype=np.int64)
         self._ship_values = True
@@ -197,15 +202,39 @@ class Recorder:
             for k, name in enumerate(STAMP_HOOKS):
                 self._listen(self._layer_hooks(name), self._stamper(k))
         self._write_prompt()
+        if self.batches_decode:
+            self._idle_watch = threading.Thread(target=self._drain_when_idle, name="recorder-idle-drain",
+                                                daemon=True)
+            self._idle_watch.start()
         return self
 
     def detach(self) -> None:
         """Queue the steps still waiting in a batch and stop listening."""
+        self._stopping.set()
+        if self._idle_watch is not None:
+            self._idle_watch.join()
         try:
-            if self._pending:
-                self._drain()
+            with self._lock:
+                self._raise_idle_error()
+                if self._pending:
+                    self._drain()
         finally:
             self._unsubscribe()
+
+    def _drain_when_idle(self) -> None:
+        """Queue a waiting batch when no step has come for a while (slow step, paused caller)."""
+        while not self._stopping.wait(self.batch_seconds):
+            with self._lock:
+                if self._pending and time.time() - self._pending[-1].wall >= self.batch_seconds:
+                    try:
+                        self._drain()
+                    except BaseException as e:  # raised on the generating thread at its next step
+                        self._idle_error = e
+                        return
+
+    def _raise_idle_error(self) -> None:
+        if self._idle_error is not None:
+            raise RuntimeError(f"recording failed: {self._idle_error}") from self._idle_error
 
     def _unsubscribe(self) -> None:
         for fn in self._subscriptions:
@@ -250,11 +279,13 @@ class Recorder:
         if event.step == 0 or not self.batches_decode:
             self._record_step(event)
             return
-        self._keep_decode_step(event)
-        pending = self._pending
-        if (len(pending) >= self.max_batch_steps or all(event.finished) or event.step >= self.spec.max_steps - 1
-                or pending[-1].wall - pending[0].wall + pending[0].seconds >= self.batch_seconds):
-            self._drain()
+        with self._lock:
+            self._raise_idle_error()
+            self._keep_decode_step(event)
+            pending = self._pending
+            if (len(pending) >= self.max_batch_steps or all(event.finished) or event.step >= self.spec.max_steps - 1
+                    or pending[-1].wall - pending[0].wall + pending[0].seconds >= self.batch_seconds):
+                self._drain()
 
     def _record_step(self, event) -> None:
         """Reduce what the listeners kept during this step, queue it, and end the step."""
