@@ -104,7 +104,7 @@ class _DecodeStep:
     arm_eps: dict
     patterns: dict
     comm: np.ndarray  # [3, layers, sites]
-    stamps: np.ndarray  # [layers, stamps]
+    stamps: list[int]  # [layers * stamps] perf_counter_ns
     kv: tuple | None
     seconds: float
     wall: float
@@ -138,7 +138,7 @@ class Recorder:
         self._patterns: dict[int, torch.Tensor] = {}
         self._acts: dict[tuple[int, int], torch.Tensor] = {}
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
-        self._stamps = np.zeros((self.n_layers, len(STAMP_HOOKS)), dtype=np.int64)
+        self._stamps = [0] * (self.n_layers * len(STAMP_HOOKS))  # [layer, stamp] flat: list stores are cheapest
         self._pending: list[_DecodeStep] = []
         self._lock = threading.Lock()  # the generating thread and the idle drain share the batch
         self._stopping = threading.Event()
@@ -181,17 +181,21 @@ class Recorder:
         return [f"layers.{i}.attn.pattern" for i in self.spec.attention_layers]
 
     # ---------------------------------------------------------------- listeners
-    def _listen(self, pattern: str, fn) -> None:
+    def _listen(self, pattern: str | list[str], make) -> None:
+        """Subscribe ``make(layer)`` to each hook point matching ``pattern``: the layer is bound once."""
         try:
-            self.model.add_listener(pattern, fn)
+            hps = self.model.match_hook_points(pattern)
         except KeyError:
             return  # this model has no such hook point (e.g. no TP units fire timing): nothing to record
-        self._subscriptions.append(fn)
+        for hp in hps:
+            fn = make(self._layer_of(hp))
+            hp.listeners.append(fn)
+            self._subscriptions.append((hp, fn))
 
     def attach(self) -> "Recorder":
         sel = self.sel
         if "attention" in sel:
-            self._listen(self._attention_hooks(), self._keep_pattern)
+            self._listen(self._attention_hooks(), self._pattern_keeper)
         if "activations" in sel:
             for s, site in enumerate(self.spec.hist_sites):
                 self._listen(self._layer_hooks(SITE_HOOKS[site]), self._keeper(s))
@@ -237,34 +241,47 @@ class Recorder:
             raise RuntimeError(f"recording failed: {self._idle_error}") from self._idle_error
 
     def _unsubscribe(self) -> None:
-        for fn in self._subscriptions:
-            self.model.remove_listener(fn)
+        for hp, fn in self._subscriptions:
+            hp.listeners[:] = [f for f in hp.listeners if f is not fn]
         self._subscriptions.clear()
 
-    def _keep_pattern(self, pattern, hp) -> None:
-        steps = self.sel.attention_steps
-        if steps is None or self.model.info.step in steps:
-            self._patterns[self._layer_of(hp)] = pattern
+    # Listeners run dozens of times per decode step: each only keeps a reference or a number.
+    def _pattern_keeper(self, layer: int):
+        steps, info = self.sel.attention_steps, self.model.info
+
+        def keep(pattern, hp):
+            if steps is None or info.step in steps:
+                self._patterns[layer] = pattern
+        return keep
 
     def _keeper(self, site: int):
-        def keep(x, hp):
-            self._acts[(self._layer_of(hp), site)] = x
-        return keep
+        def make(layer: int):
+            key = (layer, site)
+
+            def keep(x, hp):
+                self._acts[key] = x
+            return keep
+        return make
 
     def _comm_keeper(self, site: int):
-        def keep(t, hp):
-            layer = self._layer_of(hp)
-            self._comm[0, layer, site] = (t["start_ns"] - self.model.info.t0_ns) / 1e9
-            self._comm[1, layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
-            self._comm[2, layer, site] = t["bytes"]
-        return keep
+        def make(layer: int):
+            def keep(t, hp):
+                self._comm[0, layer, site] = (t["start_ns"] - self.model.info.t0_ns) / 1e9
+                self._comm[1, layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
+                self._comm[2, layer, site] = t["bytes"]
+            return keep
+        return make
 
     def _stamper(self, k: int):
-        def stamp(x, hp):
-            if x.is_cuda:  # host time of a kernel launch means nothing: wait for the device
-                torch.cuda.synchronize(x.device)
-            self._stamps[self._layer_of(hp), k] = time.perf_counter_ns()
-        return stamp
+        def make(layer: int):
+            i, clock = layer * len(STAMP_HOOKS) + k, time.perf_counter_ns
+
+            def stamp(x, hp):
+                if x.is_cuda:  # host time of a kernel launch means nothing: wait for the device
+                    torch.cuda.synchronize(x.device)
+                self._stamps[i] = clock()
+            return stamp
+        return make
 
     # ---------------------------------------------------------------- per step
     def _write_prompt(self) -> None:
@@ -402,7 +419,8 @@ class Recorder:
 
     def _write_timing(self, step: int, event) -> None:
         parts = self.spec.timing_parts
-        ts = self._stamps.astype(np.float64) / 1e9
+        stamps = np.array(self._stamps, dtype=np.int64).reshape(self.n_layers, len(STAMP_HOOKS))
+        ts = stamps.astype(np.float64) / 1e9
         comm = self._comm[1].sum(axis=1)
         values = {
             "attention": ts[:, 1] - ts[:, 0],
@@ -411,11 +429,11 @@ class Recorder:
             "norm": (ts[:, 2] - ts[:, 1]) + (ts[:, 4] - ts[:, 3]) - comm,
         }
         seconds = np.stack([values.get(p, np.full(self.n_layers, np.nan)) for p in parts], axis=1)
-        if not self._stamps.any():
+        if not stamps.any():
             seconds[:] = np.nan
         self.writer.write_timing(step, seconds, step_seconds=float(event.seconds),
                                  step_start=time.time() - float(event.seconds))
-        self._stamps[:] = 0
+        self._stamps = [0] * len(self._stamps)
 
     def _write_sample(self, step: int, event, active) -> None:
         ids = event.cand_ids.cpu().numpy()
@@ -444,7 +462,7 @@ class Recorder:
             cand_probs=event.cand_probs if "sampler" in self.sel and self.rank == 0 else None))
         self.finished = list(event.finished)
         self._acts, self._patterns = {}, {}
-        self._comm, self._stamps = np.zeros_like(self._comm), np.zeros_like(self._stamps)
+        self._comm, self._stamps = np.zeros_like(self._comm), [0] * len(self._stamps)
 
     def _activation_row(self, step: int, active: list[bool]) -> torch.Tensor | None:
         """This step's activations side by side, [active sequences, width]; None if reduced at once."""
@@ -528,7 +546,7 @@ class Recorder:
         w.write(first, "tokens/candidate_prob", probs[..., :top], n_steps=k, k=slice(0, top))
 
     def _queue_timing(self, steps: list[_DecodeStep], comm: np.ndarray) -> None:
-        ts = np.stack([st.stamps for st in steps]).astype(np.float64) / 1e9  # [k, layers, stamps]
+        ts = np.array([st.stamps for st in steps], dtype=np.float64).reshape(len(steps), self.n_layers, -1) / 1e9
         comm_s = comm[:, 1].sum(axis=2)  # [k, layers]
         values = {
             "attention": ts[..., 1] - ts[..., 0],
