@@ -3,14 +3,20 @@
 Every cell a step writes holds a value derived from that step, so a reader can check that each
 committed step is complete in every group (no partially written step), that every group is cut
 at the same step, and that a writer killed with SIGKILL leaves a trace that still opens.
+
+Nothing depends on the machine's speed: the writer waits on its stdin after the steps the test
+names (so it cannot run ahead of the checks), and the kill happens while the writer and its worker
+processes are held still (SIGSTOP to their process group).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,19 +24,23 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from workbench.trace import TraceError, open_trace
+from workbench.trace import open_trace
+
+from process_group import continue_group, stop_group, wait_group_gone
 
 pytestmark = pytest.mark.slow
 
 PROMPT = 4
 
-# The writer process: every array of every group gets values derived from the step.
+# The writer process: every array of every group gets values derived from the step. After ending
+# each step in `holds` it prints "ended N" and waits for a line on stdin.
 WRITER = r"""
 import sys, time
 import numpy as np
 from workbench.trace import ActivationStats, PerceiverSpec, TraceSpec, TraceWriter
 
 path, n_steps, delay, finish = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+holds = {int(h) for h in sys.argv[5].split(",") if h}
 P = %(prompt)d
 spec = TraceSpec.for_generation(P, n_steps - 1, n_seq=2, n_layers=2, n_heads=4, world=2,
                                 top_k=2, perceiver=PerceiverSpec(2, 3, 1, 2))
@@ -59,8 +69,9 @@ for step in range(n_steps):
         w.write_cross_attention(step, np.full((2, 1, 1, 2, 3), v),
                                 input_position=[[step] * 3] * 2, latent_position=[[step] * 2] * 2)
         w.end_step(step)
-    if step == 2:
-        print("started", flush=True)
+    if step + 1 in holds:
+        print(f"ended {step + 1}", flush=True)
+        sys.stdin.readline()
     time.sleep(delay)
 if finish == "1":
     for w in writers:
@@ -70,10 +81,16 @@ else:
 """ % {"prompt": PROMPT}
 
 
-def start_writer(path: Path, n_steps: int, delay: float, finish: bool) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n_steps), str(delay),
-                             "1" if finish else "0"], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def start_writer(path: Path, n_steps: int, delay: float, finish: bool,
+                 holds: tuple[int, ...] = ()) -> tuple[subprocess.Popen, queue.Queue]:
+    """The writer (leading a process group of its own and its workers) and a queue of its lines."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n_steps), str(delay),
+                             "1" if finish else "0", ",".join(map(str, holds))],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    return proc, lines
 
 
 def row_step(q: np.ndarray) -> np.ndarray:
@@ -124,24 +141,41 @@ def wait_for_store(path: Path, proc: subprocess.Popen, timeout: float = 60) -> N
 
 def test_live_reader_sees_only_complete_steps(tmp_path):
     path = tmp_path / "live.zarr"
-    proc = start_writer(path, n_steps=80, delay=0.02, finish=True)
+    holds = (20, 40, 60)
+    proc, lines = start_writer(path, n_steps=80, delay=0.02, finish=True, holds=holds)
     try:
         wait_for_store(path, proc)
         tr = open_trace(path)
-        seen = set()
+        seen, held = set(), []
         deadline = time.monotonic() + 120
         while True:
             done = proc.poll() is not None
             tr.refresh()
-            seen.add(check_prefix(tr))
+            seen.add(check_prefix(tr))  # while the writer writes: whatever is committed is complete
             if len(seen) % 5 == 0:  # a fresh open must agree too
                 seen.add(check_prefix(open_trace(path)))
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                line = None
+            if line:  # "ended N": the writer waits, so the commit reaches exactly N and stops there
+                n = int(line.split()[1])
+                while check_prefix(tr) < n:
+                    assert time.monotonic() < deadline, f"steps 0..{n - 1} ended, only {tr.n_steps} committed"
+                    time.sleep(0.01)
+                    tr.refresh()
+                assert check_prefix(tr) == n and check_prefix(open_trace(path)) == n
+                seen.add(n)
+                held.append(n)
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
             if done:
                 break
             assert time.monotonic() < deadline, "writer did not finish"
         assert proc.returncode == 0
         tr.refresh()
         assert tr.status == "complete" and check_prefix(tr) == 80
+        assert held == list(holds), held
         assert len(seen) >= 3, f"reader saw too few distinct prefixes: {sorted(seen)}"
     finally:
         if proc.poll() is None:
@@ -151,28 +185,29 @@ def test_live_reader_sees_only_complete_steps(tmp_path):
 
 def test_sigkill_leaves_an_openable_running_trace(tmp_path):
     path = tmp_path / "killed.zarr"
-    proc = start_writer(path, n_steps=400, delay=0.02, finish=False)
+    # Held before its last step: however fast the machine, the writer cannot commit all 400 steps.
+    proc, _ = start_writer(path, n_steps=400, delay=0.02, finish=False, holds=(399,))
     try:
         wait_for_store(path, proc)
         deadline = time.monotonic() + 120
-        while True:
-            try:
-                tr = open_trace(path)
-            except TraceError:  # pragma: no cover - the store is renamed in complete
-                raise
-            if tr.n_steps >= 12:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        while open_trace(path).n_steps < 12:
+            assert proc.poll() is None, "writer process died"
+            assert time.monotonic() < deadline, f"the writer committed only {open_trace(path).n_steps} steps in 120 s"
+            time.sleep(0.01)
+        stop_group(proc.pid)  # the writer and its workers stand still...
+        at_kill = open_trace(path).n_steps
+        os.kill(proc.pid, signal.SIGKILL)  # ...and the writer dies part-way
         proc.wait()
+        continue_group(proc.pid)  # its workers finish the flush in hand, see their pipes close and exit
+        wait_group_gone(proc.pid)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        continue_group(proc.pid)
     tr = open_trace(path)
     assert tr.status == "running" and tr.status != "complete"
-    assert 12 <= tr.n_steps < 400
+    assert 12 <= at_kill <= tr.n_steps < 400, (at_kill, tr.n_steps)  # what was committed stays committed
     check_prefix(tr)
     for group in tr.groups:  # plain xarray still opens every group
         xr.open_zarr(path, group=group, consolidated=False).load()
