@@ -74,7 +74,8 @@ def mad_eps(x: np.ndarray, c: float = 0.13) -> np.ndarray:
     return (np.float32(1.4826) * np.partition(dev, k, axis=1)[:, k] * np.float32(c)).astype(np.float64)
 
 
-def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int) -> list[Record]:
+def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int,
+                             layouts: dict[str, ArrayLayout] | None = None) -> list[Record]:
     """Histogram and moment records of the `activations` group for steps [first_step, step]."""
     n_steps, n_sites, n_layers = av.step - av.first_step + 1, len(spec.hist_sites), spec.n_layers
     edges = np.asarray(spec.bin_edges, dtype=np.float64)
@@ -103,7 +104,7 @@ def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int) -
             full = np.full(n_steps, np.nan)
             full[present] = mad
             eps[:, i] = np.where(np.isnan(eps[:, i]), full, eps[:, i])
-    layouts = dict(spec.iter_arrays())
+    layouts = layouts or dict(spec.iter_arrays())
     box = (n_steps, n_layers, n_sites)  # cells of steps, layers or sites not recorded keep the fill
     hist = np.full((*box, n_bins), layouts["activations/hist_count"].fill, dtype=np.int64)
     fields = {f: np.full(box, layouts[f"activations/{a}"].fill, dtype=layouts[f"activations/{a}"].dtype)
@@ -155,6 +156,7 @@ class ChunkFiles:
         self.zstd = Zstd(level=zstd.get("level", 0), checksum=zstd.get("checksum", False))
         self.cache: dict[tuple[int, ...], np.ndarray] = {}
         self.dirty: set[tuple[int, ...]] = set()
+        self._made_dirs: set[Path] = set()
 
     @staticmethod
     def supports(meta: dict) -> bool:
@@ -187,7 +189,9 @@ class ChunkFiles:
             chunk = self.cache[idx]
             raw = VLenUTF8().encode(chunk) if self.string else chunk.ravel().view("B")
             path = self.dir / self.sep.join(("c", *map(str, idx)))
-            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.parent not in self._made_dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._made_dirs.add(path.parent)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(self.zstd.encode(raw))
             os.replace(tmp, path)
@@ -227,7 +231,8 @@ class StoreWriter:
         """Write every record, then set this rank's commit marker; return (bytes, arrays written)."""
         flat: list[Record] = []
         for r in records:
-            flat.extend(reduce_activation_values(r, self.spec, self.rank) if isinstance(r, ActivationValues) else [r])
+            flat.extend(reduce_activation_values(r, self.spec, self.rank, self.arrays)
+                        if isinstance(r, ActivationValues) else [r])
         touched: dict[str, ChunkFiles | zarr.Array] = {}
         for r in flat:
             touched[r.name] = self._assign(r)

@@ -66,7 +66,8 @@ class WriterStats:
     flushes: int = 0
     region_writes: int = 0  # zarr region writes issued (each may touch many chunks)
     bytes_written: int = 0  # uncompressed bytes handed to zarr
-    seconds_writing: float = 0.0  # time the background thread spent in flushes
+    seconds_writing: float = 0.0  # time the background thread spent in flushes (waiting included)
+    worker_seconds: float = 0.0  # time the worker process spent reducing, encoding and writing
     peak_queue_bytes: int = 0
     blocked_seconds: float = 0.0  # time callers waited because the queue was full
     dropped_records: int = 0  # records of steps never ended (discarded at close)
@@ -828,13 +829,14 @@ class TraceWriter:
                              if (r.step if r.first_step is None else r.first_step) < b1 <= r.step])
             batch = [r for r in records if b0 <= r.step < b1] if (b0, b1) != (start, ended) \
                 else records
-            written, regions = self._worker_call(("flush", batch, b1))
+            written, regions, seconds = self._worker_call(("flush", batch, b1))
             with self._cond:
                 self._committed = b1
                 self._queued_bytes -= sum(r.data.nbytes for r in batch)
                 self._stats.steps_committed = b1
                 self._stats.bytes_written += written
                 self._stats.region_writes += regions
+                self._stats.worker_seconds += seconds
                 self._cond.notify_all()
             b0 = b1
         with self._cond:
@@ -855,13 +857,13 @@ class TraceWriter:
         self._worker_ready = False
         _LIVE_CONNECTIONS.append(self._conn)
 
-    def _worker_call(self, message: tuple) -> tuple[int, int]:
+    def _worker_call(self, message: tuple) -> tuple[int, int, float]:
         if not self._worker_ready:
             self._worker_reply("ready")
             self._worker_ready = True
         self._conn.send(message)
         reply = self._worker_reply("ok")
-        return reply[1], reply[2]
+        return reply[1], reply[2], reply[3]
 
     def _worker_reply(self, expected: str) -> tuple:
         try:
