@@ -18,7 +18,10 @@ from workbench.runtime.session import RunSpec, run
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.reader import open_trace
 
-CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=1024,
+from process_group import continue_group, held, stop_group, wait_group_gone
+
+# A long context: the SIGKILL test starts a run far longer than it lets it get.
+CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=4096,
            bos_id=256, eos_id=None)
 
 
@@ -146,9 +149,18 @@ def test_tp2_trace_equals_tp1(recorded, model_dir, tmp_path):
 
 
 def _start_generation(model_dir, trace, steps):
+    """`workbench generate --record` leading a process group (with its trace worker) of its own."""
     return subprocess.Popen([sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir),
                              "--prompt", "live", "--max-new-tokens", str(steps), "--record", str(trace), "--json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _open_when_created(trace, proc, deadline: float):
+    while not (trace / "zarr.json").exists():
+        assert proc.poll() is None, f"generation exited ({proc.returncode}) before creating its trace"
+        assert time.monotonic() < deadline, "the trace store never appeared"
+        time.sleep(0.005)
+    return open_trace(trace)  # created at full size beside its path and renamed in: it must open
 
 
 def _check_consistent(tr):
@@ -170,50 +182,77 @@ def _check_consistent(tr):
 
 @pytest.mark.slow
 def test_reader_process_sees_consistent_prefix_while_generating(model_dir, tmp_path):
-    trace = tmp_path / "live.zarr"
-    proc = _start_generation(model_dir, trace, 400)
-    seen, deadline = set(), time.time() + 120
+    """A reader in another process sees only whole steps, while the run goes on and while it is held.
+
+    Steps are committed in jumps, faster than a fixed schedule could catch on a fast machine; so at
+    every new commit the reader sees, the run and its trace worker are held still (SIGSTOP to their
+    process group) and the prefix is checked, until three prefixes short of the end were checked.
+    """
+    trace, steps = tmp_path / "live.zarr", 1000
+    proc = _start_generation(model_dir, trace, steps)
+    paused: list[int] = []  # committed steps at each pause
     try:
-        while proc.poll() is None and time.time() < deadline:
-            if (trace / "zarr.json").exists():
-                try:
-                    tr = open_trace(trace)
-                except Exception as e:  # the store is created at full size before step 0: must open
-                    if "format" in str(e):
-                        continue
-                    raise
-                for _ in range(5):
-                    tr.refresh()
-                    _check_consistent(tr)
-                    seen.add(tr.n_steps)
-                    time.sleep(0.05)
-    finally:
+        deadline = time.monotonic() + 180
+        tr = _open_when_created(trace, proc, deadline)
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"generation still running after 180 s (paused at {paused})"
+            tr.refresh()
+            _check_consistent(tr)  # racing the writer
+            if len(paused) >= 3 or tr.n_steps == (paused[-1] if paused else 0):
+                time.sleep(0.005 if len(paused) < 3 else 0.05)
+                continue
+            with held(proc.pid):  # a new commit: hold the run and check what the store holds
+                tr.refresh()
+                if tr.n_steps == steps:
+                    break
+                _check_consistent(tr)
+                fresh = open_trace(trace)
+                assert fresh.n_steps == tr.n_steps
+                _check_consistent(fresh)
+                paused.append(tr.n_steps)
+        assert len(paused) >= 3, (f"the run ended or committed its last step after pausing only at steps {paused}: "
+                                  f"the model is too fast for this test")
         proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            continue_group(proc.pid)
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
+    print(f"live reader: paused at steps {paused} of {steps}")
     tr = open_trace(trace)
     _check_consistent(tr)
-    assert tr.status == "complete" and tr.n_steps == 400
-    assert len([s for s in seen if 0 < s < 400]) >= 2, seen  # it really watched a run in progress
+    assert tr.status == "complete" and tr.n_steps == steps
+    assert paused == sorted(set(paused)) and 0 < paused[0] and paused[-1] < steps, paused  # watched a run in progress
 
 
 @pytest.mark.slow
 def test_sigkill_leaves_committed_prefix_intact(model_dir, tmp_path):
-    trace = tmp_path / "killed.zarr"
-    proc = _start_generation(model_dir, trace, 900)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (trace / "zarr.json").exists():
-            try:
-                if open_trace(trace).n_steps >= 20:
-                    break
-            except Exception:
-                pass
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    trace, steps = tmp_path / "killed.zarr", 4000
+    proc = _start_generation(model_dir, trace, steps)
+    try:
+        deadline = time.monotonic() + 120
+        tr = _open_when_created(trace, proc, deadline)
+        while tr.n_steps < 20:
+            assert proc.poll() is None, f"generation exited ({proc.returncode}) before committing 20 steps"
+            assert time.monotonic() < deadline, f"only {tr.n_steps} steps committed after 120 s"
+            time.sleep(0.01)
+            tr.refresh()
+        stop_group(proc.pid)  # the run and its trace worker stand still...
+        at_kill = open_trace(trace).n_steps
+        os.kill(proc.pid, signal.SIGKILL)  # ...and the run dies part-way
+        proc.wait(timeout=30)
+        continue_group(proc.pid)  # the worker finishes the flush in hand, sees its pipe close and exits
+        wait_group_gone(proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        continue_group(proc.pid)
     tr = open_trace(trace)
+    print(f"killed: {at_kill} steps committed when held, {tr.n_steps} after the worker finished, of {steps}")
     assert tr.status != "complete"
-    assert 20 <= tr.n_steps < 900
+    assert 20 <= at_kill <= tr.n_steps < steps, (at_kill, tr.n_steps)  # what was committed stays committed
     _check_consistent(tr)
 
 
