@@ -100,7 +100,8 @@ class _DecodeStep:
     tokens: list[int]
     positions: list[int]
     active: list[bool]
-    values: torch.Tensor | None  # [rows, width]: this step's activations, active sequences only
+    values: list[torch.Tensor] | None  # this step's activations [b, 1, width] per (layer, site) block
+    rows: list[int] | None  # the active sequences' rows, None: all
     arm_eps: dict
     patterns: dict
     comm: np.ndarray  # [3, layers, sites]
@@ -449,12 +450,10 @@ class Recorder:
     def _keep_decode_step(self, event) -> None:
         step = event.step
         active = [not f for f in self.finished]
-        values = None
-        if self._acts:
-            values = self._activation_row(step, active)
+        values = self._activation_blocks(step, active) if self._acts else None
         self._pending.append(_DecodeStep(
             step=step, tokens=list(event.tokens), positions=list(event.positions), active=active,
-            values=values, arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
+            values=values, rows=None if all(active) else [j for j, a in enumerate(active) if a], arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
             if values is not None else {},
             patterns=self._patterns, comm=self._comm, stamps=self._stamps, kv=self._kv_numbers(event.cache),
             seconds=float(event.seconds), wall=time.time(),
@@ -464,9 +463,9 @@ class Recorder:
         self._acts, self._patterns = {}, {}
         self._comm, self._stamps = np.zeros_like(self._comm), [0] * len(self._stamps)
 
-    def _activation_row(self, step: int, active: list[bool]) -> torch.Tensor | None:
-        """This step's activations side by side, [active sequences, width]; None if reduced at once."""
-        keys = sorted(self._acts)
+    def _activation_blocks(self, step: int, active: list[bool]) -> list[torch.Tensor] | None:
+        """This step's activations in column-block order; None if reduced at once instead."""
+        keys = list(self._acts)  # forward order, the same every step
         if keys != self._value_keys:
             self._value_keys = keys
             widths = [self._acts[k].shape[-1] for k in keys]
@@ -478,9 +477,7 @@ class Recorder:
             q_start = self.lengths + step - 1
             self._write_activations(step, q_start, q_start + 1, active)
             return None
-        row = torch.cat([self._acts[k] for k in keys], dim=-1)  # [b, 1, width]
-        row = row.reshape(row.shape[0], -1)
-        return row if all(active) else row[[j for j, a in enumerate(active) if a]]
+        return list(self._acts.values())
 
     def _kv_numbers(self, cache) -> tuple[int, int, int, int] | None:
         if "kv" not in self.sel or not hasattr(cache, "stats"):
@@ -577,8 +574,20 @@ class Recorder:
         for st in kept:
             # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
             eps[st.step - first, mlp] = [st.arm_eps.get(int(layer), np.nan) for layer in layers[mlp]]
-        values = torch.cat([st.values for st in kept]).float().cpu().numpy()
-        row_steps = np.repeat([st.step for st in kept], [st.values.shape[0] for st in kept])
+        # One cat per run of steps with the same active rows (usually one for the whole batch).
+        parts, row_steps, run = [], [], []
+        for st in [*kept, None]:
+            if run and (st is None or st.rows != run[0].rows):
+                cols = torch.cat([t for r in run for t in r.values], dim=-1)  # [b, 1, steps * width]
+                cols = cols.reshape(cols.shape[0], len(run), -1)
+                if run[0].rows is not None:
+                    cols = cols[run[0].rows]
+                parts.append(cols.transpose(0, 1).reshape(-1, cols.shape[-1]))  # [steps * rows, width]
+                row_steps.extend(np.repeat([r.step for r in run], cols.shape[0]).tolist())
+                run = []
+            if st is not None:
+                run.append(st)
+        values = torch.cat(parts).float().cpu().numpy()
         self.writer.write_activation_values(first, last, values, row_steps, self._value_offsets, layers, site_ids,
                                             eps)
 
