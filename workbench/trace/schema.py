@@ -94,11 +94,6 @@ class ArrayLayout:
     coordinates: tuple[str, ...] = ()  # non-index coordinates attached to this variable
     causal: bool = False  # cells with key > query are never written (read as fill)
 
-    @property
-    def is_step_major(self) -> bool:
-        """True when the array has a `step` dim: each (step, rank) region is written exactly once."""
-        return "step" in self.dims
-
 
 @dataclass(frozen=True)
 class GroupLayout:
