@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -16,6 +19,7 @@ from workbench.views.attention import attention_map, head_scores
 from workbench.views.catalog import TraceCatalog
 from workbench.views.dashboard import CATALOG_EVERY, Dashboard
 from workbench.views.heatmap import max_pool, tick_labels
+from workbench.views.server import check_port_free, start_server_process
 from workbench.views.state import TraceState
 
 PROMPT = 6
@@ -398,3 +402,43 @@ def test_dashboard_refuses_traces_outside_its_root(tmp_path, synthetic):
     dash = Dashboard(root, trace="../" + synthetic.name)
     assert dash.state.trace is None and "outside the served directory" in dash.state.error
     assert dash.error.visible and "refused" in dash.error.object
+
+
+# --------------------------------------------------------------------------- a port already in use
+@pytest.fixture
+def busy_port():
+    """A port some other program is listening on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _one_line_port_error(out, port: int) -> None:
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"port {port} is already in use" in out.stderr and "--port" in out.stderr
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(busy_port, synthetic):
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "serve", str(synthetic), "--port", str(busy_port)],
+                         capture_output=True, text=True, timeout=120)
+    _one_line_port_error(out, busy_port)
+    assert out.stdout == ""                                      # no "dashboard: URL" line: nothing started
+
+
+def test_generate_serve_on_a_port_in_use_fails_before_generating(busy_port, tmp_path):
+    record = tmp_path / "run.zarr"
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--prompt", "hi", "--max-new-tokens", "2",
+                          "--record", str(record), "--serve", "--port", str(busy_port)],
+                         capture_output=True, text=True, timeout=120)
+    _one_line_port_error(out, busy_port)
+    assert not record.exists() and out.stdout == ""
+
+
+def test_server_helpers_check_the_port_first(busy_port, tmp_path):
+    with pytest.raises(WorkbenchError, match=f"port {busy_port} is already in use"):
+        start_server_process(tmp_path, port=busy_port)          # no child process is started
+    with pytest.raises(WorkbenchError, match="not a TCP port"):
+        check_port_free("127.0.0.1", 70000)
+    check_port_free("127.0.0.1", 0)                              # 0: the OS picks a free port

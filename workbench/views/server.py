@@ -6,6 +6,7 @@ Run as a module for the child-process form: ``python -m workbench.views.server P
 from __future__ import annotations
 
 import argparse
+import errno
 import socket
 import subprocess
 import sys
@@ -25,6 +26,38 @@ def free_port(address: str = DEFAULT_ADDRESS) -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return s.getsockname()[1]
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Fail fast with a one-line WorkbenchError if the dashboard could not listen on ``port``.
+
+    Binds and releases the port the way the server will (SO_REUSEADDR, as Tornado does, so a port in
+    TIME_WAIT is not reported busy). Port 0 always passes: the OS picks a free one.
+    """
+    if not 0 <= port <= 65535:
+        raise WorkbenchError(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(address or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise WorkbenchError(f"cannot listen on address {address!r}: {e.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                raise port_error(address, port, e) from None
+
+
+def port_error(address: str, port: int, e: OSError) -> WorkbenchError:
+    """The one-line error for a port the dashboard cannot listen on."""
+    if e.errno == errno.EADDRINUSE:
+        return WorkbenchError(f"port {port} is already in use on {address or 'all interfaces'} (another dashboard "
+                              f"running?); choose another with --port N, or --port 0 for a free one")
+    return WorkbenchError(f"cannot listen on {address or 'all interfaces'} port {port}: {e.strerror or e}; "
+                          f"choose another with --port N, or --port 0 for a free one")
 
 
 def dashboard_url(address: str, port: int) -> str:
@@ -47,21 +80,25 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
         address: interface to listen on; 127.0.0.1 keeps it on this machine.
         show: open a browser tab.
     """
-    import panel as pn
-
-    from workbench.views.dashboard import Dashboard
-
     root = Path(path).expanduser()
     if root.exists() and not root.is_dir():
         raise WorkbenchError(f"{root} is not a trace store or directory")
+    check_port_free(address, port)  # before Panel's slow import and start
     port = port or free_port(address)
+
+    import panel as pn
+
+    from workbench.views.dashboard import Dashboard
 
     def app():
         return Dashboard(root).template()
 
     url = dashboard_url(address, port)
-    server = pn.serve({APP_NAME: app}, port=port, address=address, websocket_origin=_origins(address, port),
-                      show=False, start=False, title="workbench", verbose=False)
+    try:
+        server = pn.serve({APP_NAME: app}, port=port, address=address, websocket_origin=_origins(address, port),
+                          show=False, start=False, title="workbench", verbose=False)
+    except OSError as e:  # taken since the check above
+        raise port_error(address, port, e) from None
     if show:  # open the app page itself, not Panel's index of apps
         server.io_loop.add_callback(webbrowser.open, url)
     print(f"workbench dashboard: {url}  (Ctrl-C to stop)", flush=True)
@@ -75,6 +112,7 @@ def start_server_process(path: str | Path, port: int = 0, address: str = DEFAULT
 
     Returns the process and the dashboard URL. The caller stops it with ``terminate()``.
     """
+    check_port_free(address, port)  # a clear error here, not a child that exits with code 2
     port = port or free_port(address)
     cmd = [sys.executable, "-m", "workbench.views.server", str(path), "--port", str(port), "--address", address]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
