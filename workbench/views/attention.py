@@ -52,17 +52,25 @@ def attention_map(trace, seq: int, layer: int, head: int, step: int) -> np.ndarr
     return np.asarray(w, dtype=np.float32)
 
 
-def layer_maps(trace, seq: int, layer: int, step: int, rows: int = GRID_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def layer_maps(trace, seq: int, layer: int, step: int, rows: int = GRID_ROWS,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The last ``rows`` query rows of every recorded head of ``layer`` after ``step``.
 
-    Returns maps [head, row, key] and the absolute query positions of the rows.
+    ``positions``: the sequence's own positions (``TokenText.positions``); rows and keys of other
+    positions (padding of a shorter prompt, positions past a finished sequence) are left out.
+    Returns maps [head, row, key], the absolute positions of the rows and those of the keys.
     """
     ds = trace.attention
     li = recorded_index(ds["layer"].values, layer, "layer")
     _, stop = query_range(trace, seq, step)
-    first = max(0, stop - rows)
+    keys = np.arange(stop) if positions is None else np.asarray(positions, dtype=np.int64)
+    keys = keys[keys < stop]
+    queries = keys[-rows:] if rows else keys[:0]
+    if not len(queries):
+        return np.zeros((len(ds["head"]), 0, len(keys)), np.float32), queries, keys
+    first = int(queries[0])
     w = np.asarray(ds["weights"][seq, li, :, first:stop, :stop].values, dtype=np.float32)
-    return w, np.arange(first, stop)
+    return w[:, queries - first][:, :, keys], queries, keys
 
 
 def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -205,7 +213,8 @@ class AttentionView(TraceView):
             sizing_mode="stretch_width")
 
     # ---------------------------------------------------------------- data
-    def _tokens(self) -> tuple[list[str], np.ndarray]:
+    def _tokens(self):
+        """The selected sequence's TokenText (its own positions: padding left out)."""
         st = self.state
         key = (id(st.trace), st.seq, st.n_steps)
         if self._token_cache is None or self._token_cache[0] != key:
@@ -213,8 +222,7 @@ class AttentionView(TraceView):
             prev = self._token_cache[1] if self._token_cache and self._token_cache[0][:2] == key[:2] else None
             text = read_token_text(st.trace, st.seq, prev)
             self._token_cache = (key, text)
-        text = self._token_cache[1]
-        return text.texts, np.asarray(text.ids)
+        return self._token_cache[1]
 
     # ---------------------------------------------------------------- drawing
     def redraw(self, changed: set[str]) -> None:
@@ -222,24 +230,32 @@ class AttentionView(TraceView):
         if st.n_steps == 0 or getattr(st.trace, "attention", None) is None:
             self.note("this trace has no attention maps yet")
             return
-        labels, ids = self._tokens()
+        text = self._tokens()
         m = attention_map(st.trace, st.seq, st.layer, st.head, st.step)
+        keep = text.positions_before(m.shape[0])  # the sequence's own rows and keys, no padding
+        m = m[np.ix_(keep, keep)]
+        labels = text.texts[:len(keep)]
         qs, qe = query_range(st.trace, st.seq, st.step)
-        self.main.show(m, labels, labels, title=f"layer {st.layer} · head {st.head} · step {st.step}")
-        self.step_box.update(top=qs, bottom=qe, left=0, right=m.shape[1])
+        self.shown_positions = keep
+        self.main.show(m, labels, labels, title=f"layer {st.layer} · head {st.head} · step {st.step}",
+                       x_positions=keep, y_positions=keep)
+        self.step_box.update(top=int(np.searchsorted(keep, qs)), bottom=int(np.searchsorted(keep, qe)),
+                             left=0, right=m.shape[1])
         grid_key = (id(st.trace), st.n_steps, st.seq, st.layer, st.step, self.sort.value)
         if grid_key != self._last_grid:
-            self._draw_grid(ids)
+            self._draw_grid(text)
             self._last_grid = grid_key
         else:
             self.grid.highlight(st.head)
 
-    def _draw_grid(self, ids: np.ndarray) -> None:
+    def _draw_grid(self, text) -> None:
         st = self.state
         ds = st.trace.attention
         heads = [int(h) for h in ds["head"].values]
-        maps, rows = layer_maps(st.trace, st.seq, st.layer, st.step)
-        scores = head_scores(maps, rows, ids)
+        maps, rows, keys = layer_maps(st.trace, st.seq, st.layer, st.step, positions=np.asarray(text.positions))
+        # Scores on the sequence's own tokens: "previous" of the first generated token is the last
+        # prompt token even when padding sat between them.
+        scores = head_scores(maps, np.searchsorted(keys, rows), np.asarray(text.ids[:len(keys)]))
         order = list(range(len(heads)))
         key = self.sort.value
         if key != "head":
@@ -247,9 +263,9 @@ class AttentionView(TraceView):
         titles = [f"head {heads[i]}" + ("" if key == "head" else f" · {scores[key][i]:.2f}") for i in order]
         self.grid.show([maps[i] for i in order], [heads[i] for i in order], titles, st.head)
         self.scores = {k: {heads[i]: float(v[i]) for i in range(len(heads))} for k, v in scores.items()}
-        first = int(rows[0]) if len(rows) else 0
+        first, last = (int(rows[0]), int(rows[-1])) if len(rows) else (0, -1)
         self.score_note.object = (f"<span style='color:#6b7688;font-size:12px'>thumbnails and scores use query rows "
-                                  f"{first}–{first + len(rows) - 1} (the latest {len(rows)}); each tile has its own "
+                                  f"{first}–{last} (the latest {len(rows)}); each tile has its own "
                                   f"colour scale</span>")
 
     def _open_head(self, head: int) -> None:

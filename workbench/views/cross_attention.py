@@ -45,14 +45,15 @@ class PerceiverAttentionView(TraceView):
                          pn.Row(pn.pane.Bokeh(self.cross.figure), pn.pane.Bokeh(self.latent.figure)),
                          sizing_mode="stretch_width")
 
-    def _labels(self) -> list[str]:
+    def _text(self):
+        """The selected sequence's TokenText; look tokens up by absolute position (``text_at``)."""
         from workbench.views.tokens import read_token_text
         st = self.state
         key = (id(st.trace), st.seq)
         known = self._text_cache[1] if self._text_cache and self._text_cache[0] == key else None
         text = read_token_text(st.trace, st.seq, known)
         self._text_cache = (key, text)
-        return list(text.texts)
+        return text
 
     def redraw(self, changed: set[str]) -> None:
         st = self.state
@@ -70,10 +71,11 @@ class PerceiverAttentionView(TraceView):
         block = min(self.block.value, p.n_self_layers - 1) if p.n_self_layers else None
         head = st.head % p.n_heads
         cross, latent, lat_pos = perceiver_maps(tr, st.seq, st.step, rep, head, block)
-        labels = self._labels()
+        text = self._text()
 
         def name(pos: int, fallback: str) -> str:
-            return f"{pos}:{labels[pos]}" if 0 <= pos < len(labels) else fallback
+            token = text.text_at(pos)
+            return f"{pos}:{token}" if token is not None else fallback
 
         rows = [name(int(q), f"slot {i}") for i, q in enumerate(lat_pos)]
         inputs = [name(c, str(c)) for c in range(cross.shape[1])]

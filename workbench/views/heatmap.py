@@ -72,9 +72,9 @@ class Heatmap:
         self.x_name, self.y_name, self.small = x_name, y_name, small
         self.source = ColumnDataSource(name=f"{name}-source" if name else None, data=dict(image=[np.full((1, 1), np.nan, np.float32)], x=[0], y=[0],
                                                  dw=[1], dh=[1]))
-        # Labels for hover: the browser looks up the token under the cursor itself.
-        self.x_labels = ColumnDataSource(data=dict(text=[]))
-        self.y_labels = ColumnDataSource(data=dict(text=[]))
+        # Labels for hover: the browser looks up the token (and its absolute position) under the cursor.
+        self.x_labels = ColumnDataSource(data=dict(text=[], pos=[]))
+        self.y_labels = ColumnDataSource(data=dict(text=[], pos=[]))
         self.mapper = LinearColorMapper(palette=palette, low=0, high=1, nan_color=NAN_COLOR)
         tools = "tap" if small else "pan,wheel_zoom,box_zoom,reset,save"
         fig = figure(title=title, width=width, height=height, tools=tools, toolbar_location=None if small else "right",
@@ -93,7 +93,8 @@ class Heatmap:
             fig.xaxis.ticker = FixedTicker(ticks=[])
             fig.yaxis.ticker = FixedTicker(ticks=[])
             hover_code = "const i = Math.floor(value); const t = src.data.text[i]; " \
-                         "return t === undefined ? String(i) : i + ' ' + JSON.stringify(t);"
+                         "const p = src.data.pos[i] === undefined ? i : src.data.pos[i]; " \
+                         "return t === undefined ? String(p) : p + ' ' + JSON.stringify(t);"
             fig.add_tools(HoverTool(tooltips=[(y_name, "$y{custom}"), (x_name, "$x{custom}"),
                                               ("weight", "@image{0.0000}")],
                                     formatters={"$x": CustomJSHover(args=dict(src=self.x_labels), code=hover_code),
@@ -102,8 +103,12 @@ class Heatmap:
         self.figure = fig
 
     def show(self, matrix: np.ndarray, x_labels: list[str] | None = None, y_labels: list[str] | None = None,
-             title: str | None = None) -> None:
-        """Display ``matrix`` (rows = y, columns = x); NaN cells are drawn as masked."""
+             title: str | None = None, x_positions=None, y_positions=None) -> None:
+        """Display ``matrix`` (rows = y, columns = x); NaN cells are drawn as masked.
+
+        ``x_positions`` / ``y_positions``: what hover reports for each column / row (e.g. absolute
+        token positions when padding was left out); default the cell index.
+        """
         m = np.asarray(matrix, dtype=np.float32)
         if m.ndim != 2 or m.size == 0:
             m = np.full((1, 1), np.nan, np.float32)
@@ -123,5 +128,12 @@ class Heatmap:
             yt, yo = tick_labels(yl, rows)
             fig.xaxis.ticker.ticks, fig.xaxis.major_label_overrides = xt, xo
             fig.yaxis.ticker.ticks, fig.yaxis.major_label_overrides = yt, yo
-            self.x_labels.data = dict(text=xl[:cols])
-            self.y_labels.data = dict(text=yl[:rows])
+            self.x_labels.data = _label_data(xl, x_positions, cols)
+            self.y_labels.data = _label_data(yl, y_positions, rows)
+
+
+def _label_data(labels: list[str], positions, n: int) -> dict:
+    """Hover columns for ``n`` cells: the label and the position each cell stands for."""
+    text = labels[:n]
+    given = [] if positions is None else [int(v) for v in positions]
+    return dict(text=text, pos=[given[i] if i < len(given) else i for i in range(len(text))])

@@ -141,27 +141,33 @@ class KVCacheView(TraceView):
         if st.n_steps == 0:
             return
         mass = attention_mass(st.trace, st.seq, st.layer, st.step, self.accumulate.value)
+        # Only this sequence's cached positions: keys up to the step's last query, without the
+        # padding of a shorter prompt or the positions after a sequence that stopped.
+        text = self._text()
+        stop = min(int(st.trace.tokens["query_stop"][st.seq, st.step].values), len(mass))
+        positions = text.positions_before(stop)
+        mass = mass[positions]
+        texts = text.texts[:len(positions)]
         n = len(mass)
         cached = int(np.count_nonzero(mass > 0))
-        texts = self._texts(n)
         order = np.argsort(mass)[::-1]
         heavy = set(order[: max(1, int(round(HEAVY_FRACTION * max(cached, 1))))].tolist()) if cached else set()
-        colors = ["#d9480f" if i < 4 and mass[i] >= np.median(mass[:max(cached, 1)]) * 4 else
+        colors = ["#d9480f" if positions[i] < 4 and mass[i] >= np.median(mass[:max(cached, 1)]) * 4 else
                   "#e0a100" if i in heavy else "#5b8bd0" for i in range(n)]
-        self.mass_source.data = dict(position=list(range(n)), mass=mass.tolist(), color=colors, text=texts)
+        self.mass_source.data = dict(position=positions.tolist(), mass=mass.tolist(), color=colors, text=texts)
         what = "summed over steps 0.." + str(st.step) if self.accumulate.value else f"at step {st.step}"
         self.mass.title.text = f"attention mass received per cached position · layer {st.layer} · {what}"
-        top = ", ".join(f"{i} ({texts[i]!r})" for i in order[:5] if mass[i] > 0)
+        top = ", ".join(f"{positions[i]} ({texts[i]!r})" for i in order[:5] if mass[i] > 0)
         self.mass_note.object = (f"<span style='color:#6b7688;font-size:12px'><span style='color:#d9480f'>■</span> "
                                  f"sink (early position with ≥4× median mass) · <span style='color:#e0a100'>■</span> "
                                  f"heavy hitter (top {HEAVY_FRACTION:.0%}) · most attended: {top}</span>")
 
-    def _texts(self, n: int) -> list[str]:
+    def _text(self):
+        """The selected sequence's TokenText (its own positions: padding left out)."""
         from workbench.views.tokens import read_token_text
         st = self.state
         key = (id(st.trace), st.seq)
         cache = getattr(self, "_text_cache", None)
         text = read_token_text(st.trace, st.seq, cache[1] if cache and cache[0] == key else None)
         self._text_cache = (key, text)
-        out = list(text.texts[:n])
-        return out + [""] * (n - len(out))
+        return text

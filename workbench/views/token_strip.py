@@ -11,13 +11,19 @@ from panel.custom import JSComponent
 
 
 class TokenStrip(JSComponent):
-    """Clickable token text. ``clicked`` is set to a position when the user clicks a token."""
+    """Clickable token text. ``clicked`` is set to a position when the user clicks a token.
 
-    tokens = param.List(default=[], doc="token texts, by position")
-    n_prompt = param.Integer(default=0, doc="positions before this are the prompt")
-    n_visible = param.Integer(default=0, doc="positions before this exist at the selected step")
-    selected = param.Integer(default=-1, doc="highlighted position")
-    clicked = param.Integer(default=-1, doc="set by the browser: the position last clicked")
+    Tokens are listed in order; ``positions`` gives each one's absolute position (a sequence of a
+    padded batch skips its padding, so the i-th token need not sit at position i). ``n_prompt`` and
+    ``n_visible`` count tokens of the list; ``selected`` and ``clicked`` are absolute positions.
+    """
+
+    tokens = param.List(default=[], doc="token texts, in order")
+    positions = param.List(default=[], doc="absolute position of each token (default: its index)")
+    n_prompt = param.Integer(default=0, doc="the first n_prompt tokens are the prompt")
+    n_visible = param.Integer(default=0, doc="the first n_visible tokens exist at the selected step")
+    selected = param.Integer(default=-1, doc="highlighted position (absolute)")
+    clicked = param.Integer(default=-1, doc="set by the browser: the position last clicked (absolute)")
 
     _stylesheets = ["""
     :host { display: block; }
@@ -45,21 +51,23 @@ class TokenStrip(JSComponent):
       box.className = 'strip';
       el.appendChild(box);
       let spans = [];
+      function pos(i) { const p = model.positions[i]; return p === undefined ? i : p; }
       function cls(i) {
         let c = 'tok ' + (i < model.n_prompt ? 'prompt' : 'gen');
         if (i >= model.n_visible) c += ' future';
-        if (i === model.selected) c += ' sel';
+        if (pos(i) === model.selected) c += ' sel';
         return c;
       }
       function add(from) {
         const toks = model.tokens;
         for (let i = from; i < toks.length; i++) {
           const s = document.createElement('span');
+          const p = pos(i);
           s.textContent = label(toks[i]);
-          s.dataset.pos = i;
+          s.dataset.pos = p;
           s.className = cls(i);
-          s.title = 'position ' + i + (i < model.n_prompt ? ' (prompt)' : '');
-          s.addEventListener('click', () => { model.clicked = i; });
+          s.title = 'position ' + p + (i < model.n_prompt ? ' (prompt)' : '');
+          s.addEventListener('click', () => { model.clicked = p; });
           box.appendChild(s);
           spans.push(s);
         }
@@ -83,9 +91,10 @@ class TokenStrip(JSComponent):
     }
     """
 
-    def replace(self, tokens: list[str], n_prompt: int) -> None:
+    def replace(self, tokens: list[str], n_prompt: int, positions: list[int] | None = None) -> None:
         """Show a different token list (another trace or sequence): the browser redraws from scratch."""
         with param.parameterized.batch_call_watchers(self):
             self.n_prompt = n_prompt
+            self.positions = list(range(len(tokens)) if positions is None else positions)
             self.tokens = list(tokens)
         self._send_msg({"type": "reset"})

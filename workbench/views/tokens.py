@@ -7,6 +7,7 @@ tokenizer; ids never seen in the text are shown as ``#id``.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,40 +21,68 @@ from workbench.views.token_strip import TokenStrip
 
 @dataclass
 class TokenText:
-    """The text of one sequence, extended as steps are committed."""
+    """The text of one sequence as shown: its real prompt, then its generated tokens, each kept with
+    its absolute position. Padding (prefill positions past the real prompt of a shorter sequence in
+    a right-padded batch) is left out, so list indices and positions may differ: map with
+    ``positions`` / ``index_of``, never assume index == position."""
 
     seq: int
-    n_prompt: int = 0            # prompt positions (padded prompt length)
-    prompt_len: int = 0          # real prompt tokens
+    n_prompt: int = 0            # positions the prefill processed (the padded prompt length)
+    prompt_len: int = 0          # real prompt tokens: positions [0, prompt_len), the first shown
+    positions: list[int] = field(default_factory=list)  # absolute position of each shown token
     texts: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
-    produced: list[int] = field(default_factory=list)  # step that produced each position
+    produced: list[int] = field(default_factory=list)  # step that produced each shown token
+    read_to: int = 0             # store positions read so far (padding included)
     vocab: dict[int, str] = field(default_factory=dict)
 
+    def index_of(self, position: int) -> int:
+        """Index of the token at absolute ``position`` in the shown lists (-1 if not shown)."""
+        i = bisect_left(self.positions, position)
+        return i if i < len(self.positions) and self.positions[i] == position else -1
+
+    def text_at(self, position: int) -> str | None:
+        """Text of the token at absolute ``position`` (None for padding or positions not read)."""
+        i = self.index_of(position)
+        return self.texts[i] if i >= 0 else None
+
+    def positions_before(self, stop: int) -> np.ndarray:
+        """Absolute positions of the shown tokens before ``stop`` (the rows/keys a map should show)."""
+        return np.asarray(self.positions[:bisect_left(self.positions, stop)], dtype=np.int64)
+
     def visible(self, step: int) -> int:
-        """Positions that exist once ``step`` is done (prompt plus tokens produced by steps <= step)."""
+        """Shown tokens that exist once ``step`` is done (prompt plus tokens produced by steps <= step)."""
         produced = np.asarray(self.produced)
         return int(np.count_nonzero((produced >= 0) & (produced <= step)))
 
     def step_of(self, position: int) -> int:
         """Step to select when ``position`` is clicked: the one that produced it (0 for the prompt)."""
-        if position < self.n_prompt or position >= len(self.produced):
+        i = self.index_of(position)
+        if i < self.prompt_len:  # the prompt, or a position that is not shown
             return 0
-        return max(int(self.produced[position]), 0)
+        return max(int(self.produced[i]), 0)
 
     def position_of(self, step: int) -> int:
-        """Position of the token produced at ``step`` (-1 if none)."""
-        for p in range(self.n_prompt, len(self.produced)):
-            if self.produced[p] == step:
-                return p
+        """Absolute position of the token produced at ``step`` (-1 if none)."""
+        for i in range(self.prompt_len, len(self.produced)):
+            if self.produced[i] == step:
+                return self.positions[i]
         return -1
+
+    @property
+    def n_generated(self) -> int:
+        return max(len(self.texts) - self.prompt_len, 0)
 
     def label(self, token_id: int) -> str:
         return self.vocab.get(int(token_id), f"#{int(token_id)}")
 
 
 def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenText:
-    """Token text of ``seq`` up to the committed step; with ``known``, read only new positions."""
+    """Token text of ``seq`` up to the committed step; with ``known``, read only new positions.
+
+    Positions in [prompt_len, n_prompt) that the prefill wrote (produced step 0) are padding and are
+    skipped; a trace whose runtime keeps each sequence's own positions has n_prompt == prompt_len.
+    """
     ds = trace.tokens
     n_steps = int(trace.n_steps)
     if known is None or known.seq != seq:
@@ -62,10 +91,11 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
         return known
     if known.n_prompt == 0:  # first read after the prefill was committed
         known.n_prompt = int(ds["query_stop"][seq, 0].values)
-        known.prompt_len = int(ds["prompt_len"][seq].values)
+        prompt_len = int(ds["prompt_len"][seq].values)
+        known.prompt_len = prompt_len if 0 <= prompt_len <= known.n_prompt else known.n_prompt
     # The reader cuts `position` at the last position produced by a committed step.
     stop = int(ds.sizes["position"])
-    start = len(known.texts)
+    start = known.read_to
     if stop <= start:
         return known
     produced = np.asarray(ds["produced_step"][seq, start:stop].values)
@@ -74,11 +104,16 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
     written = int(np.count_nonzero(produced >= 0)) if produced.size else 0
     # Keep a contiguous written prefix (a position is written once, in order).
     n = written if written == len(produced) or produced.size == 0 else int(np.argmin(produced >= 0))
-    known.produced.extend(int(p) for p in produced[:n])
-    known.ids.extend(int(i) for i in ids[:n])
-    known.texts.extend(texts[:n])
-    for i, t in zip(ids[:n], texts[:n]):
-        known.vocab.setdefault(int(i), t)
+    for k in range(n):
+        position = start + k
+        if known.prompt_len <= position < known.n_prompt and produced[k] == 0:
+            continue  # padding of a shorter prompt: not part of this sequence's text
+        known.positions.append(position)
+        known.produced.append(int(produced[k]))
+        known.ids.append(int(ids[k]))
+        known.texts.append(texts[k])
+        known.vocab.setdefault(int(ids[k]), texts[k])
+    known.read_to = start + n
     return known
 
 
@@ -130,11 +165,13 @@ class TokensView(TraceView):
         self.text = read_token_text(st.trace, st.seq, None if fresh else self.text)
         t = self.text
         if fresh:
-            self.strip.replace(t.texts, t.n_prompt)
+            self.strip.replace(t.texts, t.prompt_len, t.positions)
         elif len(t.texts) != len(self.strip.tokens):
-            self.strip.tokens = list(t.texts)   # same prefix: the browser appends the new spans
+            # Same prefix: the browser appends the new spans (positions first, the spans read them).
+            self.strip.positions = list(t.positions)
+            self.strip.tokens = list(t.texts)
         pos = t.position_of(st.step)
-        self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.n_prompt)
+        self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.prompt_len)
         self._show_candidates(pos)
 
     def _show_candidates(self, pos: int) -> None:
@@ -150,7 +187,7 @@ class TokensView(TraceView):
         self.cand_fig.x_range.end = float(max(probs.max() * 1.1, 0.05)) if probs.size else 1.0
         chosen_text = _visible(t.label(chosen)) if chosen >= 0 else "—"
         p = next((float(pr) for i, pr in zip(ids, probs) if int(i) == chosen), float("nan"))
-        generated = max(len(t.texts) - t.n_prompt, 0)
+        generated = t.n_generated
         self.summary.object = (
             f"<div style='color:#3d4758;font-size:13px'>step <b>{st.step}</b> of {st.n_steps}"
             f"{' (prefill)' if st.step == 0 else ''} · sampled <code>{_html(chosen_text)}</code>"
