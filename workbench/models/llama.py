@@ -84,9 +84,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     # Heads sharing a KV head are stacked as extra query rows: no copies of k and v.
     grouped = q.reshape(b, kvh, (h // kvh) * tq, hd)
     scores = (grouped @ k.transpose(-1, -2)).view(b, h, tq, -1) * (1.0 / math.sqrt(hd))
-    scores = scores.float().masked_fill(~mask, float("-inf"))
+    scores = torch.where(mask, scores if scores.dtype == torch.float32 else scores.float(), float("-inf"))
     pattern = hook_pattern(torch.softmax(scores, dim=-1))
-    out = pattern.to(q.dtype).reshape(b, kvh, (h // kvh) * tq, -1) @ v
+    out = (pattern if pattern.dtype == q.dtype else pattern.to(q.dtype)).reshape(b, kvh, (h // kvh) * tq, -1) @ v
     return out.view(b, h, tq, hd)
 
 
