@@ -7,7 +7,8 @@ return of `generate`, so it includes everything the recorder does on the generat
 runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs a core);
 no-probes runs with both that and torch's default, and the ratios divide by the faster of the two.
 Repeats are interleaved and the best of each kind is kept, so the ratios compare like with like on
-a shared machine. Also prints the trace size per step, the writer's throughput, the time to
+a shared machine. Also prints the trace size per step, the writer's throughput (raw bytes its
+worker process encodes per second of its own work) and share of a core, the time to
 drain the queue at the end, and the cost of hook points nobody listens to.
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 5] [--batch 1] [--model 18m]
 """
@@ -153,14 +154,15 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'trace KB/step':>14} {'writer MB/s':>12} "
+    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} "
           f"{'drain s':>8}")
     for kind in kinds:
         line = f"{kind:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f}"
         if extra[kind] is not None:
             stats, size, drain = extra[kind]
-            mbps = stats.bytes_written / max(stats.seconds_writing, 1e-9) / 1e6
-            line += f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {drain:>8.2f}"
+            mbps = stats.bytes_written / max(stats.worker_seconds, 1e-9) / 1e6
+            core = stats.worker_seconds * best[kind] / (args.new_tokens * args.batch)  # worker s per generation s
+            line += f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {core:>10.0%} {drain:>8.2f}"
         print(line)
     plain = max(best[k] for k in kinds if k.startswith("no probes"))
     checks, ns, share = hook_point_cost(model, 1.0 / plain * args.batch)
