@@ -442,3 +442,123 @@ def test_server_helpers_check_the_port_first(busy_port, tmp_path):
     with pytest.raises(WorkbenchError, match="not a TCP port"):
         check_port_free("127.0.0.1", 70000)
     check_port_free("127.0.0.1", 0)                              # 0: the OS picks a free port
+
+
+# --------------------------------------------------------------------------- prompts of different lengths
+PROMPTS = ["hello world", "abc"]
+
+
+@pytest.fixture(scope="module")
+def recorded_batch(tmp_path_factory):
+    """A real 2-prompt recording (12 and 4 prompt tokens with <bos>) of a tiny random model."""
+    import torch
+
+    from workbench.models.config import LlamaConfig
+    from workbench.models.llama import Llama
+    from workbench.runtime.checkpoint import save_llama
+    from workbench.runtime.session import RunSpec, run
+    from workbench.runtime.tokenizer import ByteTokenizer
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("batch")
+    cfg = LlamaConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                      bos_id=256, eos_id=None)
+    save_llama(Llama(cfg), root / "model", ByteTokenizer(bos_id=256, eos_id=None))
+    result = run(RunSpec(model=str(root / "model"), prompts=PROMPTS, max_new_tokens=6, record=str(root / "t.zarr"),
+                         device="cpu"))
+    return root / "t.zarr", result
+
+
+def test_each_sequence_of_a_recorded_batch_shows_its_own_tokens(recorded_batch):
+    from workbench.runtime.tokenizer import ByteTokenizer
+    path, result = recorded_batch
+    tok = ByteTokenizer(bos_id=256, eos_id=None)
+    dash = Dashboard(path)
+    st, strip = dash.state, dash.views["tokens"].strip
+    att, kv = dash.views["attention"], dash.views["kv_cache"]
+    for seq, prompt in enumerate(PROMPTS):
+        st.seq = seq
+        ids = tok.encode(prompt)
+        n = len(ids)                                             # 12 and 4
+        generated = result.generated[seq]                        # 6, at positions n .. n + 5
+        assert len(generated) == 6 and strip.tokens == [tok.token_text(i) for i in ids + generated]
+        assert strip.positions == list(range(n + 6)) and strip.n_prompt == n
+        for step in (0, 3):
+            st.select_step(step)
+            assert strip.selected == n + step and strip.n_visible == n + step + 1
+            assert att.main.source.data["dh"] == [n + step] and att.main.y_labels.data["pos"] == list(range(n + step))
+            assert att.step_box.top == (0 if step == 0 else n + step - 1) and att.step_box.bottom == n + step
+        dash.tabs.active = dash._tab_views.index("kv_cache")
+        assert kv.mass_source.data["position"] == list(range(n + 3))   # the shorter sequence ends at its own end
+        dash.tabs.active = 0
+        strip.clicked = n + 2                                    # the token sampled at step 2
+        assert st.step == 2
+        strip.clicked = 1
+        assert st.step == 0
+    assert _danger(dash) == {}
+
+
+P, PADDED_LEN, PAD = 6, 3, 0                                     # seq 1: 3 prompt tokens right-padded to 6
+
+
+def _write_padded_trace(path, n_steps: int = 5) -> TraceSpec:
+    """A right-padded batch written the documented way: prompt [0, P) incl. padding (prompt_len says
+    how much is real), the prefill samples position P, decode step s processes query P + s - 1.
+    The padding's attention rows are written too (a runtime computes them); padded keys get 0."""
+    spec = TraceSpec.for_generation(P, n_steps - 1, n_seq=2, n_layers=1, n_heads=2)
+    writer = TraceWriter(path, spec, {"prompts": ["full", "short"], "sampler": {"temperature": 0}})
+    ids = np.array([[10, 11, 12, 13, 14, 15], [20, 21, 22, PAD, PAD, PAD]])
+    text = [[f"a{i}" for i in range(P)], ["b0", "b1", "b2", "<pad>", "<pad>", "<pad>"]]
+    writer.write_prompt(ids, text, prompt_len=[P, PADDED_LEN])
+    real = np.ones((2, spec.max_positions), bool)
+    real[1, PADDED_LEN:P] = False
+    for step in range(n_steps):
+        q0, q1 = (0, P) if step == 0 else (P + step - 1, P + step)
+        q = np.arange(q0, q1)
+        rows = ((np.arange(q1)[None, :] <= q[:, None])[None] & real[:, None, :q1]).astype(np.float32)
+        rows[1, :, :] += (np.arange(q1) == 0) * 0.5                # seq 1 leans on its first token
+        rows /= rows.sum(axis=2, keepdims=True)                   # [seq, q, k]
+        writer.write_queries(step, q0, q1)
+        writer.write_attention(step, np.broadcast_to(rows[:, None, None], (2, 1, 2) + rows.shape[1:]), query_start=q0)
+        writer.write_attention_mass(step, rows.sum(axis=1)[:, None] * 2, layer=None)
+        chosen = [100 + step, 200 + step]
+        writer.write_sample(step, chosen, chosen_prob=[0.5, 0.5])
+        if q1 < spec.max_positions:
+            writer.write_tokens(step, q1, [[chosen[0]], [chosen[1]]], [[f" a-g{step}"], [f" b-g{step}"]])
+        writer.end_step(step)
+    writer.close()
+    return spec
+
+
+def test_padding_of_a_shorter_prompt_never_appears(tmp_path):
+    path = tmp_path / "padded"
+    _write_padded_trace(path)
+    dash = Dashboard(path)
+    st, strip = dash.state, dash.views["tokens"].strip
+    att, kv = dash.views["attention"], dash.views["kv_cache"]
+    st.seq = 1
+    gen = [P + s for s in range(4)]                              # the last step's sample lies past the positions
+    assert strip.tokens == ["b0", "b1", "b2"] + [f" b-g{s}" for s in range(4)]
+    assert strip.positions == [0, 1, 2] + gen and strip.n_prompt == PADDED_LEN
+    assert "prompt 3 tokens, 4 generated" in dash.views["tokens"].summary.object
+    st.select_step(2)
+    assert strip.selected == P + 2 and strip.n_visible == PADDED_LEN + 3
+    strip.clicked = P + 1                                        # absolute position of step 1's token
+    assert st.step == 1 and strip.selected == P + 1
+    strip.clicked = 2                                            # the last real prompt token
+    assert st.step == 0
+    st.select_step(3)                                            # queries [0, P + 3): 6 of them are real
+    keep = [0, 1, 2, P, P + 1, P + 2]
+    full = np.asarray(att.main.source.data["image"][0])
+    assert full.shape == (6, 6) and att.main.y_labels.data["pos"] == keep
+    assert att.main.x_labels.data["text"] == ["b0", "b1", "b2", " b-g0", " b-g1", " b-g2"]
+    want = attention_map(st.trace, 1, 0, 0, 3)[np.ix_(keep, keep)]
+    assert np.allclose(full, want, equal_nan=True)
+    assert (att.step_box.top, att.step_box.bottom) == (5, 6)     # the row of query P + 2
+    prev = att.scores["previous"][0]                             # the first generated token's previous is b2
+    assert prev == pytest.approx(np.mean([want[r, r - 1] for r in range(1, 6)]), rel=1e-5)
+    dash.tabs.active = dash._tab_views.index("kv_cache")
+    assert kv.mass_source.data["position"] == keep and kv.mass_source.data["text"][3] == " b-g0"
+    st.seq = 0                                                   # the full-length sequence is untouched
+    assert strip.positions == list(range(P + 4)) and strip.tokens[:P] == [f"a{i}" for i in range(P)]
+    assert kv.mass_source.data["position"] == list(range(P + 3))
+    assert _danger(dash) == {}
