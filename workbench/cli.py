@@ -38,7 +38,7 @@ def _nonneg_float(text: str) -> float:
 
 
 def _add_generate(sub) -> None:
-    from workbench.runtime.session import DEFAULT_MODEL
+    from workbench.paths import DEFAULT_MODEL
     p = sub.add_parser("generate", help="generate text, optionally recording a trace")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="local checkpoint directory (default: %(default)s)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")

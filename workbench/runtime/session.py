@@ -19,8 +19,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.runtime.sampler import Sampler, SamplerConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = PROJECT_ROOT / "data" / "models" / "llama-bytes"
+from workbench.paths import DEFAULT_MODEL, PROJECT_ROOT  # noqa: F401  (re-exported)
 
 
 @dataclass
