@@ -21,9 +21,9 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import zarr
 from numcodecs import VLenUTF8, Zstd
 
 from .schema import ArrayLayout, TraceSpec
@@ -221,11 +221,11 @@ class StoreWriter:
     """One rank's region writes into an existing trace store (runs in the worker process)."""
 
     def __init__(self, path: str, rank: int) -> None:
-        from .writer import read_spec
         self.path, self.rank = Path(path), rank
-        self.spec, _ = read_spec(path)
+        # The spec from the root's zarr.json directly: zarr itself is imported only if needed.
+        self.spec = TraceSpec.from_dict(json.loads((self.path / "zarr.json").read_text())["attributes"]["spec"])
         self.arrays: dict[str, ArrayLayout] = dict(self.spec.iter_arrays())
-        self._files: dict[str, ChunkFiles | zarr.Array] = {}
+        self._files: dict[str, ChunkFiles | Any] = {}
 
     def write(self, records: list, committed: int) -> tuple[int, int]:
         """Write every record, then set this rank's commit marker; return (bytes, arrays written)."""
@@ -233,7 +233,7 @@ class StoreWriter:
         for r in records:
             flat.extend(reduce_activation_values(r, self.spec, self.rank, self.arrays)
                         if isinstance(r, ActivationValues) else [r])
-        touched: dict[str, ChunkFiles | zarr.Array] = {}
+        touched: dict[str, ChunkFiles | Any] = {}
         for r in flat:
             touched[r.name] = self._assign(r)
         written = sum(f.save() for f in touched.values() if isinstance(f, ChunkFiles))
@@ -243,7 +243,7 @@ class StoreWriter:
             marker.save()  # only after every chunk above is in place
         return written, len(touched)
 
-    def _assign(self, r: Record) -> ChunkFiles | zarr.Array:
+    def _assign(self, r: Record) -> ChunkFiles | Any:
         layout = self.arrays[r.name]
         data = r.data
         if layout.causal:  # cells with key > query stay fill
@@ -259,13 +259,14 @@ class StoreWriter:
             files[r.region] = data
         return files
 
-    def _array(self, name: str) -> ChunkFiles | zarr.Array:
+    def _array(self, name: str) -> ChunkFiles | Any:
         files = self._files.get(name)
         if files is None:
             meta = json.loads((self.path / name / "zarr.json").read_text())
             if ChunkFiles.supports(meta):
                 files = ChunkFiles(self.path / name, meta, self.arrays[name].fill)
             else:  # a layout this writer does not encode itself: zarr does it, slower
+                import zarr
                 files = zarr.open_array(store=str(self.path), path=name, mode="r+")
             self._files[name] = files
         return files
@@ -276,8 +277,8 @@ def serve(conn, path: str, rank: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        store = StoreWriter(path, rank)
-        conn.send(("ready",))
+        conn.send(("ready",))  # imports are done; the store may still be being created
+        store = None
         while True:
             try:
                 msg = conn.recv()
@@ -287,6 +288,7 @@ def serve(conn, path: str, rank: int) -> None:
                 conn.send(("stopped",))
                 return
             t0 = time.perf_counter()
+            store = store or StoreWriter(path, rank)
             written, regions = store.write(msg[1], msg[2])
             conn.send(("ok", written, regions, time.perf_counter() - t0))
     except BaseException as exc:  # reported to the generating process, which raises it there

@@ -187,28 +187,31 @@ class TraceWriter:
                  world: int | None = None, *, create: bool | None = None,
                  overwrite: bool = False, flush_interval: float = 0.2,
                  max_queue_bytes: int = 128 << 20, max_flush_steps: int = 128) -> None:
-        self.path = Path(path)
+        self.path, self.rank = Path(path), rank
         if create is None:
             create = rank == 0
-        if create:
-            if spec is None:
-                raise TraceWriterError("a spec is needed to create a store")
-            create_store(self.path, spec, metadata, overwrite=overwrite)
-        stored_spec, _ = read_spec(self.path)
-        if spec is not None and spec.to_dict() != stored_spec.to_dict():
-            raise TraceWriterError(f"spec differs from the one stored in {self.path}")
-        self.spec = stored_spec
-        if world is not None and world != self.spec.world:
-            raise TraceWriterError(f"world={world} but the store was made for {self.spec.world}")
-        if not 0 <= rank < self.spec.world:
-            raise TraceWriterError(f"rank {rank} out of range for world {self.spec.world}")
-        self.rank = rank
+        if create and spec is None:
+            raise TraceWriterError("a spec is needed to create a store")
+        self._start_worker()  # it imports its modules while the store is created
+        try:
+            if create:
+                create_store(self.path, spec, metadata, overwrite=overwrite)
+            stored_spec, _ = read_spec(self.path)
+            if spec is not None and spec.to_dict() != stored_spec.to_dict():
+                raise TraceWriterError(f"spec differs from the one stored in {self.path}")
+            self.spec = stored_spec
+            if world is not None and world != self.spec.world:
+                raise TraceWriterError(f"world={world} but the store was made for {self.spec.world}")
+            if not 0 <= rank < self.spec.world:
+                raise TraceWriterError(f"rank {rank} out of range for world {self.spec.world}")
+        except BaseException:
+            self._stop_worker()
+            raise
         self.flush_interval = float(flush_interval)
         self.max_queue_bytes = int(max_queue_bytes)
         self.max_flush_steps = int(max_flush_steps)
 
         self._arrays: dict[str, ArrayLayout] = dict(self.spec.iter_arrays())
-        self._start_worker()
         self._cond = threading.Condition()
         self._records: list[Record | ActivationValues] = []
         self._queued_bytes = 0
