@@ -141,6 +141,9 @@ class Recorder:
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
         self._stamps = [0] * (self.n_layers * len(STAMP_HOOKS))  # [layer, stamp] flat: list stores are cheapest
         self._pending: list[_DecodeStep] = []
+        self._keeps_samples = "sampler" in selection and self.rank == 0
+        self._keeps_kv = "kv" in selection
+        self._no_comm = np.zeros_like(self._comm)  # shared by steps without collectives; never written
         self._lock = threading.Lock()  # the generating thread and the idle drain share the batch
         self._stopping = threading.Event()
         self._idle_watch: threading.Thread | None = None
@@ -451,17 +454,21 @@ class Recorder:
         step = event.step
         active = [not f for f in self.finished]
         values = self._activation_blocks(step, active) if self._acts else None
+        comm_written = bool(self._comm.any())  # only collectives write there (tensor parallelism)
         self._pending.append(_DecodeStep(
             step=step, tokens=list(event.tokens), positions=list(event.positions), active=active,
             values=values, rows=None if all(active) else [j for j, a in enumerate(active) if a], arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
             if values is not None else {},
-            patterns=self._patterns, comm=self._comm, stamps=self._stamps, kv=self._kv_numbers(event.cache),
+            patterns=self._patterns, comm=self._comm if comm_written else self._no_comm, stamps=self._stamps,
+            kv=self._kv_numbers(event.cache),
             seconds=float(event.seconds), wall=time.time(),
-            cand_ids=event.cand_ids if "sampler" in self.sel and self.rank == 0 else None,
-            cand_probs=event.cand_probs if "sampler" in self.sel and self.rank == 0 else None))
+            cand_ids=event.cand_ids if self._keeps_samples else None,
+            cand_probs=event.cand_probs if self._keeps_samples else None))
         self.finished = list(event.finished)
         self._acts, self._patterns = {}, {}
-        self._comm, self._stamps = np.zeros_like(self._comm), [0] * len(self._stamps)
+        self._stamps = [0] * len(self._stamps)
+        if comm_written:  # the step keeps this array; collectives write into a fresh one
+            self._comm = np.zeros_like(self._comm)
 
     def _activation_blocks(self, step: int, active: list[bool]) -> list[torch.Tensor] | None:
         """This step's activations in column-block order; None if reduced at once instead."""
@@ -480,7 +487,7 @@ class Recorder:
         return list(self._acts.values())
 
     def _kv_numbers(self, cache) -> tuple[int, int, int, int] | None:
-        if "kv" not in self.sel or not hasattr(cache, "stats"):
+        if not self._keeps_kv or not hasattr(cache, "stats"):
             return None
         st = cache.stats()
         return st.tokens, st.blocks, st.bytes_used, st.bytes_reserved
