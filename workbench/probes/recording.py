@@ -110,7 +110,11 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
             writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     else:
-        recorder.detach()
+        try:
+            recorder.detach()  # queues the last batch
+        except BaseException as e:
+            writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
+            raise
         writer.close()
     finally:
         if threads is not None:
