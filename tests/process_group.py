@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def _stat(pid_dir: Path) -> tuple[str, int] | None:
@@ -75,3 +75,19 @@ def wait_group_gone(pgid: int, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"processes {alive} of group {pgid} still run {timeout} s after its leader died")
         time.sleep(0.02)
+
+
+def kill_leader_while_held(proc, committed: Callable[[], int]) -> int:
+    """SIGKILL a recording process part-way; return the steps committed when it died.
+
+    The group stands still while ``committed()`` is read and the leader is killed; then its
+    workers go on, finish the flush in hand, see their pipes close and exit.
+    """
+    stop_group(proc.pid)
+    at_kill = committed()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    continue_group(proc.pid)
+    wait_group_gone(proc.pid)
+    return at_kill
+

@@ -1,6 +1,4 @@
 """Recording a real generation: values are right, TP=2 matches TP=1, live readers see prefixes."""
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from workbench.runtime.session import RunSpec, run
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.reader import open_trace
 
-from process_group import continue_group, held, stop_group, wait_group_gone
+from process_group import continue_group, held, kill_leader_while_held
 
 # A long context: the SIGKILL test starts a run far longer than it lets it get.
 CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=4096,
@@ -238,12 +236,7 @@ def test_sigkill_leaves_committed_prefix_intact(model_dir, tmp_path):
             assert time.monotonic() < deadline, f"only {tr.n_steps} steps committed after 120 s"
             time.sleep(0.01)
             tr.refresh()
-        stop_group(proc.pid)  # the run and its trace worker stand still...
-        at_kill = open_trace(trace).n_steps
-        os.kill(proc.pid, signal.SIGKILL)  # ...and the run dies part-way
-        proc.wait(timeout=30)
-        continue_group(proc.pid)  # the worker finishes the flush in hand, sees its pipe close and exits
-        wait_group_gone(proc.pid)
+        at_kill = kill_leader_while_held(proc, lambda: open_trace(trace).n_steps)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import xarray as xr
 
 from workbench.trace import open_trace
 
-from process_group import continue_group, stop_group, wait_group_gone
+from process_group import continue_group, kill_leader_while_held
 
 pytestmark = pytest.mark.slow
 
@@ -194,12 +193,7 @@ def test_sigkill_leaves_an_openable_running_trace(tmp_path):
             assert proc.poll() is None, "writer process died"
             assert time.monotonic() < deadline, f"the writer committed only {open_trace(path).n_steps} steps in 120 s"
             time.sleep(0.01)
-        stop_group(proc.pid)  # the writer and its workers stand still...
-        at_kill = open_trace(path).n_steps
-        os.kill(proc.pid, signal.SIGKILL)  # ...and the writer dies part-way
-        proc.wait()
-        continue_group(proc.pid)  # its workers finish the flush in hand, see their pipes close and exit
-        wait_group_gone(proc.pid)
+        at_kill = kill_leader_while_held(proc, lambda: open_trace(path).n_steps)
     finally:
         if proc.poll() is None:
             proc.kill()
