@@ -14,6 +14,8 @@ from pathlib import Path
 
 import panel as pn
 import param
+from bokeh.core.validation import silence
+from bokeh.core.validation.warnings import MISSING_RENDERERS
 
 from workbench.errors import WorkbenchError
 from workbench.views.activations import ActivationsView
@@ -25,6 +27,10 @@ from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
 from workbench.views.tokens import TokensView
+
+# Views build their figures empty and draw when they have data (a background tab when first
+# shown, the comm view only under tensor parallelism): not worth a warning in the server log.
+silence(MISSING_RENDERERS, True)
 
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
