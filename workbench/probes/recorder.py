@@ -113,6 +113,28 @@ class _DecodeStep:
     cand_probs: torch.Tensor | None
 
 
+def part_seconds(stamps_ns: np.ndarray, comm_seconds: np.ndarray, parts: Sequence[str]) -> np.ndarray:
+    """Seconds per timing part [..., layers, parts] from the STAMP_HOOKS stamps [..., layers, 5] (ns)
+    and all-reduce seconds [..., layers]; NaN for steps no stamp listener saw."""
+    ts = stamps_ns.astype(np.float64) / 1e9
+    values = {
+        "attention": ts[..., 1] - ts[..., 0],
+        "mlp": ts[..., 3] - ts[..., 2],
+        "comm": comm_seconds,
+        "norm": (ts[..., 2] - ts[..., 1]) + (ts[..., 4] - ts[..., 3]) - comm_seconds,
+    }
+    nan = np.full(ts.shape[:-1], np.nan)
+    seconds = np.stack([values.get(p, nan) for p in parts], axis=-1)
+    seconds[~stamps_ns.any(axis=(-2, -1))] = np.nan
+    return seconds
+
+
+def chosen_probability(ids: np.ndarray, probs: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Probability of the chosen token among the candidates [..., k]; NaN if it was not among them."""
+    match = ids == chosen[..., None]
+    return np.where(match.any(-1), (probs * match).sum(-1), np.nan).astype(np.float32)
+
+
 class Recorder:
     """Records one generation on one rank.
 
@@ -422,19 +444,8 @@ class Recorder:
         return eps
 
     def _write_timing(self, step: int, event) -> None:
-        parts = self.spec.timing_parts
         stamps = np.array(self._stamps, dtype=np.int64).reshape(self.n_layers, len(STAMP_HOOKS))
-        ts = stamps.astype(np.float64) / 1e9
-        comm = self._comm[1].sum(axis=1)
-        values = {
-            "attention": ts[:, 1] - ts[:, 0],
-            "mlp": ts[:, 3] - ts[:, 2],
-            "comm": comm,
-            "norm": (ts[:, 2] - ts[:, 1]) + (ts[:, 4] - ts[:, 3]) - comm,
-        }
-        seconds = np.stack([values.get(p, np.full(self.n_layers, np.nan)) for p in parts], axis=1)
-        if not stamps.any():
-            seconds[:] = np.nan
+        seconds = part_seconds(stamps, self._comm[1].sum(axis=1), self.spec.timing_parts)
         self.writer.write_timing(step, seconds, step_seconds=float(event.seconds),
                                  step_start=time.time() - float(event.seconds))
         self._stamps = [0] * len(self._stamps)
@@ -443,8 +454,7 @@ class Recorder:
         ids = event.cand_ids.cpu().numpy()
         probs = event.cand_probs.float().cpu().numpy()
         chosen = np.asarray(event.tokens)
-        match = ids == chosen[:, None]
-        chosen_prob = np.where(match.any(1), (probs * match).sum(1), np.nan).astype(np.float32)
+        chosen_prob = chosen_probability(ids, probs, chosen)
         k = min(ids.shape[1], self.spec.top_k)
         self.writer.write_sample(step, chosen, chosen_prob=chosen_prob, candidate_ids=ids[:, :k],
                                  candidate_probs=probs[:, :k])
@@ -540,8 +550,7 @@ class Recorder:
         ids = torch.stack([st.cand_ids for st in steps], 1).cpu().numpy()  # [b, steps, k]
         probs = torch.stack([st.cand_probs for st in steps], 1).float().cpu().numpy()
         chosen = np.array([st.tokens for st in steps]).T  # [b, steps]
-        match = ids == chosen[..., None]
-        chosen_prob = np.where(match.any(-1), (probs * match).sum(-1), np.nan).astype(np.float32)
+        chosen_prob = chosen_probability(ids, probs, chosen)
         top = min(ids.shape[-1], self.spec.top_k)
         w = self.writer
         w.write(first, "tokens/chosen", chosen, n_steps=k)
@@ -550,17 +559,8 @@ class Recorder:
         w.write(first, "tokens/candidate_prob", probs[..., :top], n_steps=k, k=slice(0, top))
 
     def _queue_timing(self, steps: list[_DecodeStep], comm: np.ndarray) -> None:
-        ts = np.array([st.stamps for st in steps], dtype=np.float64).reshape(len(steps), self.n_layers, -1) / 1e9
-        comm_s = comm[:, 1].sum(axis=2)  # [k, layers]
-        values = {
-            "attention": ts[..., 1] - ts[..., 0],
-            "mlp": ts[..., 3] - ts[..., 2],
-            "comm": comm_s,
-            "norm": (ts[..., 2] - ts[..., 1]) + (ts[..., 4] - ts[..., 3]) - comm_s,
-        }
-        nan = np.full(ts.shape[:2], np.nan)
-        seconds = np.stack([values.get(p, nan) for p in self.spec.timing_parts], axis=2)  # [k, layers, parts]
-        seconds[~ts.any(axis=(1, 2))] = np.nan  # steps no stamp listener saw
+        stamps = np.array([st.stamps for st in steps], dtype=np.int64).reshape(len(steps), self.n_layers, -1)
+        seconds = part_seconds(stamps, comm[:, 1].sum(axis=2), self.spec.timing_parts)  # [k, layers, parts]
         step_seconds = np.array([st.seconds for st in steps])
         first, k = steps[0].step, len(steps)
         self.writer.write(first, "timing/seconds", seconds, n_steps=k)
