@@ -91,3 +91,11 @@ def kill_leader_while_held(proc, committed: Callable[[], int]) -> int:
     wait_group_gone(proc.pid)
     return at_kill
 
+
+def end_group(proc) -> None:
+    """Whatever happened in a test: let a held group go on, and kill its leader if still running."""
+    continue_group(proc.pid)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+

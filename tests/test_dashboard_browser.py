@@ -20,7 +20,7 @@ from workbench.trace.reader import open_trace
 from workbench.trace.synthetic import write_synthetic_trace
 from workbench.views.server import free_port, wait_until_listening
 
-from process_group import continue_group, held
+from process_group import end_group, held
 
 pytestmark = pytest.mark.browser
 
@@ -336,10 +336,7 @@ def test_live_generation_appears_in_the_page_without_reload(server, open_page, t
         page.wait_for(lambda: page.tokens()[0] == final, f"all {final} tokens (shows {page.tokens()[0]}, "
                       f"error {page.error_text()!r})", timeout=20)
     finally:
-        if gen.poll() is None:
-            continue_group(gen.pid)
-            gen.kill()
-            gen.wait()
+        end_group(gen)
     assert shown == sorted(set(shown)) and 0 < shown[0] and shown[-1] < final, shown   # grew while generating
     assert page.page.evaluate("window.__no_reload") == 42  # ...and the page never reloaded
     # The target is under a second behind the store; this machine's 2 cores are shared by

@@ -16,7 +16,7 @@ from workbench.runtime.session import RunSpec, run
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.reader import open_trace
 
-from process_group import continue_group, held, kill_leader_while_held
+from process_group import end_group, held, kill_leader_while_held
 
 # A long context: the SIGKILL test starts a run far longer than it lets it get.
 CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=4096,
@@ -212,10 +212,7 @@ def test_reader_process_sees_consistent_prefix_while_generating(model_dir, tmp_p
                                   f"the model is too fast for this test")
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            continue_group(proc.pid)
-            proc.kill()
-            proc.wait()
+        end_group(proc)
     assert proc.returncode == 0, proc.stderr.read()
     print(f"live reader: paused at steps {paused} of {steps}")
     tr = open_trace(trace)
@@ -238,10 +235,7 @@ def test_sigkill_leaves_committed_prefix_intact(model_dir, tmp_path):
             tr.refresh()
         at_kill = kill_leader_while_held(proc, lambda: open_trace(trace).n_steps)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        continue_group(proc.pid)
+        end_group(proc)
     tr = open_trace(trace)
     print(f"killed: {at_kill} steps committed when held, {tr.n_steps} after the worker finished, of {steps}")
     assert tr.status != "complete"

@@ -25,7 +25,7 @@ import xarray as xr
 
 from workbench.trace import open_trace
 
-from process_group import continue_group, kill_leader_while_held
+from process_group import end_group, kill_leader_while_held
 
 pytestmark = pytest.mark.slow
 
@@ -195,10 +195,7 @@ def test_sigkill_leaves_an_openable_running_trace(tmp_path):
             time.sleep(0.01)
         at_kill = kill_leader_while_held(proc, lambda: open_trace(path).n_steps)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        continue_group(proc.pid)
+        end_group(proc)
     tr = open_trace(path)
     assert tr.status == "running" and tr.status != "complete"
     assert 12 <= at_kill <= tr.n_steps < 400, (at_kill, tr.n_steps)  # what was committed stays committed
