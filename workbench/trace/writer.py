@@ -64,8 +64,8 @@ class WriterStats:
 
     steps_committed: int = 0
     flushes: int = 0
-    region_writes: int = 0  # zarr region writes issued (each may touch many chunks)
-    bytes_written: int = 0  # uncompressed bytes handed to zarr
+    region_writes: int = 0  # arrays written, summed over flushes (each may touch many chunks)
+    bytes_written: int = 0  # raw (uncompressed) bytes of the chunks the worker encoded
     seconds_writing: float = 0.0  # time the background thread spent in flushes (waiting included)
     worker_seconds: float = 0.0  # time the worker process spent reducing, encoding and writing
     peak_queue_bytes: int = 0
