@@ -104,9 +104,9 @@ class _DecodeStep:
     rows: list[int] | None  # the active sequences' rows, None: all
     arm_eps: dict
     patterns: dict
-    comm: np.ndarray  # [3, layers, sites]
+    comm: np.ndarray | None  # [3, layers, sites]; None: no collective ran (one rank)
     stamps: list[int]  # [layers * stamps] perf_counter_ns
-    kv: tuple | None
+    kv: tuple[int, int] | None  # tokens and blocks in the KV cache
     seconds: float
     wall: float
     cand_ids: torch.Tensor | None
@@ -165,7 +165,8 @@ class Recorder:
         self._pending: list[_DecodeStep] = []
         self._keeps_samples = "sampler" in selection and self.rank == 0
         self._keeps_kv = "kv" in selection
-        self._no_comm = np.zeros_like(self._comm)  # shared by steps without collectives; never written
+        self._comm_written = False  # set by the comm listeners: with one rank no collective runs
+        self._kv_cache = None  # the generation's cache (block size and bytes per token)
         self._lock = threading.Lock()  # the generating thread and the idle drain share the batch
         self._stopping = threading.Event()
         self._idle_watch: threading.Thread | None = None
@@ -177,7 +178,7 @@ class Recorder:
                       if getattr(getattr(layer, "mlp", None), "redistribute", None) is not None]
 
     # Decode steps wait at most this long before they are queued (it adds to the live lag).
-    batch_seconds = 0.1
+    batch_seconds = 0.25
     max_batch_steps = 256
     # Decode steps with more activation values than this are reduced at once, on their device.
     max_shipped_values = 1 << 20
@@ -292,6 +293,7 @@ class Recorder:
     def _comm_keeper(self, site: int):
         def make(layer: int):
             def keep(t, hp):
+                self._comm_written = True
                 self._comm[0, layer, site] = (t["start_ns"] - self.model.info.t0_ns) / 1e9
                 self._comm[1, layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
                 self._comm[2, layer, site] = t["bytes"]
@@ -299,14 +301,18 @@ class Recorder:
         return make
 
     def _stamper(self, k: int):
+        device = next(self.model.parameters()).device
+
         def make(layer: int):
             i, clock = layer * len(STAMP_HOOKS) + k, time.perf_counter_ns
 
             def stamp(x, hp):
-                if x.is_cuda:  # host time of a kernel launch means nothing: wait for the device
-                    torch.cuda.synchronize(x.device)
                 self._stamps[i] = clock()
-            return stamp
+
+            def stamp_after_kernels(x, hp):  # host time of a kernel launch means nothing
+                torch.cuda.synchronize(device)
+                self._stamps[i] = clock()
+            return stamp_after_kernels if device.type == "cuda" else stamp
         return make
 
     # ---------------------------------------------------------------- per step
@@ -360,6 +366,7 @@ class Recorder:
         self._patterns.clear()
         self._acts.clear()
         self._comm[:] = 0
+        self._comm_written = False
         w.end_step(step)
 
     def _write_kv(self, step: int, cache) -> None:
@@ -464,21 +471,22 @@ class Recorder:
         step = event.step
         active = [not f for f in self.finished]
         values = self._activation_blocks(step, active) if self._acts else None
-        comm_written = bool(self._comm.any())  # only collectives write there (tensor parallelism)
+        kv = None
+        if self._keeps_kv and hasattr(event.cache, "usage"):
+            self._kv_cache, kv = event.cache, event.cache.usage()
         self._pending.append(_DecodeStep(
-            step=step, tokens=list(event.tokens), positions=list(event.positions), active=active,
-            values=values, rows=None if all(active) else [j for j, a in enumerate(active) if a], arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
-            if values is not None else {},
-            patterns=self._patterns, comm=self._comm if comm_written else self._no_comm, stamps=self._stamps,
-            kv=self._kv_numbers(event.cache),
-            seconds=float(event.seconds), wall=time.time(),
+            step=step, tokens=event.tokens, positions=event.positions, active=active, values=values,
+            rows=None if all(active) else [j for j, a in enumerate(active) if a],
+            arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None} if values is not None else {},
+            patterns=self._patterns, comm=self._comm if self._comm_written else None, stamps=self._stamps,
+            kv=kv, seconds=event.seconds, wall=time.time(),
             cand_ids=event.cand_ids if self._keeps_samples else None,
             cand_probs=event.cand_probs if self._keeps_samples else None))
-        self.finished = list(event.finished)
+        self.finished = event.finished
         self._acts, self._patterns = {}, {}
         self._stamps = [0] * len(self._stamps)
-        if comm_written:  # the step keeps this array; collectives write into a fresh one
-            self._comm = np.zeros_like(self._comm)
+        if self._comm_written:  # the step keeps this array; collectives write into a fresh one
+            self._comm, self._comm_written = np.zeros_like(self._comm), False
 
     def _activation_blocks(self, step: int, active: list[bool]) -> list[torch.Tensor] | None:
         """This step's activations in column-block order; None if reduced at once instead."""
@@ -496,12 +504,6 @@ class Recorder:
             return None
         return list(self._acts.values())
 
-    def _kv_numbers(self, cache) -> tuple[int, int, int, int] | None:
-        if not self._keeps_kv or not hasattr(cache, "stats"):
-            return None
-        st = cache.stats()
-        return st.tokens, st.blocks, st.bytes_used, st.bytes_reserved
-
     def _drain(self) -> None:
         """Queue every kept decode step (one write per array), then end them in order."""
         steps, self._pending = self._pending, []
@@ -518,11 +520,17 @@ class Recorder:
             self._queue_attention(steps)
         self._queue_activation_values(steps)
         if steps[0].kv is not None:
-            kv = np.array([st.kv for st in steps], dtype=np.int64)  # [k, 4]
-            for i, name in enumerate(("tokens", "blocks", "bytes_used", "bytes_reserved")):
-                w.write(first, f"kv_cache/{name}", np.repeat(kv[:, i:i + 1], self.n_layers, axis=1), n_steps=k)
-        comm = np.stack([st.comm for st in steps])  # [k, 3, layers, sites]
-        if "comm" in self.sel and comm[:, 1].any():
+            tokens, blocks = np.array([st.kv for st in steps], dtype=np.int64).T  # [k] each
+            cache = self._kv_cache
+            per_block = cache.block_size * cache.bytes_per_token
+            for name, v in (("tokens", tokens), ("blocks", blocks), ("bytes_used", tokens * cache.bytes_per_token),
+                            ("bytes_reserved", blocks * per_block)):
+                w.write(first, f"kv_cache/{name}", v[:, None], n_steps=k)  # every layer holds the same
+        comm = None
+        if any(st.comm is not None for st in steps):
+            no_comm = np.zeros_like(self._comm)
+            comm = np.stack([no_comm if st.comm is None else st.comm for st in steps])  # [k, 3, layers, sites]
+        if "comm" in self.sel and comm is not None and comm[:, 1].any():
             w.write(first, "comm/start", comm[:, 0], n_steps=k)
             w.write(first, "comm/seconds", comm[:, 1], n_steps=k)
             w.write(first, "comm/bytes", comm[:, 2].astype(np.int64), n_steps=k)
@@ -558,9 +566,10 @@ class Recorder:
         w.write(first, "tokens/candidate_id", ids[..., :top], n_steps=k, k=slice(0, top))
         w.write(first, "tokens/candidate_prob", probs[..., :top], n_steps=k, k=slice(0, top))
 
-    def _queue_timing(self, steps: list[_DecodeStep], comm: np.ndarray) -> None:
+    def _queue_timing(self, steps: list[_DecodeStep], comm: np.ndarray | None) -> None:
         stamps = np.array([st.stamps for st in steps], dtype=np.int64).reshape(len(steps), self.n_layers, -1)
-        seconds = part_seconds(stamps, comm[:, 1].sum(axis=2), self.spec.timing_parts)  # [k, layers, parts]
+        comm_seconds = np.zeros(stamps.shape[:2]) if comm is None else comm[:, 1].sum(axis=2)
+        seconds = part_seconds(stamps, comm_seconds, self.spec.timing_parts)  # [k, layers, parts]
         step_seconds = np.array([st.seconds for st in steps])
         first, k = steps[0].step, len(steps)
         self.writer.write(first, "timing/seconds", seconds, n_steps=k)
@@ -578,9 +587,12 @@ class Recorder:
         first, last = steps[0].step, steps[-1].step
         eps = np.full((last - first + 1, len(layers)), float(self.spec.near_zero_eps))
         mlp = np.array([sites[s].startswith("mlp.act") for s in site_ids])
-        for st in kept:
-            # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
-            eps[st.step - first, mlp] = [st.arm_eps.get(int(layer), np.nan) for layer in layers[mlp]]
+        # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
+        eps[:, mlp] = np.nan
+        if self._arms:
+            cols = np.flatnonzero(mlp)
+            arm = [[st.arm_eps.get(int(layers[c]), np.nan) for c in cols] for st in kept]
+            eps[np.ix_([st.step - first for st in kept], cols)] = np.array(arm, dtype=np.float64).reshape(len(kept), -1)
         # One cat per run of steps with the same active rows (usually one for the whole batch).
         parts, row_steps, run = [], [], []
         for st in [*kept, None]:
@@ -590,11 +602,12 @@ class Recorder:
                 if run[0].rows is not None:
                     cols = cols[run[0].rows]
                 parts.append(cols.transpose(0, 1).reshape(-1, cols.shape[-1]))  # [steps * rows, width]
-                row_steps.extend(np.repeat([r.step for r in run], cols.shape[0]).tolist())
+                row_steps.append(np.repeat([r.step for r in run], cols.shape[0]))
                 run = []
             if st is not None:
                 run.append(st)
-        values = torch.cat(parts).float().cpu().numpy()
+        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).float().cpu().numpy()
+        row_steps = np.concatenate(row_steps)
         self.writer.write_activation_values(first, last, values, row_steps, self._value_offsets, layers, site_ids,
                                             eps)
 

@@ -86,10 +86,13 @@ class PagedKVCache:
         self.tables[seq] = []
         self.lengths[seq] = 0
 
+    def usage(self) -> tuple[int, int]:
+        """Tokens cached and blocks allocated per layer; cheap enough to call every step."""
+        return sum(self.lengths), self.num_blocks - len(self._free)
+
     def stats(self) -> CacheStats:
         """Per-layer usage (every layer of a decoder holds the same positions)."""
-        tokens = sum(self.lengths)
-        blocks = sum(len(t) for t in self.tables)
+        tokens, blocks = self.usage()
         return CacheStats(tokens=tokens, blocks=blocks, bytes_used=tokens * self.bytes_per_token,
                           bytes_reserved=blocks * self.block_size * self.bytes_per_token)
 
