@@ -16,6 +16,7 @@ from torch import nn
 
 from workbench.models.config import LlamaConfig
 from workbench.models.hook_points import HookedModule, HookPoint
+from workbench.models.part_clock import PartClock
 
 
 class RMSNorm(nn.Module):
@@ -200,12 +201,27 @@ class Block(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.mlp_allreduce = ResidualNorm()
+        self.part_clock: PartClock | None = None  # set while timing is recorded (models/part_clock.py)
+        self.part_clock_slot = 0
 
     def forward(self, h, residual, next_norm, cos, sin, mask, cache):
+        clock = self.part_clock
+        if clock is not None:
+            ns, now, i = clock.ns, clock.now, self.part_clock_slot
+            ns[i] = now()
         a = self.attn(h, cos, sin, mask, cache)
+        if clock is not None:
+            ns[i + 1] = now()
         residual, h = self.attn_allreduce(a, residual, self.post_attn_norm)
+        if clock is not None:
+            ns[i + 2] = now()
         m = self.mlp(h)
-        return self.mlp_allreduce(m, residual, next_norm)
+        if clock is not None:
+            ns[i + 3] = now()
+        residual, h = self.mlp_allreduce(m, residual, next_norm)
+        if clock is not None:
+            ns[i + 4] = now()
+        return residual, h
 
 
 class Llama(HookedModule):

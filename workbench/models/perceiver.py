@@ -32,6 +32,7 @@ from workbench.errors import WorkbenchError
 from workbench.models.config import SUPPORTED_ACTS, ConfigError
 from workbench.models.hook_points import HookedModule, HookPoint
 from workbench.models.llama import MLP, Block, ResidualNorm, RMSNorm, Rotary, apply_rotary, attend
+from workbench.models.part_clock import PartClock
 
 MODEL_TYPES = ("perceiver_ar", "perceiver")
 
@@ -166,13 +167,28 @@ class Repeat(nn.Module):
         # Block.attn.layer_idx is the latent cache's layer: repeats never share cached keys.
         self.layers = nn.ModuleList(Block(cfg, repeat_idx * cfg.n_self_layers + i)
                                     for i in range(cfg.n_self_layers))
+        self.part_clock: PartClock | None = None  # the cross block's, while timing is recorded
+        self.part_clock_slot = 0
 
     def cross_block(self, h, residual, next_norm, cos, sin, k, v, mask):
         """Cross-attend then MLP; returns (residual, next_norm(residual))  # [b, latent, d_model] each."""
+        clock = self.part_clock  # the cross block's stamps, as in llama.Block.forward
+        if clock is not None:
+            ns, now, i = clock.ns, clock.now, self.part_clock_slot
+            ns[i] = now()
         a = self.cross(h, cos, sin, k, v, mask)
+        if clock is not None:
+            ns[i + 1] = now()
         residual, h = self.cross_allreduce(a, residual, self.cross_mlp_norm)
+        if clock is not None:
+            ns[i + 2] = now()
         m = self.cross_mlp(h)
-        return self.cross_mlp_allreduce(m, residual, self.layers[0].input_norm if self.layers else next_norm)
+        if clock is not None:
+            ns[i + 3] = now()
+        residual, h = self.cross_mlp_allreduce(m, residual, self.layers[0].input_norm if self.layers else next_norm)
+        if clock is not None:
+            ns[i + 4] = now()
+        return residual, h
 
     def latent_stack(self, h, residual, next_norm, cos, sin, mask, cache):
         for i, layer in enumerate(self.layers):

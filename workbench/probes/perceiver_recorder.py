@@ -96,6 +96,10 @@ class PerceiverRecorder(Recorder):
     def _attention_hooks(self) -> list[str]:
         return self._layer_hooks("attn.pattern")
 
+    def _timed_blocks(self) -> list:
+        # A cross block is stamped by its Repeat (Repeat.cross_block), a latent block by itself.
+        return [self.model.get_submodule(b.removesuffix(".cross")) for b in self.blocks]
+
     def _where(self, layer: int) -> tuple[int, int | None]:
         """(repeat, latent block i or None for the cross block) of a trace layer."""
         r, k = divmod(layer, 1 + self.n_self)

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from workbench.models.part_clock import BOUNDARIES, PartClock, attach_part_clock, detach_part_clock
 from workbench.probes.selection import ProbeSelection
 from workbench.trace.schema import TraceSpec
 from workbench.trace.stats import ActivationStats
@@ -28,9 +29,6 @@ from workbench.trace.writer import TraceWriter
 SITE_HOOKS = {"mlp.act.pre": "mlp.act.pre", "mlp.act.post": "mlp.act.post", "attn.out": "attn.out",
               "resid.post": "mlp_allreduce.residual"}
 COMM_SITES = ("attn_allreduce", "mlp_allreduce")
-# Timestamps per layer, in forward order: attention starts, attention ends, first unit ends,
-# MLP ends, second unit ends. Parts are differences between them.
-STAMP_HOOKS = ("attn.in", "attn.out", "attn_allreduce.normed", "mlp.out", "mlp_allreduce.normed")
 
 
 def activation_bin_edges(n_bins: int = 128, span: float = 32.0, finest: float = 0.02) -> tuple[float, ...]:
@@ -105,7 +103,7 @@ class _DecodeStep:
     arm_eps: dict
     patterns: dict
     comm: np.ndarray | None  # [3, layers, sites]; None: no collective ran (one rank)
-    stamps: list[int]  # [layers * stamps] perf_counter_ns
+    stamps: list[int] | None  # [layers * BOUNDARIES] perf_counter_ns (models/part_clock.py)
     kv: tuple[int, int] | None  # tokens and blocks in the KV cache
     seconds: float
     wall: float
@@ -114,8 +112,8 @@ class _DecodeStep:
 
 
 def part_seconds(stamps_ns: np.ndarray, comm_seconds: np.ndarray, parts: Sequence[str]) -> np.ndarray:
-    """Seconds per timing part [..., layers, parts] from the STAMP_HOOKS stamps [..., layers, 5] (ns)
-    and all-reduce seconds [..., layers]; NaN for steps no stamp listener saw."""
+    """Seconds per timing part [..., layers, parts] from part-clock stamps [..., layers, BOUNDARIES]
+    (ns) and all-reduce seconds [..., layers]; NaN for steps without stamps."""
     ts = stamps_ns.astype(np.float64) / 1e9
     values = {
         "attention": ts[..., 1] - ts[..., 0],
@@ -161,7 +159,7 @@ class Recorder:
         self._patterns: dict[int, torch.Tensor] = {}
         self._acts: dict[tuple[int, int], torch.Tensor] = {}
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
-        self._stamps = [0] * (self.n_layers * len(STAMP_HOOKS))  # [layer, stamp] flat: list stores are cheapest
+        self._clock: PartClock | None = None  # the blocks' part clock while timing is recorded
         self._pending: list[_DecodeStep] = []
         self._keeps_samples = "sampler" in selection and self.rank == 0
         self._keeps_kv = "kv" in selection
@@ -207,6 +205,10 @@ class Recorder:
     def _attention_hooks(self) -> list[str]:
         return [f"layers.{i}.attn.pattern" for i in self.spec.attention_layers]
 
+    def _timed_blocks(self) -> list:
+        """The modules that stamp each entry of the trace's layer dim (models/part_clock.py)."""
+        return list(self.model.layers)
+
     # ---------------------------------------------------------------- listeners
     def _listen(self, pattern: str | list[str], make) -> None:
         """Subscribe ``make(layer)`` to each hook point matching ``pattern``: the layer is bound once."""
@@ -230,8 +232,7 @@ class Recorder:
             for c, site in enumerate(self.spec.comm_sites):
                 self._listen(self._layer_hooks(f"{site}.timing"), self._comm_keeper(c))
         if "timing" in sel:
-            for k, name in enumerate(STAMP_HOOKS):
-                self._listen(self._layer_hooks(name), self._stamper(k))
+            self._clock = attach_part_clock(self._timed_blocks(), next(self.model.parameters()).device)
         self._write_prompt()
         if self.batches_decode:
             self._idle_watch = threading.Thread(target=self._drain_when_idle, name="recorder-idle-drain",
@@ -271,6 +272,9 @@ class Recorder:
         for hp, fn in self._subscriptions:
             hp.listeners[:] = [f for f in hp.listeners if f is not fn]
         self._subscriptions.clear()
+        if self._clock is not None:
+            detach_part_clock(self._timed_blocks())
+            self._clock = None
 
     # Listeners run dozens of times per decode step: each only keeps a reference or a number.
     def _pattern_keeper(self, layer: int):
@@ -298,21 +302,6 @@ class Recorder:
                 self._comm[1, layer, site] = (t["end_ns"] - t["start_ns"]) / 1e9
                 self._comm[2, layer, site] = t["bytes"]
             return keep
-        return make
-
-    def _stamper(self, k: int):
-        device = next(self.model.parameters()).device
-
-        def make(layer: int):
-            i, clock = layer * len(STAMP_HOOKS) + k, time.perf_counter_ns
-
-            def stamp(x, hp):
-                self._stamps[i] = clock()
-
-            def stamp_after_kernels(x, hp):  # host time of a kernel launch means nothing
-                torch.cuda.synchronize(device)
-                self._stamps[i] = clock()
-            return stamp_after_kernels if device.type == "cuda" else stamp
         return make
 
     # ---------------------------------------------------------------- per step
@@ -451,11 +440,10 @@ class Recorder:
         return eps
 
     def _write_timing(self, step: int, event) -> None:
-        stamps = np.array(self._stamps, dtype=np.int64).reshape(self.n_layers, len(STAMP_HOOKS))
+        stamps = np.array(self._clock.take(), dtype=np.int64).reshape(self.n_layers, BOUNDARIES)
         seconds = part_seconds(stamps, self._comm[1].sum(axis=1), self.spec.timing_parts)
         self.writer.write_timing(step, seconds, step_seconds=float(event.seconds),
                                  step_start=time.time() - float(event.seconds))
-        self._stamps = [0] * len(self._stamps)
 
     def _write_sample(self, step: int, event, active) -> None:
         ids = event.cand_ids.cpu().numpy()
@@ -478,13 +466,13 @@ class Recorder:
             step=step, tokens=event.tokens, positions=event.positions, active=active, values=values,
             rows=None if all(active) else [j for j, a in enumerate(active) if a],
             arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None} if values is not None else {},
-            patterns=self._patterns, comm=self._comm if self._comm_written else None, stamps=self._stamps,
+            patterns=self._patterns, comm=self._comm if self._comm_written else None,
+            stamps=self._clock.take() if self._clock is not None else None,
             kv=kv, seconds=event.seconds, wall=time.time(),
             cand_ids=event.cand_ids if self._keeps_samples else None,
             cand_probs=event.cand_probs if self._keeps_samples else None))
         self.finished = event.finished
         self._acts, self._patterns = {}, {}
-        self._stamps = [0] * len(self._stamps)
         if self._comm_written:  # the step keeps this array; collectives write into a fresh one
             self._comm, self._comm_written = np.zeros_like(self._comm), False
 
