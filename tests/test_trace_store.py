@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import xarray as xr
 from workbench.trace import (ActivationStats, PerceiverSpec, TraceError, TraceSpec, TraceWriter,
                              TraceWriterError, finish_moments, open_trace)
 from workbench.trace.schema import FORMAT_VERSION
+from workbench.trace.worker import replace_file
 from workbench.trace.synthetic import write_synthetic_trace
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "trace-format.md"
@@ -418,3 +420,32 @@ def test_synthetic_trace_is_complete_and_plausible(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         xr.open_zarr(path, group="attention", consolidated=False)["weights"][0, 0, 0].load()
+
+
+def test_chunk_files_are_replaced_atomically(tmp_path):
+    """A reader polling a chunk file while the worker keeps replacing it sees the old bytes or the
+    new ones, never a missing or partial file, and no temporary file is left behind."""
+    from workbench.trace.worker import replace_file
+
+    path = tmp_path / "c"
+    versions = [bytes([i]) * (50_000 + i) for i in range(200)]
+    path.write_bytes(versions[0])
+    seen, errors, done = set(), [], threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.add(path.read_bytes())
+            except OSError as e:
+                errors.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for data in versions[1:]:
+        tmp = tmp_path / ".c.tmp"
+        tmp.write_bytes(data)
+        replace_file(tmp, path)
+    done.set()
+    reader.join()
+    assert not errors and seen <= set(versions) and len(seen) > 1
+    assert path.read_bytes() == versions[-1] and sorted(p.name for p in tmp_path.iterdir()) == ["c"]

@@ -13,9 +13,12 @@ pipe closes, which is also what happens when the generating process is killed.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import json
 import os
+import pickle
 import signal
 import time
 import traceback
@@ -134,6 +137,59 @@ def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int,
     return out
 
 
+def _load_renameat2():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc without it
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def replace_file(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` at ``path`` atomically: a reader sees the old file or the new one, never neither.
+
+    Where it can, it swaps the two names (renameat2 RENAME_EXCHANGE) and deletes the old file:
+    ext4 treats a rename over an existing file as a request to write the new data to disk at
+    once (auto_da_alloc), ~0.2 ms per chunk here plus disk interrupts that slow generation,
+    while a swap leaves the data to normal writeback. Falls back to ``os.replace``.
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, bytes(tmp), _AT_FDCWD, bytes(path), _RENAME_EXCHANGE) == 0:
+            os.unlink(tmp)
+            return
+        if ctypes.get_errno() not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(path))
+    os.replace(tmp, path)  # no file there yet (nothing to swap with), or no swap on this system
+
+
+def send_message(conn, message: tuple) -> None:
+    """Send ``message`` with its arrays' memory out of band (pickle protocol 5).
+
+    ``Connection.send`` pickles into one bytes object and, for each partial socket write, copies
+    what remains: megabytes of copying with the GIL held, which stalls the generating thread.
+    Here only the small pickle is built; each array's memory goes to the socket as it is, and the
+    writes release the GIL.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    conn.send_bytes(len(buffers).to_bytes(4, "little") + head)
+    for b in buffers:
+        conn.send_bytes(b.raw())
+
+
+def recv_message(conn) -> tuple:
+    """A message sent by `send_message` (arrays come back read-only)."""
+    data = conn.recv_bytes()
+    n = int.from_bytes(data[:4], "little")
+    return pickle.loads(data[4:], buffers=[conn.recv_bytes() for _ in range(n)])
+
+
 class ChunkFiles:
     """One array's chunk files, encoded and replaced directly (no zarr call per write).
 
@@ -194,7 +250,7 @@ class ChunkFiles:
                 self._made_dirs.add(path.parent)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(self.zstd.encode(raw))
-            os.replace(tmp, path)
+            replace_file(tmp, path)
             total += chunk.nbytes
         # Keep only what this flush touched: the chunks being filled now.
         self.cache = {idx: self.cache[idx] for idx in self.dirty}
@@ -281,7 +337,7 @@ def serve(conn, path: str, rank: int) -> None:
         store = None
         while True:
             try:
-                msg = conn.recv()
+                msg = recv_message(conn)
             except (EOFError, OSError):
                 return  # the generating process is gone: what was committed stays committed
             if msg[0] == "stop":

@@ -47,7 +47,7 @@ from zarr.codecs import ZstdCodec
 from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
                      STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
 from .stats import MOMENT_ARRAYS, ActivationStats
-from .worker import ActivationValues, Record
+from .worker import ActivationValues, Record, send_message
 
 Index = int | slice | str
 # zstd level 1 compresses attention rows as well as the default level (3) at ~3x the speed.
@@ -864,7 +864,7 @@ class TraceWriter:
         if not self._worker_ready:
             self._worker_reply("ready")
             self._worker_ready = True
-        self._conn.send(message)
+        send_message(self._conn, message)
         reply = self._worker_reply("ok")
         return reply[1], reply[2], reply[3]
 
@@ -886,7 +886,7 @@ class TraceWriter:
     def _stop_worker(self) -> None:
         try:
             if self._worker.poll() is None:
-                self._conn.send(("stop",))
+                send_message(self._conn, ("stop",))
                 while self._conn.recv()[0] != "stopped":  # "ready" if it never flushed
                     pass
         except (EOFError, OSError):
