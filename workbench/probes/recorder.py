@@ -90,17 +90,16 @@ def batched_stats(tensors: Sequence[torch.Tensor], edges: torch.Tensor, eps: tor
                            sum4=sums[:, 3], min=lo, max=hi, near_zero=sums[:, 4].astype(np.int64))
 
 
-@dataclass
+@dataclass(slots=True)
 class _DecodeStep:
     """What one decode step left for the next batch: references and small numbers only."""
 
     step: int
     tokens: list[int]
     positions: list[int]
-    active: list[bool]
+    finished: list[bool]  # sequences that finished before this step: no rows of theirs are recorded
     values: list[torch.Tensor] | None  # this step's activations [b, 1, width] per (layer, site) block
-    rows: list[int] | None  # the active sequences' rows, None: all
-    arm_eps: dict
+    arm_eps: dict | None  # layer -> ARM's eps at this step
     patterns: dict
     comm: np.ndarray | None  # [3, layers, sites]; None: no collective ran (one rank)
     stamps: list[int] | None  # [layers * BOUNDARIES] perf_counter_ns (models/part_clock.py)
@@ -109,6 +108,11 @@ class _DecodeStep:
     wall: float
     cand_ids: torch.Tensor | None
     cand_probs: torch.Tensor | None
+
+    @property
+    def rows(self) -> list[int] | None:
+        """The rows of the sequences still running at this step; None: all."""
+        return [j for j, f in enumerate(self.finished) if not f] if any(self.finished) else None
 
 
 def part_seconds(stamps_ns: np.ndarray, comm_seconds: np.ndarray, parts: Sequence[str]) -> np.ndarray:
@@ -456,27 +460,26 @@ class Recorder:
 
     # ---------------------------------------------------------------- decode batches
     def _keep_decode_step(self, event) -> None:
-        step = event.step
-        active = [not f for f in self.finished]
-        values = self._activation_blocks(step, active) if self._acts else None
+        # Runs every step, between forward passes: positional arguments, no comprehensions.
+        values = self._activation_blocks(event.step) if self._acts else None
         kv = None
         if self._keeps_kv and hasattr(event.cache, "usage"):
             self._kv_cache, kv = event.cache, event.cache.usage()
         self._pending.append(_DecodeStep(
-            step=step, tokens=event.tokens, positions=event.positions, active=active, values=values,
-            rows=None if all(active) else [j for j, a in enumerate(active) if a],
-            arm_eps={i: arm.stats.eps for i, arm in self._arms if arm.stats is not None} if values is not None else {},
-            patterns=self._patterns, comm=self._comm if self._comm_written else None,
-            stamps=self._clock.take() if self._clock is not None else None,
-            kv=kv, seconds=event.seconds, wall=time.time(),
-            cand_ids=event.cand_ids if self._keeps_samples else None,
-            cand_probs=event.cand_probs if self._keeps_samples else None))
+            event.step, event.tokens, event.positions, self.finished, values,
+            self._arm_eps() if values is not None and self._arms else None, self._patterns,
+            self._comm if self._comm_written else None, self._clock.take() if self._clock is not None else None,
+            kv, event.seconds, time.time(), event.cand_ids if self._keeps_samples else None,
+            event.cand_probs if self._keeps_samples else None))
         self.finished = event.finished
         self._acts, self._patterns = {}, {}
         if self._comm_written:  # the step keeps this array; collectives write into a fresh one
             self._comm, self._comm_written = np.zeros_like(self._comm), False
 
-    def _activation_blocks(self, step: int, active: list[bool]) -> list[torch.Tensor] | None:
+    def _arm_eps(self) -> dict[int, float]:
+        return {i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
+
+    def _activation_blocks(self, step: int) -> list[torch.Tensor] | None:
         """This step's activations in column-block order; None if reduced at once instead."""
         keys = list(self._acts)  # forward order, the same every step
         if keys != self._value_keys:
@@ -485,10 +488,10 @@ class Recorder:
             self._value_offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
             self._ship_values = (sum(x.numel() for x in self._acts.values()) <= self.max_shipped_values
                                  and all(x.shape[-2] == 1 for x in self._acts.values()))
-        if not self._ship_values or not any(active):
+        if not self._ship_values or all(self.finished):
             # Too big to ship raw (large model or batch): reduce now, on the tensors' device.
             q_start = self.lengths + step - 1
-            self._write_activations(step, q_start, q_start + 1, active)
+            self._write_activations(step, q_start, q_start + 1, [not f for f in self.finished])
             return None
         return list(self._acts.values())
 
@@ -530,7 +533,7 @@ class Recorder:
         """The chosen tokens of each sequence at their positions (consecutive while it is active)."""
         first = steps[0].step
         for j in range(len(self.prompts)):
-            ids = [st.tokens[j] for st in steps if st.active[j]]
+            ids = [st.tokens[j] for st in steps if not st.finished[j]]
             if not ids:
                 continue
             pos = slice(steps[0].positions[j], steps[0].positions[j] + len(ids))
@@ -621,7 +624,7 @@ class Recorder:
         all_layers = len(layers) == len(self.spec.attention_layers)
         first, last = run[0].step, run[-1].step
         for j in range(block.shape[0]):
-            k = sum(st.active[j] for st in run)
+            k = sum(not st.finished[j] for st in run)
             if k == 0:
                 continue
             q0 = int(self.lengths[j]) + first - 1  # query position of the first row
