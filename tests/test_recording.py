@@ -1,4 +1,5 @@
 """Recording a real generation: values are right, TP=2 matches TP=1, live readers see prefixes."""
+import math
 import subprocess
 import sys
 import time
@@ -117,7 +118,12 @@ def test_kv_and_timing_are_recorded(recorded):
     tr = open_trace(recorded[0])
     tokens = tr.kv_cache.tokens.values[:, 0, 0]
     assert tokens.tolist() == [12 + 4 + 2 * s for s in range(10)]  # prompts of 12 and 4 tokens, +2 per step
-    assert (tr.kv_cache.bytes_reserved.values >= tr.kv_cache.bytes_used.values).all()
+    per_token = 2 * CFG["n_kv_heads"] * (CFG["d_model"] // CFG["n_heads"]) * 4  # K and V, float32, one layer
+    assert (tr.kv_cache.bytes_used.values[:, :, 0] == tokens[:, None] * per_token).all()
+    blocks = tr.kv_cache.blocks.values[:, 0, 0]
+    # 16-token blocks; the padded prefill gave the short prompt 12 positions, so one block each at first
+    assert blocks.tolist() == [math.ceil((12 + s) / 16) + math.ceil(max(12, 4 + s) / 16) for s in range(10)]
+    assert (tr.kv_cache.bytes_reserved.values[:, :, 0] == blocks[:, None] * 16 * per_token).all()
     secs = tr.timing.seconds.values[1:, :, :, 0]
     parts = list(tr.timing.part.values)
     assert (secs[..., parts.index("attention")] > 0).all() and (secs[..., parts.index("mlp")] > 0).all()

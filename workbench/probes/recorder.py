@@ -168,7 +168,7 @@ class Recorder:
         self._keeps_samples = "sampler" in selection and self.rank == 0
         self._keeps_kv = "kv" in selection
         self._comm_written = False  # set by the comm listeners: with one rank no collective runs
-        self._kv_cache = None  # the generation's cache (block size and bytes per token)
+        self._kv_sizes: tuple[int, int] | None = None  # the cache's block size and bytes per token
         self._lock = threading.Lock()  # the generating thread and the idle drain share the batch
         self._stopping = threading.Event()
         self._idle_watch: threading.Thread | None = None
@@ -464,7 +464,9 @@ class Recorder:
         values = self._activation_blocks(event.step) if self._acts else None
         kv = None
         if self._keeps_kv and hasattr(event.cache, "usage"):
-            self._kv_cache, kv = event.cache, event.cache.usage()
+            kv = event.cache.usage()
+            if self._kv_sizes is None:
+                self._kv_sizes = event.cache.block_size, event.cache.bytes_per_token
         self._pending.append(_DecodeStep(
             event.step, event.tokens, event.positions, self.finished, values,
             self._arm_eps() if values is not None and self._arms else None, self._patterns,
@@ -512,10 +514,9 @@ class Recorder:
         self._queue_activation_values(steps)
         if steps[0].kv is not None:
             tokens, blocks = np.array([st.kv for st in steps], dtype=np.int64).T  # [k] each
-            cache = self._kv_cache
-            per_block = cache.block_size * cache.bytes_per_token
-            for name, v in (("tokens", tokens), ("blocks", blocks), ("bytes_used", tokens * cache.bytes_per_token),
-                            ("bytes_reserved", blocks * per_block)):
+            block_size, per_token = self._kv_sizes
+            for name, v in (("tokens", tokens), ("blocks", blocks), ("bytes_used", tokens * per_token),
+                            ("bytes_reserved", blocks * block_size * per_token)):
                 w.write(first, f"kv_cache/{name}", v[:, None], n_steps=k)  # every layer holds the same
         comm = None
         if any(st.comm is not None for st in steps):

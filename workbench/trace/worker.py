@@ -162,8 +162,8 @@ def replace_file(tmp: Path, path: Path) -> None:
         if _RENAMEAT2(_AT_FDCWD, bytes(tmp), _AT_FDCWD, bytes(path), _RENAME_EXCHANGE) == 0:
             os.unlink(tmp)
             return
-        if ctypes.get_errno() not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
-            err = ctypes.get_errno()
+        err = ctypes.get_errno()
+        if err not in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
             raise OSError(err, os.strerror(err), str(path))
     os.replace(tmp, path)  # no file there yet (nothing to swap with), or no swap on this system
 
