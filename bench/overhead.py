@@ -7,10 +7,11 @@ return of `generate`, so it includes everything the recorder does on the generat
 runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs a core);
 no-probes runs with both that and torch's default, and the baseline is the one with the higher
 median rate (marked *). Repeats are interleaved; a ratio is the median over repeats of the rate
-divided by the baseline's rate in the same repeat, so load that drifts between repeats cancels. Also prints the trace size per step, the writer's throughput (raw bytes its
-worker process encodes per second of its own work) and share of a core, the time to
-drain the queue at the end, and the cost of hook points nobody listens to.
-Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 5] [--batch 1] [--model 18m]
+divided by the baseline's rate in the same repeat, so load that drifts between repeats cancels.
+Also prints the trace size per step, the writer's throughput (raw bytes its worker process
+encodes per second of its own work) and share of a core, the time to drain the queue at the end,
+and the cost of hook points nobody listens to.
+Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--model", choices=("default", "18m"), default="default",
                     help="the shipped default model, or a random ~18M-parameter one of the same family")
