@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ import xarray as xr
 from workbench.trace import (ActivationStats, PerceiverSpec, TraceError, TraceSpec, TraceWriter,
                              TraceWriterError, finish_moments, open_trace)
 from workbench.trace.schema import FORMAT_VERSION
-from workbench.trace.worker import replace_file
+from workbench.trace.worker import recv_message, replace_file, send_message
 from workbench.trace.synthetic import write_synthetic_trace
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "trace-format.md"
@@ -425,7 +426,7 @@ def test_synthetic_trace_is_complete_and_plausible(tmp_path):
 def test_chunk_files_are_replaced_atomically(tmp_path):
     """A reader polling a chunk file while the worker keeps replacing it sees the old bytes or the
     new ones, never a missing or partial file, and no temporary file is left behind."""
-    from workbench.trace.worker import replace_file
+    from workbench.trace.worker import recv_message, replace_file, send_message
 
     path = tmp_path / "c"
     versions = [bytes([i]) * (50_000 + i) for i in range(200)]
@@ -449,3 +450,25 @@ def test_chunk_files_are_replaced_atomically(tmp_path):
     reader.join()
     assert not errors and seen <= set(versions) and len(seen) > 1
     assert path.read_bytes() == versions[-1] and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_worker_messages_carry_arrays_whole_and_writable():
+    """The writer-worker framing: arrays of any size (larger than the socket's buffer, empty,
+    strings) arrive equal and writable; a closed peer is an EOFError."""
+    a, b = socket.socketpair()
+    big = np.arange(2_000_000, dtype=np.float32).reshape(1000, 2000)  # 8 MB: many partial sends
+    message = ("flush", [big, np.zeros((0, 3)), np.array(["a", "bé"], dtype=object), big[:, ::2]], 7)
+    got = {}
+    reader = threading.Thread(target=lambda: got.update(msg=recv_message(b)))
+    reader.start()
+    send_message(a, message)
+    reader.join()
+    kind, arrays, step = got["msg"]
+    assert kind == "flush" and step == 7
+    for sent, came in zip(message[1], arrays):
+        assert came.dtype == sent.dtype and np.array_equal(came, sent)
+    arrays[0][0, 0] = -1.0  # writable: the worker may reduce in place
+    a.close()
+    with pytest.raises(EOFError):
+        recv_message(b)
+    b.close()

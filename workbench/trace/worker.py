@@ -2,13 +2,13 @@
 
 Zarr's write path is Python (codecs, chunk bookkeeping) and holds the GIL for milliseconds per
 array; run on a thread of the generating process it stalls every torch op that releases the GIL.
-So each rank's `TraceWriter` hands its records to one worker process over a pipe. The worker
+So each rank's `TraceWriter` hands its records to one worker process over a socket. The worker
 reduces raw activation values to histograms and moments, coalesces the records of one array into
 one bounding-box write, writes, and only then advances this rank's commit marker.
 
 The worker ignores SIGINT and SIGTERM (Ctrl-C reaches the whole process group; a half-written
 chunk would corrupt steps already committed): it finishes the flush in hand and exits when the
-pipe closes, which is also what happens when the generating process is killed.
+socket closes, which is also what happens when the generating process is killed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import json
 import os
 import pickle
 import signal
+import socket
+import struct
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -168,26 +170,48 @@ def replace_file(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)  # no file there yet (nothing to swap with), or no swap on this system
 
 
-def send_message(conn, message: tuple) -> None:
-    """Send ``message`` with its arrays' memory out of band (pickle protocol 5).
+def send_message(sock: socket.socket, message: tuple) -> None:
+    """Send ``message`` over ``sock`` with its arrays' memory out of band (pickle protocol 5).
 
-    ``Connection.send`` pickles into one bytes object and, for each partial socket write, copies
-    what remains: megabytes of copying with the GIL held, which stalls the generating thread.
-    Here only the small pickle is built; each array's memory goes to the socket as it is, and the
-    writes release the GIL.
+    The frame is [sizes][small pickle][each array's memory as it is], handed to the kernel with
+    ``sendmsg`` calls that release the GIL. (``Connection.send`` pickled everything into one bytes
+    object and copied what remained after each partial write, megabytes under the GIL; and every
+    separate write is a GIL hand-off that stalls the generating thread.)
     """
     buffers: list[pickle.PickleBuffer] = []
     head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    conn.send_bytes(len(buffers).to_bytes(4, "little") + head)
-    for b in buffers:
-        conn.send_bytes(b.raw())
+    raws = [b.raw() for b in buffers]
+    sizes = struct.pack(f"<QI{len(raws)}Q", len(head), len(raws), *(r.nbytes for r in raws))
+    parts = [memoryview(sizes), memoryview(head), *raws]
+    while parts:
+        sent = sock.sendmsg(parts[:_IOV_MAX])
+        while parts and sent >= parts[0].nbytes:
+            sent -= parts[0].nbytes
+            parts.pop(0)
+        if sent:
+            parts[0] = parts[0][sent:]
 
 
-def recv_message(conn) -> tuple:
-    """A message sent by `send_message` (arrays come back read-only)."""
-    data = conn.recv_bytes()
-    n = int.from_bytes(data[:4], "little")
-    return pickle.loads(data[4:], buffers=[conn.recv_bytes() for _ in range(n)])
+def recv_message(sock: socket.socket) -> tuple:
+    """A message sent by `send_message`; its arrays are writable. EOFError if the peer is gone."""
+    head_len, n = struct.unpack("<QI", _recv_exactly(sock, 12))
+    sizes = struct.unpack(f"<{n}Q", _recv_exactly(sock, 8 * n)) if n else ()
+    head = _recv_exactly(sock, head_len)
+    return pickle.loads(head, buffers=[_recv_exactly(sock, size) for size in sizes])
+
+
+_IOV_MAX = 512
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError("the other end closed the connection")
+        got += k
+    return buf
 
 
 class ChunkFiles:
@@ -328,36 +352,35 @@ class StoreWriter:
         return files
 
 
-def serve(conn, path: str, rank: int) -> None:
+def serve(sock: socket.socket, path: str, rank: int) -> None:
     """Worker main loop: ("flush", records, committed) -> ("ok", bytes, region writes, seconds)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        conn.send(("ready",))  # imports are done; the store may still be being created
+        send_message(sock, ("ready",))  # imports are done; the store may still be being created
         store = None
         while True:
             try:
-                msg = recv_message(conn)
+                msg = recv_message(sock)
             except (EOFError, OSError):
                 return  # the generating process is gone: what was committed stays committed
             if msg[0] == "stop":
-                conn.send(("stopped",))
+                send_message(sock, ("stopped",))
                 return
             t0 = time.perf_counter()
             store = store or StoreWriter(path, rank)
             written, regions = store.write(msg[1], msg[2])
-            conn.send(("ok", written, regions, time.perf_counter() - t0))
+            send_message(sock, ("ok", written, regions, time.perf_counter() - t0))
     except BaseException as exc:  # reported to the generating process, which raises it there
         try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            send_message(sock, ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         except (OSError, ValueError):
             pass
 
 
 if __name__ == "__main__":  # python -m workbench.trace.worker FD PATH RANK (started by TraceWriter)
     import sys
-    from multiprocessing.connection import Connection
 
     # The package's module, not this __main__ copy: unpickled records are its classes.
     from workbench.trace.worker import serve as package_serve
-    package_serve(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]))
+    package_serve(socket.socket(fileno=int(sys.argv[1])), sys.argv[2], int(sys.argv[3]))

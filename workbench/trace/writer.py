@@ -37,7 +37,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from multiprocessing.connection import Connection
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -47,7 +46,7 @@ from zarr.codecs import ZstdCodec
 from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
                      STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
 from .stats import MOMENT_ARRAYS, ActivationStats
-from .worker import ActivationValues, Record, send_message
+from .worker import ActivationValues, Record, recv_message, send_message
 
 Index = int | slice | str
 # zstd level 1 compresses attention rows as well as the default level (3) at ~3x the speed.
@@ -856,21 +855,21 @@ class TraceWriter:
             [sys.executable, "-m", "workbench.trace.worker", str(theirs.fileno()), str(self.path), str(self.rank)],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
         theirs.close()
-        self._conn = Connection(ours.detach())
+        self._sock = ours
         self._worker_ready = False
-        _LIVE_CONNECTIONS.append(self._conn)
+        _LIVE_SOCKETS.append(self._sock)
 
     def _worker_call(self, message: tuple) -> tuple[int, int, float]:
         if not self._worker_ready:
             self._worker_reply("ready")
             self._worker_ready = True
-        send_message(self._conn, message)
+        send_message(self._sock, message)
         reply = self._worker_reply("ok")
         return reply[1], reply[2], reply[3]
 
     def _worker_reply(self, expected: str) -> tuple:
         try:
-            reply = self._conn.recv()  # the GIL is released while the worker writes
+            reply = recv_message(self._sock)  # the GIL is released while the worker writes
         except (EOFError, OSError):
             try:
                 code = self._worker.wait(5)
@@ -886,14 +885,14 @@ class TraceWriter:
     def _stop_worker(self) -> None:
         try:
             if self._worker.poll() is None:
-                send_message(self._conn, ("stop",))
-                while self._conn.recv()[0] != "stopped":  # "ready" if it never flushed
+                send_message(self._sock, ("stop",))
+                while recv_message(self._sock)[0] != "stopped":  # "ready" if it never flushed
                     pass
         except (EOFError, OSError):
             pass
-        self._conn.close()
-        if self._conn in _LIVE_CONNECTIONS:
-            _LIVE_CONNECTIONS.remove(self._conn)
+        self._sock.close()
+        if self._sock in _LIVE_SOCKETS:
+            _LIVE_SOCKETS.remove(self._sock)
         try:
             self._worker.wait(30)
         except subprocess.TimeoutExpired:
@@ -916,8 +915,8 @@ class TraceWriter:
         root.attrs.update({"status": overall, "error": error, "updated": _now()})
 
 
-# Pipes to live workers, closed at exit so that the workers see the end of their input and exit.
-_LIVE_CONNECTIONS: list = []
+# Sockets to live workers, closed at exit so that the workers see the end of their input and exit.
+_LIVE_SOCKETS: list[socket.socket] = []
 
 
 def _worker_env() -> dict[str, str]:
@@ -928,9 +927,9 @@ def _worker_env() -> dict[str, str]:
 
 
 @atexit.register
-def _close_worker_pipes() -> None:
-    for conn in _LIVE_CONNECTIONS:
-        conn.close()
+def _close_worker_sockets() -> None:
+    for sock in _LIVE_SOCKETS:
+        sock.close()
 
 
 def aggregate_status(statuses: Sequence[str], errors: Sequence[str]) -> tuple[str, str]:
