@@ -474,7 +474,9 @@ class Recorder:
             kv, event.seconds, time.time(), event.cand_ids if self._keeps_samples else None,
             event.cand_probs if self._keeps_samples else None))
         self.finished = event.finished
-        self._acts, self._patterns = {}, {}
+        self._acts.clear()  # its values are in the step; reusing the dict spares the garbage collector
+        if self._patterns:  # the step keeps this dict
+            self._patterns = {}
         if self._comm_written:  # the step keeps this array; collectives write into a fresh one
             self._comm, self._comm_written = np.zeros_like(self._comm), False
 
