@@ -7,8 +7,8 @@ return of `generate`, so it includes everything the recorder does on the generat
 runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs a core);
 no-probes runs with both that and torch's default, and the baseline is the one with the higher
 median rate (marked *). Repeats are interleaved; a ratio is the median over repeats of the rate
-divided by the baseline's rate in the same repeat, so load that drifts between repeats cancels.
-Also prints the trace size per step, the writer's throughput (raw bytes its worker process
+divided by the baseline's rate in the same repeat, so load that drifts between repeats cancels;
+the middle half of those per-repeat ratios shows how much the repeats disagree. Also prints the trace size per step, the writer's throughput (raw bytes its worker process
 encodes per second of its own work) and share of a core, the time to drain the queue at the end,
 and the cost of hook points nobody listens to.
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
@@ -158,11 +158,12 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} "
-          f"{'drain s':>8}")
+    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'middle half':>12} {'trace KB/step':>14} "
+          f"{'writer MB/s':>12} {'worker core':>11} {'drain s':>8}")
     for kind in kinds:
         label = f"{kind} *" if kind == plain_kind else kind
-        line = f"{label:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f}"
+        q1, q3 = np.quantile(ratios[kind], [0.25, 0.75])  # how much the repeats disagree
+        line = f"{label:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f} {q1:>6.3f}-{q3:.3f}"
         if extra[kind] is not None:
             stats, size, drain = extra[kind]
             mbps = stats.bytes_written / max(stats.worker_seconds, 1e-9) / 1e6
