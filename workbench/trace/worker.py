@@ -170,6 +170,9 @@ def replace_file(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)  # no file there yet (nothing to swap with), or no swap on this system
 
 
+_IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+
+
 def send_message(sock: socket.socket, message: tuple) -> None:
     """Send ``message`` over ``sock`` with its arrays' memory out of band (pickle protocol 5).
 
@@ -198,9 +201,6 @@ def recv_message(sock: socket.socket) -> tuple:
     sizes = struct.unpack(f"<{n}Q", _recv_exactly(sock, 8 * n)) if n else ()
     head = _recv_exactly(sock, head_len)
     return pickle.loads(head, buffers=[_recv_exactly(sock, size) for size in sizes])
-
-
-_IOV_MAX = 512
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytearray:
