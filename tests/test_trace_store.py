@@ -426,8 +426,6 @@ def test_synthetic_trace_is_complete_and_plausible(tmp_path):
 def test_chunk_files_are_replaced_atomically(tmp_path):
     """A reader polling a chunk file while the worker keeps replacing it sees the old bytes or the
     new ones, never a missing or partial file, and no temporary file is left behind."""
-    from workbench.trace.worker import recv_message, replace_file, send_message
-
     path = tmp_path / "c"
     versions = [bytes([i]) * (50_000 + i) for i in range(200)]
     path.write_bytes(versions[0])
