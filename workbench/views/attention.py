@@ -15,6 +15,7 @@ from bokeh.plotting import figure
 
 from workbench.views.base import TraceView
 from workbench.views.heatmap import NAN_COLOR, PALETTE, Heatmap, color_high, max_pool
+from workbench.views.tokens import SequenceText
 
 # Query rows the head grid and its scores look at: the most recent ones up to the selected step.
 GRID_ROWS = 256
@@ -202,7 +203,7 @@ class AttentionView(TraceView):
         self.sort.param.watch(lambda e: self._safe_redraw({"sort"}), "value")
         self.grid = HeadGrid(on_pick=self._open_head)
         self.score_note = pn.pane.HTML("", margin=(0, 10))
-        self._token_cache: tuple | None = None
+        self._text = SequenceText()
         self._last_grid: tuple | None = None
         return pn.Column(
             pn.Row(pn.pane.Bokeh(self.main.figure),
@@ -213,24 +214,13 @@ class AttentionView(TraceView):
             sizing_mode="stretch_width")
 
     # ---------------------------------------------------------------- data
-    def _tokens(self):
-        """The selected sequence's TokenText (its own positions: padding left out)."""
-        st = self.state
-        key = (id(st.trace), st.seq, st.n_steps)
-        if self._token_cache is None or self._token_cache[0] != key:
-            from workbench.views.tokens import read_token_text
-            prev = self._token_cache[1] if self._token_cache and self._token_cache[0][:2] == key[:2] else None
-            text = read_token_text(st.trace, st.seq, prev)
-            self._token_cache = (key, text)
-        return self._token_cache[1]
-
     # ---------------------------------------------------------------- drawing
     def redraw(self, changed: set[str]) -> None:
         st = self.state
         if st.n_steps == 0 or getattr(st.trace, "attention", None) is None:
             self.note("this trace has no attention maps yet")
             return
-        text = self._tokens()
+        text = self._text.read(st.trace, st.seq)  # the sequence's own positions: padding left out
         m = attention_map(st.trace, st.seq, st.layer, st.head, st.step)
         keep = text.positions_before(m.shape[0])  # the sequence's own rows and keys, no padding
         m = m[np.ix_(keep, keep)]

@@ -13,6 +13,7 @@ import panel as pn
 
 from workbench.views.base import TraceView
 from workbench.views.heatmap import Heatmap
+from workbench.views.tokens import SequenceText
 
 
 def perceiver_maps(trace, seq: int, step: int, repeat: int, head: int, self_layer: int | None
@@ -40,20 +41,10 @@ class PerceiverAttentionView(TraceView):
                              name="perceiver-cross")
         self.latent = Heatmap(title="latent self-attention", width=420, height=360, x_name="latent key",
                               y_name="latent", name="perceiver-latent")
-        self._text_cache = None
+        self._text = SequenceText()
         return pn.Column(pn.Row(self.repeat, self.block),
                          pn.Row(pn.pane.Bokeh(self.cross.figure), pn.pane.Bokeh(self.latent.figure)),
                          sizing_mode="stretch_width")
-
-    def _text(self):
-        """The selected sequence's TokenText; look tokens up by absolute position (``text_at``)."""
-        from workbench.views.tokens import read_token_text
-        st = self.state
-        key = (id(st.trace), st.seq)
-        known = self._text_cache[1] if self._text_cache and self._text_cache[0] == key else None
-        text = read_token_text(st.trace, st.seq, known)
-        self._text_cache = (key, text)
-        return text
 
     def redraw(self, changed: set[str]) -> None:
         st = self.state
@@ -71,7 +62,7 @@ class PerceiverAttentionView(TraceView):
         block = min(self.block.value, p.n_self_layers - 1) if p.n_self_layers else None
         head = st.head % p.n_heads
         cross, latent, lat_pos = perceiver_maps(tr, st.seq, st.step, rep, head, block)
-        text = self._text()
+        text = self._text.read(tr, st.seq)  # look tokens up by absolute position (``text_at``)
 
         def name(pos: int, fallback: str) -> str:
             token = text.text_at(pos)

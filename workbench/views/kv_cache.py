@@ -13,6 +13,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from workbench.views.base import TraceView
+from workbench.views.tokens import SequenceText
 
 METRICS = {"bytes": "bytes used / reserved", "tokens": "cached tokens", "blocks": "blocks in use"}
 HEAVY_FRACTION = 0.05   # the top 5 % of positions by mass are marked as heavy hitters
@@ -66,6 +67,7 @@ class KVCacheView(TraceView):
                                                 ("mass", "@mass{0.000}")]))
         self.mass.y_range.start = 0
         self.mass_note = pn.pane.HTML("", margin=(0, 10))
+        self._text = SequenceText()
         return pn.Column(
             pn.Row(self.metric), pn.pane.Bokeh(self.growth),
             pn.Row(self.accumulate), pn.pane.Bokeh(self.mass), self.mass_note, sizing_mode="stretch_width")
@@ -143,7 +145,7 @@ class KVCacheView(TraceView):
         mass = attention_mass(st.trace, st.seq, st.layer, st.step, self.accumulate.value)
         # Only this sequence's cached positions: keys up to the step's last query, without the
         # padding of a shorter prompt or the positions after a sequence that stopped.
-        text = self._text()
+        text = self._text.read(st.trace, st.seq)
         stop = min(int(st.trace.tokens["query_stop"][st.seq, st.step].values), len(mass))
         positions = text.positions_before(stop)
         mass = mass[positions]
@@ -161,13 +163,3 @@ class KVCacheView(TraceView):
         self.mass_note.object = (f"<span style='color:#6b7688;font-size:12px'><span style='color:#d9480f'>■</span> "
                                  f"sink (early position with ≥4× median mass) · <span style='color:#e0a100'>■</span> "
                                  f"heavy hitter (top {HEAVY_FRACTION:.0%}) · most attended: {top}</span>")
-
-    def _text(self):
-        """The selected sequence's TokenText (its own positions: padding left out)."""
-        from workbench.views.tokens import read_token_text
-        st = self.state
-        key = (id(st.trace), st.seq)
-        cache = getattr(self, "_text_cache", None)
-        text = read_token_text(st.trace, st.seq, cache[1] if cache and cache[0] == key else None)
-        self._text_cache = (key, text)
-        return text

@@ -77,6 +77,21 @@ class TokenText:
         return self.vocab.get(int(token_id), f"#{int(token_id)}")
 
 
+class SequenceText:
+    """A view's TokenText of the selected sequence, read incrementally as steps are committed
+    (another trace or sequence starts over)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._text: TokenText | None = None
+
+    def read(self, trace, seq: int) -> TokenText:
+        key = (id(trace), seq)
+        self._text = read_token_text(trace, seq, self._text if key == self._key else None)
+        self._key = key
+        return self._text
+
+
 def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenText:
     """Token text of ``seq`` up to the committed step; with ``known``, read only new positions.
 
