@@ -213,12 +213,12 @@ def _generate_and_serve(args) -> int:
     import webbrowser
     from pathlib import Path
 
-    from workbench.views.server import DEFAULT_PORT, check_port_free, start_server_process
+    from workbench.views.server import DEFAULT_PORT, start_server_process
     if not args.record:
         raise WorkbenchError("--serve needs --record (the dashboard shows the trace being recorded)")
-    check_port_free(args.address, DEFAULT_PORT if args.port is None else args.port)  # before the server and generation start
     from workbench.probes.recording import check_record_path
     check_record_path(args.record, args.overwrite)  # fail before a server starts
+    # A busy port is a one-line error here, before the server and the generation start.
     proc, url = start_server_process(Path(args.record).resolve(), address=args.address,
                                      port=DEFAULT_PORT if args.port is None else args.port)
     try:
