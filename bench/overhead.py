@@ -27,7 +27,7 @@ import torch
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
 from workbench.probes.recorder import Recorder, trace_spec_for
-from workbench.probes.recording import leave_a_core_for_the_writer
+from workbench.probes.recording import a_core_left_for_the_writer
 from workbench.probes.selection import ProbeSelection
 from workbench.runtime.generate import generate
 from workbench.runtime.session import DEFAULT_MODEL, load_model
@@ -81,13 +81,11 @@ def run_once(model, tok, prompts, new_tokens, probes: str | None, workdir: Path)
     spec = trace_spec_for(model, sel, len(prompts), max(len(p) for p in prompts), new_tokens)
     writer = TraceWriter(path, spec, {"bench": True})
     recorder = Recorder(model, writer, sel, tok.token_text, prompts).attach()
-    threads = leave_a_core_for_the_writer(model)
-    try:
-        rate = decode_rate(model, prompts, new_tokens, recorder.on_step)
-    finally:
-        recorder.detach()
-        if threads is not None:
-            torch.set_num_threads(threads)
+    with a_core_left_for_the_writer(model):
+        try:
+            rate = decode_rate(model, prompts, new_tokens, recorder.on_step)
+        finally:
+            recorder.detach()
     t0 = time.perf_counter()
     writer.close()
     drain = time.perf_counter() - t0
@@ -95,12 +93,8 @@ def run_once(model, tok, prompts, new_tokens, probes: str | None, workdir: Path)
 
 
 def plain_with_fewer_threads(model, tok, prompts, new_tokens, probes, workdir):
-    threads = leave_a_core_for_the_writer(model)
-    try:
+    with a_core_left_for_the_writer(model):
         return run_once(model, tok, prompts, new_tokens, None, workdir)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
 
 
 def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:

@@ -262,3 +262,18 @@ def test_user_probe_on_any_hook_point_from_python(model_dir, tmp_path):
     assert [s[:2] for s in seen] == [("layers.0.mlp_allreduce.residual", 0), ("layers.1.mlp_allreduce.residual", 1)] * 4
     assert seen[0][2] == (1, 3, 32) and seen[2][2] == (1, 1, 32)  # prefill of bos+"hi", then one token a step
     assert open_trace(tmp_path / "u.zarr").status == "complete"
+
+
+def test_recording_gives_the_writer_a_core_and_gives_it_back(model_dir):
+    """Torch runs one thread fewer while recording on CPU, and as before afterwards, also on error."""
+    from workbench.probes.recording import a_core_left_for_the_writer
+
+    model = load_llama(model_dir)
+    before = torch.get_num_threads()
+    with a_core_left_for_the_writer(model):
+        assert torch.get_num_threads() == max(1, before - 1)
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError):
+        with a_core_left_for_the_writer(model):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

@@ -53,8 +53,9 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
     }
 
 
-def leave_a_core_for_the_writer(model) -> int | None:
-    """On CPU, run torch on one core fewer while recording; return the thread count to restore.
+@contextlib.contextmanager
+def a_core_left_for_the_writer(model) -> Iterator[None]:
+    """On CPU, run torch on one core fewer inside the block (the thread count is restored after).
 
     The trace writer's worker process needs a core. Torch's intra-op threads spin while they wait
     for each other, so with every core busy generation slows down several-fold, far more than
@@ -63,10 +64,14 @@ def leave_a_core_for_the_writer(model) -> int | None:
     import torch
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
-        return None
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before - 1))
-    return before
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def recorder_class(model) -> type[Recorder]:
@@ -100,23 +105,19 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
     if rank != 0:
         writer = TraceWriter.open(spec.record, rank, world)
     recorder = recorder_cls(model, writer, selection, tok.token_text, prompts).attach()
-    threads = leave_a_core_for_the_writer(model)
-    try:
-        yield recorder
-    except BaseException as e:
+    with a_core_left_for_the_writer(model):
         try:
-            recorder.detach()  # the steps already complete are still committed
-        finally:
-            writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
-        raise
-    else:
-        try:
-            recorder.detach()  # queues the last batch
+            yield recorder
         except BaseException as e:
-            writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
+            try:
+                recorder.detach()  # the steps already complete are still committed
+            finally:
+                writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
             raise
-        writer.close()
-    finally:
-        if threads is not None:
-            import torch
-            torch.set_num_threads(threads)
+        else:
+            try:
+                recorder.detach()  # queues the last batch
+            except BaseException as e:
+                writer.fail(f"{type(e).__name__}: {e}".splitlines()[0])
+                raise
+            writer.close()
