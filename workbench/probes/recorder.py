@@ -29,6 +29,7 @@ from workbench.trace.writer import TraceWriter
 SITE_HOOKS = {"mlp.act.pre": "mlp.act.pre", "mlp.act.post": "mlp.act.post", "attn.out": "attn.out",
               "resid.post": "mlp_allreduce.residual"}
 COMM_SITES = ("attn_allreduce", "mlp_allreduce")
+KV_FIELDS = ("tokens", "blocks", "bytes_used", "bytes_reserved")  # CacheStats fields, kv_cache arrays
 
 
 def activation_bin_edges(n_bins: int = 128, span: float = 32.0, finest: float = 0.02) -> tuple[float, ...]:
@@ -168,7 +169,7 @@ class Recorder:
         self._keeps_samples = "sampler" in selection and self.rank == 0
         self._keeps_kv = "kv" in selection
         self._comm_written = False  # set by the comm listeners: with one rank no collective runs
-        self._kv_sizes: tuple[int, int] | None = None  # the cache's block size and bytes per token
+        self._kv_cache = None  # the generation's KV cache while decode steps are kept (for its sizes)
         self._lock = threading.Lock()  # the generating thread and the idle drain share the batch
         self._stopping = threading.Event()
         self._idle_watch: threading.Thread | None = None
@@ -256,6 +257,7 @@ class Recorder:
                     self._drain()
         finally:
             self._unsubscribe()
+            self._kv_cache = None
 
     def _drain_when_idle(self) -> None:
         """Queue a waiting batch when no step has come for a while (slow step, paused caller)."""
@@ -364,8 +366,7 @@ class Recorder:
 
     def _write_kv(self, step: int, cache) -> None:
         st = cache.stats()  # PagedKVCache: per layer, the same in every layer
-        self.writer.write_kv(step, **{k: np.full(self.n_layers, getattr(st, k), dtype=np.int64)
-                                      for k in ("tokens", "blocks", "bytes_used", "bytes_reserved")})
+        self.writer.write_kv(step, **{k: np.full(self.n_layers, getattr(st, k), dtype=np.int64) for k in KV_FIELDS})
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         layers = sorted(self._patterns)
@@ -464,9 +465,7 @@ class Recorder:
         values = self._activation_blocks(event.step) if self._acts else None
         kv = None
         if self._keeps_kv and hasattr(event.cache, "usage"):
-            kv = event.cache.usage()
-            if self._kv_sizes is None:
-                self._kv_sizes = event.cache.block_size, event.cache.bytes_per_token
+            self._kv_cache, kv = event.cache, event.cache.usage()
         self._pending.append(_DecodeStep(
             event.step, event.tokens, event.positions, self.finished, values,
             self._arm_eps() if values is not None and self._arms else None, self._patterns,
@@ -515,11 +514,9 @@ class Recorder:
             self._queue_attention(steps)
         self._queue_activation_values(steps)
         if steps[0].kv is not None:
-            tokens, blocks = np.array([st.kv for st in steps], dtype=np.int64).T  # [k] each
-            block_size, per_token = self._kv_sizes
-            for name, v in (("tokens", tokens), ("blocks", blocks), ("bytes_used", tokens * per_token),
-                            ("bytes_reserved", blocks * block_size * per_token)):
-                w.write(first, f"kv_cache/{name}", v[:, None], n_steps=k)  # every layer holds the same
+            kv = self._kv_cache.stats_of(*np.array([st.kv for st in steps], dtype=np.int64).T)  # [k] each
+            for name in KV_FIELDS:  # every layer holds the same
+                w.write(first, f"kv_cache/{name}", getattr(kv, name)[:, None], n_steps=k)
         comm = None
         if any(st.comm is not None for st in steps):
             no_comm = np.zeros_like(self._comm)

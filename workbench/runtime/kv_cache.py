@@ -92,7 +92,10 @@ class PagedKVCache:
 
     def stats(self) -> CacheStats:
         """Per-layer usage (every layer of a decoder holds the same positions)."""
-        tokens, blocks = self.usage()
+        return self.stats_of(*self.usage())
+
+    def stats_of(self, tokens, blocks) -> CacheStats:
+        """Per-layer usage for ``tokens`` cached in ``blocks`` (ints, or arrays of them per step)."""
         return CacheStats(tokens=tokens, blocks=blocks, bytes_used=tokens * self.bytes_per_token,
                           bytes_reserved=blocks * self.block_size * self.bytes_per_token)
 
