@@ -140,6 +140,8 @@ class MLP(nn.Module):
         self.hook_act_pre = HookPoint()   # [b, t, d_ff] act(gate(x)) before redistribution
         self.hook_act_post = HookPoint()  # [b, t, d_ff] after redistribution
         self.hook_out = HookPoint()       # [b, t, d_model] down projection (a partial sum under TP)
+        self.taps: list | None = None  # the block's activation taps (models/activation_taps.py)
+        self.tap_slot = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook_in.listeners:
@@ -147,10 +149,15 @@ class MLP(nn.Module):
         a = self.act_fn(self.gate_proj(x))
         if self.hook_act_pre.listeners:
             a = self.hook_act_pre(a)
+        taps = self.taps
+        if taps is not None:
+            taps[self.tap_slot] = a  # mlp.act.pre
         if self.redistribute is not None:
             a = self.redistribute(a)
         if self.hook_act_post.listeners:
             a = self.hook_act_post(a)
+        if taps is not None:
+            taps[self.tap_slot + 1] = a  # mlp.act.post
         y = self.down_proj(a * self.up_proj(x))
         if self.hook_out.listeners:
             y = self.hook_out(y)
@@ -203,6 +210,13 @@ class Block(nn.Module):
         self.mlp_allreduce = ResidualNorm()
         self.part_clock: PartClock | None = None  # set while timing is recorded (models/part_clock.py)
         self.part_clock_slot = 0
+        self.taps: list | None = None  # set while activations are kept (models/activation_taps.py)
+        self.tap_slot = 0
+
+    def attach_taps(self, taps: list | None, slot: int) -> None:
+        """Store this block's TAP_SITES tensors into ``taps[slot:slot + 4]`` (None: stop)."""
+        self.taps = self.mlp.taps = taps
+        self.tap_slot = self.mlp.tap_slot = slot
 
     def forward(self, h, residual, next_norm, cos, sin, mask, cache):
         clock = self.part_clock
@@ -212,6 +226,9 @@ class Block(nn.Module):
         a = self.attn(h, cos, sin, mask, cache)
         if clock is not None:
             ns[i + 1] = now()
+        taps = self.taps
+        if taps is not None:
+            taps[self.tap_slot + 2] = a  # attn.out
         residual, h = self.attn_allreduce(a, residual, self.post_attn_norm)
         if clock is not None:
             ns[i + 2] = now()
@@ -221,6 +238,8 @@ class Block(nn.Module):
         residual, h = self.mlp_allreduce(m, residual, next_norm)
         if clock is not None:
             ns[i + 4] = now()
+        if taps is not None:
+            taps[self.tap_slot + 3] = residual  # resid.post
         return residual, h
 
 

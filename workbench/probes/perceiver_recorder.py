@@ -96,6 +96,9 @@ class PerceiverRecorder(Recorder):
     def _attention_hooks(self) -> list[str]:
         return self._layer_hooks("attn.pattern")
 
+    def _tapped_blocks(self) -> list:
+        return []  # cross blocks have no activation taps: listeners keep every site
+
     def _timed_blocks(self) -> list:
         # A cross block is stamped by its Repeat (Repeat.cross_block), a latent block by itself.
         return [self.model.get_submodule(b.removesuffix(".cross")) for b in self.blocks]

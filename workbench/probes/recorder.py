@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from workbench.models.activation_taps import TAP_SITES, attach_activation_taps, detach_activation_taps
 from workbench.models.part_clock import BOUNDARIES, PartClock, attach_part_clock, detach_part_clock
 from workbench.probes.selection import ProbeSelection
 from workbench.trace.schema import TraceSpec
@@ -157,7 +158,10 @@ class Recorder:
         self.edges = torch.tensor(self.spec.bin_edges, dtype=torch.float64)
         self._subscriptions: list = []
         self._patterns: dict[int, torch.Tensor] = {}
-        self._acts: dict[tuple[int, int], torch.Tensor] = {}
+        self._acts: dict[tuple[int, int], torch.Tensor] = {}  # (layer, site) -> what a listener kept
+        self._taps: list | None = None  # the blocks' activation taps, where the model has them
+        self._tap_keys: list[tuple[int, int]] = []  # (layer, site) of each tap slot
+        self._no_taps: list = []
         self._comm = np.zeros((3, self.n_layers, len(self.spec.comm_sites)))  # start, seconds, bytes
         self._clock: PartClock | None = None  # the blocks' part clock while timing is recorded
         self._pending: list[_DecodeStep] = []
@@ -214,6 +218,12 @@ class Recorder:
         """The modules that stamp each entry of the trace's layer dim (models/part_clock.py)."""
         return list(self.model.layers)
 
+    def _tapped_blocks(self) -> list:
+        """The modules with activation taps (models/activation_taps.py) for each entry of the trace's
+        layer dim; empty: the sites are kept by hook-point listeners."""
+        layers = list(getattr(self.model, "layers", []))
+        return layers if layers and all(hasattr(b, "attach_taps") for b in layers) else []
+
     # ---------------------------------------------------------------- listeners
     def _listen(self, pattern: str | list[str], make) -> None:
         """Subscribe ``make(layer)`` to each hook point matching ``pattern``: the layer is bound once."""
@@ -231,8 +241,15 @@ class Recorder:
         if "attention" in sel:
             self._listen(self._attention_hooks(), self._pattern_keeper)
         if "activations" in sel:
-            for s, site in enumerate(self.spec.hist_sites):
-                self._listen(self._layer_hooks(SITE_HOOKS[site]), self._keeper(s))
+            tapped = self._tapped_blocks()
+            if tapped and sorted(TAP_SITES) == sorted(self.spec.hist_sites):
+                self._taps = attach_activation_taps(tapped)
+                self._tap_keys = [(layer, self.spec.hist_sites.index(site))
+                                  for layer in range(len(tapped)) for site in TAP_SITES]
+                self._no_taps = [None] * len(self._taps)
+            else:
+                for s, site in enumerate(self.spec.hist_sites):
+                    self._listen(self._layer_hooks(SITE_HOOKS[site]), self._keeper(s))
         if "comm" in sel or "timing" in sel:
             for c, site in enumerate(self.spec.comm_sites):
                 self._listen(self._layer_hooks(f"{site}.timing"), self._comm_keeper(c))
@@ -281,6 +298,9 @@ class Recorder:
         if self._clock is not None:
             detach_part_clock(self._timed_blocks())
             self._clock = None
+        if self._taps is not None:
+            detach_activation_taps(self._tapped_blocks())
+            self._taps = None
 
     # Listeners run dozens of times per decode step: each only keeps a reference or a number.
     def _pattern_keeper(self, layer: int):
@@ -343,6 +363,7 @@ class Recorder:
         w.write_queries(step, q_start.numpy(), q_stop.numpy())
         if self._patterns:
             self._write_attention(step, q_start, q_stop, active)
+        self._acts_from_taps()
         if self._acts:
             self._write_activations(step, q_start, q_stop, active)
         if "kv" in self.sel and hasattr(event.cache, "stats"):
@@ -363,6 +384,12 @@ class Recorder:
         self._comm[:] = 0
         self._comm_written = False
         w.end_step(step)
+
+    def _acts_from_taps(self) -> None:
+        """Move what the taps hold into ``self._acts`` (the per-step path reads that dict)."""
+        if self._taps is not None and self._taps[0] is not None:
+            self._acts.update(zip(self._tap_keys, self._taps))
+            self._taps[:] = self._no_taps
 
     def _write_kv(self, step: int, cache) -> None:
         st = cache.stats()  # PagedKVCache: per layer, the same in every layer
@@ -462,7 +489,9 @@ class Recorder:
     # ---------------------------------------------------------------- decode batches
     def _keep_decode_step(self, event) -> None:
         # Runs every step, between forward passes: positional arguments, no comprehensions.
-        values = self._keep_activations(event.step) if self._acts else None
+        taps = self._taps
+        values = (self._keep_activations(event.step) if (self._acts if taps is None else taps[0] is not None)
+                  else None)
         kv = None
         if self._keeps_kv and hasattr(event.cache, "usage"):
             self._kv_cache, kv = event.cache, event.cache.usage()
@@ -487,14 +516,17 @@ class Recorder:
         step's index there, or None if they were reduced at once instead.
 
         One copy now, rather than references kept until the batch is drained: a tensor the forward
-        pass cannot free makes its allocator hand out cold memory on every later step (measured:
-        ~1% of a decode step on the default model), and the batch needs no concatenation.
+        pass cannot free makes its allocator hand out cold memory on later steps, and the batch
+        needs no concatenation of thousands of small tensors.
         """
-        keys = list(self._acts)  # forward order, the same every step
-        if keys != self._value_keys:
+        taps = self._taps
+        if taps is None:
+            keys, acts = list(self._acts), list(self._acts.values())  # forward order, the same every step
+        else:
+            keys, acts = self._tap_keys, taps
+        if keys is not self._value_keys and keys != self._value_keys:
             if self._values_kept:  # the buffer holds another layout: queue its steps first
                 self._drain()
-            acts = self._acts.values()
             self._value_keys = keys
             self._value_offsets = np.concatenate([[0], np.cumsum([x.shape[-1] for x in acts])]).astype(np.int64)
             self._ship_values = (sum(x.numel() for x in acts) <= self.max_shipped_values
@@ -504,15 +536,17 @@ class Recorder:
             self._batch_steps = max(1, min(self.max_batch_steps, self.max_batch_value_bytes // max(step_bytes, 1)))
         if not self._ship_values or all(self.finished):
             # Too big to ship raw (large model or batch): reduce now, on the tensors' device.
+            self._acts_from_taps()
             q_start = self.lengths + step - 1
             self._write_activations(step, q_start, q_start + 1, [not f for f in self.finished])
             return None
         if self._values is None:  # a fresh buffer per batch: the queued one is the writer's now
-            first = next(iter(self._acts.values()))
-            self._values = first.new_empty((self._batch_steps, first.shape[0], 1, int(self._value_offsets[-1])))
+            self._values = acts[0].new_empty((self._batch_steps, acts[0].shape[0], 1, int(self._value_offsets[-1])))
         i = self._values_kept
-        torch.cat(list(self._acts.values()), dim=-1, out=self._values[i])
+        torch.cat(acts, dim=-1, out=self._values[i])
         self._values_kept = i + 1
+        if taps is not None:  # let go of the tensors: the next forward pass reuses their memory
+            taps[:] = self._no_taps
         return i
 
     def _drain(self) -> None:
