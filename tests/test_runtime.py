@@ -1,7 +1,9 @@
-"""Runtime pieces on their own: paged KV cache accounting, sampler, stop conditions, CLI errors."""
+"""Runtime pieces on their own: paged KV cache accounting, sampler, stop conditions, streaming, CLI errors."""
+import io
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from workbench.runtime.checkpoint import save_llama
 from workbench.runtime.generate import generate
 from workbench.runtime.kv_cache import CacheFullError, PagedKVCache
 from workbench.runtime.sampler import Sampler, SamplerConfig
+from workbench.runtime.session import TextStreamer
 from workbench.runtime.tokenizer import ByteTokenizer
 
 CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
@@ -75,6 +78,38 @@ def test_stop_on_eos_and_stop_strings():
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+class SpaceMarkTokenizer:
+    """SentencePiece-like: "_" marks a space, and a text never starts with one."""
+
+    vocab = ["_the", "_cat", "s", "_sat", ".", "_on", "_a", "_mat"]
+
+    def decode(self, ids):
+        return "".join(self.vocab[i] for i in ids).replace("_", " ").removeprefix(" ")
+
+
+class CountingDecodes:
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def decode(self, ids):
+        self.longest = max(self.longest, len(ids))
+        return self.tok.decode(ids)
+
+
+@pytest.mark.parametrize("tok, ids", [
+    (ByteTokenizer(), list("héllo wörld, 日本語 — ok\n".encode())),
+    (SpaceMarkTokenizer(), [0, 1, 2, 3, 5, 6, 7, 4] * 30),
+])
+def test_streamed_text_is_the_decoded_text_from_short_windows(tok, ids):
+    out = io.StringIO()
+    counting = CountingDecodes(tok)
+    stream = TextStreamer(counting, out)
+    for t in ids:
+        stream(SimpleNamespace(tokens=[t], finished=[False]))
+    assert out.getvalue() == tok.decode(ids)
+    assert counting.longest <= 8  # two characters at most (4 bytes each), not the whole text
 
 
 def test_cli_json_output(model_dir):

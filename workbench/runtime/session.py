@@ -86,22 +86,31 @@ def encode_prompts(spec: RunSpec, tok, max_seq_len: int) -> list[list[int]]:
 
 
 class TextStreamer:
-    """Prints sequence 0's new text as it is generated (holding back half-decoded characters)."""
+    """Prints sequence 0's new text as it is generated (holding back half-decoded characters).
+
+    Each step decodes a short window of recent tokens, not the whole text (that made every step
+    cost more than the last): the new text is what the window decodes to beyond its already
+    printed head, which also keeps tokenizers right whose decoding depends on the token before
+    (a leading space, a byte sequence split over tokens).
+    """
 
     def __init__(self, tok, out=sys.stdout) -> None:
-        self.tok, self.out, self.ids, self.shown, self.done = tok, out, [], 0, False
+        self.tok, self.out, self.ids, self.done = tok, out, [], False
+        self.head = 0  # the window starts at this token; tokens before it are printed for good
+        self.printed = 0  # the window's tokens before this one are printed
 
     def __call__(self, event) -> None:
         if self.done:
             return
         self.done = event.finished[0]
         self.ids.append(event.tokens[0])
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        self.out.write(text[self.shown:])
+        shown = self.tok.decode(self.ids[self.head:self.printed])
+        text = self.tok.decode(self.ids[self.head:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return  # nothing new, or a character still incomplete: wait for more tokens
+        self.out.write(text[len(shown):])
         self.out.flush()
-        self.shown = len(text)
+        self.head, self.printed = self.printed, len(self.ids)
 
 
 @contextlib.contextmanager
