@@ -55,7 +55,7 @@ def recorded_tokens(trace) -> list[list[int]]:
 
 def verify(path: str | Path, model: str | None = None, tp: int | None = None) -> ReplayReport:
     """Re-run the recorded generation and compare its tokens with the trace's, step by step."""
-    from workbench.runtime.checkpoint import checkpoint_hash
+    from workbench.runtime.checkpoint_hash import checkpoint_hash
     from workbench.runtime.session import run
     from workbench.trace.reader import open_trace
     trace = open_trace(path)

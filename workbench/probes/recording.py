@@ -29,7 +29,7 @@ def check_record_path(path: str | Path, overwrite: bool) -> None:
 
 def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelection) -> dict:
     """Everything a replay needs, and what the dashboard's run view shows."""
-    from workbench.runtime.checkpoint import checkpoint_hash
+    from workbench.runtime.checkpoint_hash import checkpoint_hash
     return {
         "workbench_version": getattr(workbench, "__version__", "0"),
         "model_path": str(Path(spec.model).resolve()),

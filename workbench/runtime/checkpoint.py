@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 
@@ -33,7 +32,8 @@ def ours_to_hf(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files: the index's shards, else every *.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -91,7 +91,7 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if world > 1:
         from workbench.runtime import tp
         parts = tp.shard_plan(model, rank, world)
-    state = read_tensors(_weight_files(path), {k: tuple(v.shape) for k, v in expected.items()}, rename=hf_to_ours,
+    state = read_tensors(weight_files(path), {k: tuple(v.shape) for k, v in expected.items()}, rename=hf_to_ours,
                          ignore=lambda ours: ours.endswith("rotary_emb.inv_freq") or ours in tied, show=ours_to_hf,
                          parts=parts)
     dtype = dtype or torch.float32
@@ -176,15 +176,3 @@ def save_llama(model: Llama, path: str | Path, tokenizer=None) -> None:
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None and hasattr(tokenizer, "to_dict") and tokenizer.to_dict()["kind"] == "bytes":
         (path / "workbench_tokenizer.json").write_text(json.dumps(tokenizer.to_dict(), indent=2))
-
-
-def checkpoint_hash(path: str | Path) -> str:
-    """sha256 over config.json and the weight files, so a replay can tell it runs the same model."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in [path / "config.json", *_weight_files(path)]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()

@@ -128,7 +128,7 @@ def write_synthetic_trace(path: str | os.PathLike, n_steps: int = 32, *, n_seq: 
         "prompts": ["".join(vocab[i] for i in row) for row in prompt_ids],
         "sampler": {"temperature": 0.8, "top_k": top_k, "top_p": 1.0}, "seed": seed,
         "tp_size": world, "tp_algorithm": "allreduce", "redistribution": None,
-        "checkpoint_hash": "synthetic", "synthetic": True,
+        "checkpoint_sha256": "synthetic", "synthetic": True,
     }
     path = Path(path)
     writers = [TraceWriter(path, spec, metadata, rank=0, overwrite=overwrite,
