@@ -1,7 +1,8 @@
 """The per-rank recorder: listeners on hook points, batched reductions, a TraceWriter.
 
-Listeners only keep references to the tensors they see (the model never modifies them in place),
-so the forward pass pays a Python call per subscribed hook point and nothing more. The prefill
+Listeners, and the blocks' activation taps where the model has them (models/activation_taps.py),
+only keep references to the tensors they see (the model never modifies them in place), so the
+forward pass pays a Python call per subscribed hook point, or a list store per tapped site. The prefill
 (step 0) is reduced and queued at once. Decode steps are only kept (a few numbers, references, and
 one copy of the step's activations into the batch's buffer) and handed to the writer in batches at
 most ``batch_seconds`` old: one region write per array per batch, and raw activation values that
