@@ -164,3 +164,38 @@ def test_a_stalled_generation_is_committed_while_it_waits(model, tmp_path):
     writer.close()
     tr = open_trace(tmp_path / "t.zarr")
     assert tr.n_steps == 40 and (tr.kv_cache.tokens.values[:, 0, 0] == len(prompts[0]) + np.arange(40)).all()
+
+
+def _record(model, path, prompts, tok, **recorder_attrs):
+    sel = ProbeSelection.parse("light")
+    spec = trace_spec_for(model, sel, len(prompts), max(map(len, prompts)), 12)
+    writer = TraceWriter(path, spec, {})
+    rec = Recorder(model, writer, sel, tok.token_text, prompts)
+    for name, value in recorder_attrs.items():
+        setattr(rec, name, value)
+    rec.attach()
+    tapped = rec._taps is not None
+    generate(model, prompts, 12, on_step=rec.on_step)
+    rec.detach()
+    writer.close()
+    return open_trace(path).activations, tapped
+
+
+def test_every_recording_path_gives_the_same_activations(model, tmp_path):
+    """Batches reduced by the worker, steps reduced one by one, and steps too big to ship (reduced
+    at once by torch) agree; so do taps and hook-point listeners as the source of the values."""
+    tok = ByteTokenizer(bos_id=256, eos_id=None)
+    prompts = [tok.encode("same"), tok.encode("values here")]
+    batched, tapped = _record(model, tmp_path / "batched.zarr", prompts, tok, batch_seconds=60.0)
+    assert tapped and batched.hist_count.values[1:].min() >= 0  # every decode step and site was recorded
+    others = {"per step": _record(model, tmp_path / "steps.zarr", prompts, tok, batches_decode=False),
+              "reduced at once": _record(model, tmp_path / "now.zarr", prompts, tok, max_shipped_values=0),
+              "listeners": _record(model, tmp_path / "listen.zarr", prompts, tok, _tapped_blocks=lambda: [])}
+    assert [tapped for _, tapped in others.values()] == [True, True, False]
+    for how, (other, _) in others.items():
+        assert np.array_equal(other.hist_count.values, batched.hist_count.values), how
+        assert np.array_equal(other.value_count.values, batched.value_count.values), how
+        assert np.array_equal(other.near_zero_count.values, batched.near_zero_count.values), how
+        for name in ("value_sum", "value_sumsq", "value_min", "value_max", "near_zero_eps"):
+            assert np.allclose(other[name].values, batched[name].values, rtol=1e-5, atol=1e-6, equal_nan=True), \
+                (how, name)
