@@ -3,14 +3,15 @@
 Runs on the default model (data/models/llama-bytes; a random model of the same size if it is not
 trained yet). A rate is wall-clock decode tokens per second from the end of the prefill to the
 return of `generate`, so it includes everything the recorder does on the generating thread
-(listeners, batches, queueing) and the CPU its worker process takes from generation. Recording
-runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs a core);
-no-probes runs with both that and torch's default, and the baseline is the one with the higher
-median rate (marked *). Repeats are interleaved; a ratio is the median over repeats of the rate
-divided by the baseline's rate in the same repeat, so load that drifts between repeats cancels;
-the middle half of those per-repeat ratios shows how much the repeats disagree. Also prints the trace size per step, the writer's throughput (raw bytes its worker process
-encodes per second of its own work) and share of a core, the time to drain the queue at the end,
-and the cost of hook points nobody listens to.
+(taps, listeners, batches, queueing) and the CPU its worker process takes from generation.
+Recording runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs
+a core); no-probes runs with both that and torch's default, and the baseline is the one faster
+in the median repeat (marked *). Repeats are interleaved; a ratio is the median over repeats of
+the rate divided by the baseline's rate in the same repeat, so load that drifts between repeats
+cancels; the middle half of those per-repeat ratios shows how much the repeats disagree. Also
+prints the trace size per step, the writer's throughput (raw bytes its worker process encodes
+per second of its own work) and share of a core, the time to drain the queue at the end, and
+the cost of hook points nobody listens to.
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
@@ -143,11 +144,13 @@ def main() -> None:
                 rates_of[kind].append(rates[kind])
             if args.verbose:
                 print("  repeat:", "  ".join(f"{k} {v:.0f}" for k, v in rates.items()))
-    # The baseline is the no-probes thread count with the higher median rate; each repeat's ratios
-    # are to that run of the same repeat (load that drifts between repeats cancels), and their
-    # median is the figure to quote. (Dividing by the faster of two runs in every repeat would
-    # bias the ratios low: the larger of two noisy rates is high on average.)
-    plain_kind = max((k for k in kinds if k.startswith("no probes")), key=lambda k: np.median(rates_of[k]))
+    # The baseline is the no-probes thread count that is faster in the median repeat (compared
+    # within repeats, like every ratio: load that drifts between repeats cancels); each repeat's
+    # ratios are to that run of the same repeat, and their median is the figure to quote.
+    # (Dividing by the faster of two runs in every repeat would bias the ratios low: the larger
+    # of two noisy rates is high on average.)
+    more, fewer_kind = f"no probes, {threads} thr", f"no probes, {fewer} thr"
+    plain_kind = fewer_kind if np.median(np.array(rates_of[fewer_kind]) / np.array(rates_of[more])) > 1 else more
     ratios = {k: np.array(rates_of[k]) / np.array(rates_of[plain_kind]) for k in kinds}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
