@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -75,3 +76,13 @@ def test_a_broken_or_unwritable_cache_only_costs_a_hash(ckpt, hashings, tmp_path
     monkeypatch.setenv("WORKBENCH_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # cannot be created
     assert ch.checkpoint_hash(ckpt) == first
     assert ch.checkpoint_hash(ckpt) == first and len(hashings) == 3  # no cache: hashed each time
+
+
+def test_deleted_checkpoints_leave_the_cache(ckpt, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(ckpt, other)
+    ch.checkpoint_hash(other)
+    shutil.rmtree(other)
+    ch.checkpoint_hash(ckpt)
+    cached = json.loads((tmp_path / "cache" / ch.CACHE_FILE).read_text())
+    assert list(cached) == [str(ckpt.resolve())]

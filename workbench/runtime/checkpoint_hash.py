@@ -35,6 +35,7 @@ def checkpoint_hash(path: str | Path) -> str:
     if isinstance(hit, dict) and hit.get("files") == key and isinstance(hit.get("sha256"), str):
         return hit["sha256"]
     digest = hash_files(files)
+    cache = {p: v for p, v in cache.items() if Path(p).is_dir()}  # forget checkpoints deleted since
     cache[str(path)] = {"files": key, "sha256": digest}
     _write_cache(cache)
     return digest
