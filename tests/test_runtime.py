@@ -112,6 +112,19 @@ def test_streamed_text_is_the_decoded_text_from_short_windows(tok, ids):
     assert counting.longest <= 8  # two characters at most (4 bytes each), not the whole text
 
 
+def test_cli_says_where_the_trace_is_and_how_to_see_it(model_dir, tmp_path):
+    from workbench.trace.reader import open_trace
+    trace = tmp_path / "my runs" / "t.zarr"
+    trace.parent.mkdir()
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir),
+                          "--prompt", "ab", "--max-new-tokens", "3", "--record", str(trace), "--probes", "light"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"`workbench serve '{trace}'`" in last, last  # quoted: the path has a space
+    assert open_trace(trace).status == "complete"
+
+
 def test_cli_json_output(model_dir):
     out = _cli("generate", "--model", str(model_dir), "--prompt", "ab", "--prompt", "cde",
                "--max-new-tokens", "4", "--json")

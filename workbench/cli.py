@@ -152,6 +152,10 @@ def _cmd_generate(args) -> int:
         print()
     print(f"[{len(result.step_seconds)} steps, prefill {result.prefill_seconds * 1e3:.1f} ms, "
           f"decode {result.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    if spec.record and not getattr(args, "serving", False):
+        import shlex
+        print(f"[trace {spec.record}: see it with `workbench serve {shlex.quote(str(spec.record))}`, "
+              f"or workbench.open_trace(...) in Python]", file=sys.stderr)
     return 0
 
 
@@ -225,7 +229,7 @@ def _generate_and_serve(args) -> int:
         print(f"dashboard: {url}", file=sys.stderr, flush=True)
         if _want_browser(args):
             webbrowser.open(url)
-        args.serve = False
+        args.serve, args.serving = False, True
         code = _cmd_generate(args)
         print(f"generation finished; dashboard still at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         try:
