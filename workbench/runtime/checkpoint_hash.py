@@ -9,6 +9,7 @@ The cache lives in ``$WORKBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/workbench
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -70,8 +71,12 @@ def _write_cache(cache: dict) -> None:
         d = cache_dir()
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=CACHE_FILE, suffix=".tmp")
+    except OSError:
+        return  # no cache: the next run hashes again
+    try:
         with os.fdopen(fd, "w") as fh:
             json.dump(cache, fh)
         os.replace(tmp, d / CACHE_FILE)
     except OSError:
-        pass  # no cache: the next run hashes again
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # e.g. a full disk: leave no half-written file behind
