@@ -8,11 +8,10 @@ import torch
 from workbench.models.activation_taps import TAP_SITES, attach_activation_taps, detach_activation_taps
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
+from workbench.probes.recorder import SITE_HOOKS as HOOKS  # site -> hook point under layers.{i}.
 
 CFG = dict(vocab_size=259, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
            bos_id=256, eos_id=None)
-HOOKS = {"mlp.act.pre": "mlp.act.pre", "mlp.act.post": "mlp.act.post", "attn.out": "attn.out",
-         "resid.post": "mlp_allreduce.residual"}
 
 
 @pytest.fixture(scope="module")

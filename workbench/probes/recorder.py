@@ -102,7 +102,7 @@ class _DecodeStep:
     tokens: list[int]
     positions: list[int]
     finished: list[bool]  # sequences that finished before this step: no rows of theirs are recorded
-    values: int | None  # this step's index in the batch's activation buffer; None: none kept
+    values: bool  # its activations are in the batch's buffer (in step order); False: none kept
     arm_eps: dict | None  # layer -> ARM's eps at this step
     patterns: dict
     comm: np.ndarray | None  # [3, layers, sites]; None: no collective ran (one rank)
@@ -492,14 +492,13 @@ class Recorder:
     def _keep_decode_step(self, event) -> None:
         # Runs every step, between forward passes: positional arguments, no comprehensions.
         taps = self._taps
-        values = (self._keep_activations(event.step) if (self._acts if taps is None else taps[0] is not None)
-                  else None)
+        values = bool(self._acts if taps is None else taps[0] is not None) and self._keep_activations(event.step)
         kv = None
         if self._keeps_kv and hasattr(event.cache, "usage"):
             self._kv_cache, kv = event.cache, event.cache.usage()
         self._pending.append(_DecodeStep(
             event.step, event.tokens, event.positions, self.finished, values,
-            self._arm_eps() if values is not None and self._arms else None, self._patterns,
+            self._arm_eps() if values and self._arms else None, self._patterns,
             self._comm if self._comm_written else None, self._clock.take() if self._clock is not None else None,
             kv, event.seconds, time.time(), event.cand_ids if self._keeps_samples else None,
             event.cand_probs if self._keeps_samples else None))
@@ -513,9 +512,9 @@ class Recorder:
     def _arm_eps(self) -> dict[int, float]:
         return {i: arm.stats.eps for i, arm in self._arms if arm.stats is not None}
 
-    def _keep_activations(self, step: int) -> int | None:
-        """Copy this step's activations into the batch's buffer, in column-block order; return the
-        step's index there, or None if they were reduced at once instead.
+    def _keep_activations(self, step: int) -> bool:
+        """Copy this step's activations into the batch's next row, in column-block order; False if
+        they were reduced at once instead.
 
         One copy now, rather than references kept until the batch is drained: a tensor the forward
         pass cannot free makes its allocator hand out cold memory on later steps, and the batch
@@ -541,15 +540,14 @@ class Recorder:
             self._acts_from_taps()
             q_start = self.lengths + step - 1
             self._write_activations(step, q_start, q_start + 1, [not f for f in self.finished])
-            return None
+            return False
         if self._values is None:  # a fresh buffer per batch: the queued one is the writer's now
             self._values = acts[0].new_empty((self._batch_steps, acts[0].shape[0], 1, int(self._value_offsets[-1])))
-        i = self._values_kept
-        torch.cat(acts, dim=-1, out=self._values[i])
-        self._values_kept = i + 1
+        torch.cat(acts, dim=-1, out=self._values[self._values_kept])
+        self._values_kept += 1
         if taps is not None:  # let go of the tensors: the next forward pass reuses their memory
             taps[:] = self._no_taps
-        return i
+        return True
 
     def _drain(self) -> None:
         """Queue every kept decode step (one write per array), then end them in order."""
@@ -622,7 +620,7 @@ class Recorder:
 
     def _queue_activation_values(self, steps: list[_DecodeStep]) -> None:
         """Raw values of every (step, layer, site), shipped to the writer's worker to reduce."""
-        kept = [st for st in steps if st.values is not None]
+        kept = [st for st in steps if st.values]
         if not kept:
             return
         sites = self.spec.hist_sites
