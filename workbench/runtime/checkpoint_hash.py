@@ -16,6 +16,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from workbench.runtime.checkpoint import weight_files
+
 CACHE_FILE = "checkpoint-hashes.json"
 
 
@@ -27,7 +29,6 @@ def cache_dir() -> Path:
 
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 over config.json and the weight files (names and contents), cached (module doc)."""
-    from workbench.runtime.checkpoint import weight_files
     path = Path(path).resolve()
     files = [path / "config.json", *weight_files(path)]
     key = [[f.name, *_identity(f)] for f in files]
