@@ -166,7 +166,7 @@ def test_a_stalled_generation_is_committed_while_it_waits(model, tmp_path):
     assert tr.n_steps == 40 and (tr.kv_cache.tokens.values[:, 0, 0] == len(prompts[0]) + np.arange(40)).all()
 
 
-def _record(model, path, prompts, tok, **recorder_attrs):
+def _record(model, path, prompts, tok, on_step=None, **recorder_attrs):
     sel = ProbeSelection.parse("light")
     spec = trace_spec_for(model, sel, len(prompts), max(map(len, prompts)), 12)
     writer = TraceWriter(path, spec, {})
@@ -175,23 +175,37 @@ def _record(model, path, prompts, tok, **recorder_attrs):
         setattr(rec, name, value)
     rec.attach()
     tapped = rec._taps is not None
-    generate(model, prompts, 12, on_step=rec.on_step)
+    generate(model, prompts, 12, on_step=rec.on_step if on_step is None else lambda event: on_step(rec, event))
     rec.detach()
     writer.close()
     return open_trace(path).activations, tapped
 
 
 def test_every_recording_path_gives_the_same_activations(model, tmp_path):
-    """Batches reduced by the worker, steps reduced one by one, and steps too big to ship (reduced
-    at once by torch) agree; so do taps and hook-point listeners as the source of the values."""
+    """Batches reduced by the worker (one batch, batches of two, batches in buffers reused once
+    sent), steps reduced one by one, and steps too big to ship (reduced at once by torch) agree;
+    so do taps and hook-point listeners as the source of the values."""
     tok = ByteTokenizer(bos_id=256, eos_id=None)
     prompts = [tok.encode("same"), tok.encode("values here")]
     batched, tapped = _record(model, tmp_path / "batched.zarr", prompts, tok, batch_seconds=60.0)
     assert tapped and batched.hist_count.values[1:].min() >= 0  # every decode step and site was recorded
+    buffers = []
+
+    def flush_every_step(rec, event):  # batches of two steps, each sent on before the next begins
+        rec.on_step(event)
+        rec.writer.flush()
+        buffers.append(rec._values.data_ptr() if rec._values is not None else None)
+
     others = {"per step": _record(model, tmp_path / "steps.zarr", prompts, tok, batches_decode=False),
+              "batches of two": _record(model, tmp_path / "two.zarr", prompts, tok, max_batch_steps=2),
+              "buffers reused": _record(model, tmp_path / "reused.zarr", prompts, tok, on_step=flush_every_step,
+                                        max_batch_steps=2),
               "reduced at once": _record(model, tmp_path / "now.zarr", prompts, tok, max_shipped_values=0),
               "listeners": _record(model, tmp_path / "listen.zarr", prompts, tok, _tapped_blocks=lambda: [])}
-    assert [tapped for _, tapped in others.values()] == [True, True, False]
+    assert [tapped for _, tapped in others.values()] == [True, True, True, True, False]
+    # the batches (two steps each) took turns in at most two buffers: a sent one came back
+    filled = [b for b in buffers if b is not None]
+    assert len(filled) >= 5 and len(set(filled)) <= 2, buffers
     for how, (other, _) in others.items():
         assert np.array_equal(other.hist_count.values, batched.hist_count.values), how
         assert np.array_equal(other.value_count.values, batched.value_count.values), how
