@@ -8,10 +8,11 @@ Recording runs with the runtime's thread policy (one torch thread fewer on CPU: 
 a core); no-probes runs with both that and torch's default, and the baseline is the one faster
 in the median repeat (marked *). Repeats are interleaved; a ratio is the median over repeats of
 the rate divided by the baseline's rate in the same repeat, so load that drifts between repeats
-cancels; the middle half of those per-repeat ratios shows how much the repeats disagree. Also
-prints the trace size per step, the writer's throughput (raw bytes its worker process encodes
-per second of its own work) and share of a core, the time to drain the queue at the end, and
-the cost of hook points nobody listens to.
+cancels; the middle half of those per-repeat ratios shows how much the repeats disagree, and
++us/step is the same comparison as the median time added to a decode step. Also prints the
+trace size per step, the writer's throughput (raw bytes its worker process encodes per second
+of its own work) and share of a core, the time to drain the queue at the end, and the cost of
+hook points nobody listens to.
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
@@ -152,15 +153,19 @@ def main() -> None:
     more, fewer_kind = f"no probes, {threads} thr", f"no probes, {fewer} thr"
     plain_kind = fewer_kind if np.median(np.array(rates_of[fewer_kind]) / np.array(rates_of[more])) > 1 else more
     ratios = {k: np.array(rates_of[k]) / np.array(rates_of[plain_kind]) for k in kinds}
+    # the same comparison as time added to a decode step (a step decodes `batch` tokens)
+    plain_rates = np.array(rates_of[plain_kind])
+    added_us = {k: args.batch * (1 / np.array(rates_of[k]) - 1 / plain_rates) * 1e6 for k in kinds}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'middle half':>12} {'trace KB/step':>14} "
-          f"{'writer MB/s':>12} {'worker core':>11} {'drain s':>8}")
+    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'middle half':>12} {'+us/step':>9} "
+          f"{'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} {'drain s':>8}")
     for kind in kinds:
         label = f"{kind} *" if kind == plain_kind else kind
         q1, q3 = np.quantile(ratios[kind], [0.25, 0.75])  # how much the repeats disagree
-        line = f"{label:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f} {q1:>6.3f}-{q3:.3f}"
+        line = (f"{label:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f} {q1:>6.3f}-{q3:.3f}"
+                f" {float(np.median(added_us[kind])):>9.0f}")
         if extra[kind] is not None:
             stats, size, drain = extra[kind]
             mbps = stats.bytes_written / max(stats.worker_seconds, 1e-9) / 1e6
