@@ -152,9 +152,9 @@ def main() -> None:
     # of two noisy rates is high on average.)
     more, fewer_kind = f"no probes, {threads} thr", f"no probes, {fewer} thr"
     plain_kind = fewer_kind if np.median(np.array(rates_of[fewer_kind]) / np.array(rates_of[more])) > 1 else more
-    ratios = {k: np.array(rates_of[k]) / np.array(rates_of[plain_kind]) for k in kinds}
-    # the same comparison as time added to a decode step (a step decodes `batch` tokens)
     plain_rates = np.array(rates_of[plain_kind])
+    ratios = {k: np.array(rates_of[k]) / plain_rates for k in kinds}
+    # the same comparison as time added to a decode step (a step decodes `batch` tokens)
     added_us = {k: args.batch * (1 / np.array(rates_of[k]) - 1 / plain_rates) * 1e6 for k in kinds}
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
