@@ -13,6 +13,7 @@ import torch
 
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
+from workbench.probes.batch_buffers import BATCH_BUFFERS
 from workbench.probes.recorder import Recorder, activation_bin_edges, batched_stats, mad_thresholds, trace_spec_for
 from workbench.probes.selection import ProbeSelection
 from workbench.runtime.generate import generate
@@ -166,10 +167,10 @@ def test_a_stalled_generation_is_committed_while_it_waits(model, tmp_path):
     assert tr.n_steps == 40 and (tr.kv_cache.tokens.values[:, 0, 0] == len(prompts[0]) + np.arange(40)).all()
 
 
-def _record(model, path, prompts, tok, on_step=None, **recorder_attrs):
+def _record(model, path, prompts, tok, on_step=None, flush_interval=0.2, **recorder_attrs):
     sel = ProbeSelection.parse("light")
     spec = trace_spec_for(model, sel, len(prompts), max(map(len, prompts)), 12)
-    writer = TraceWriter(path, spec, {})
+    writer = TraceWriter(path, spec, {}, flush_interval=flush_interval)
     rec = Recorder(model, writer, sel, tok.token_text, prompts)
     for name, value in recorder_attrs.items():
         setattr(rec, name, value)
@@ -213,3 +214,30 @@ def test_every_recording_path_gives_the_same_activations(model, tmp_path):
         for name in ("value_sum", "value_sumsq", "value_min", "value_max", "near_zero_eps"):
             assert np.allclose(other[name].values, batched[name].values, rtol=1e-5, atol=1e-6, equal_nan=True), \
                 (how, name)
+
+
+def test_a_batch_buffer_is_reused_only_once_sent_and_then_by_the_next_recording(model, tmp_path, monkeypatch):
+    """While its writer has not sent a batch, its buffer is not handed out again: with a writer that
+    never flushes during generation, each batch of two steps fills a buffer of its own. Once the
+    writer is closed, the next recording in the process takes the last two back (no fresh memory
+    to fault in) and records the same values."""
+    BATCH_BUFFERS.clear()
+    tok = ByteTokenizer(bos_id=256, eos_id=None)
+    prompts = [tok.encode("same"), tok.encode("values here")]
+    taken: list[int] = []
+    take = BATCH_BUFFERS.take
+
+    def noting_take(shape, like):
+        buffer, rows = take(shape, like)
+        taken.append(buffer.data_ptr())
+        return buffer, rows
+    monkeypatch.setattr(BATCH_BUFFERS, "take", noting_take)
+
+    first, _ = _record(model, tmp_path / "first.zarr", prompts, tok, flush_interval=3600.0, max_batch_steps=2)
+    by_first, taken[:] = list(taken), []
+    second, _ = _record(model, tmp_path / "second.zarr", prompts, tok, flush_interval=3600.0, max_batch_steps=2)
+    assert len(by_first) == len(set(by_first)) == 6  # 11 decode steps in batches of two, none sent before the end
+    assert taken[:2] == by_first[-2:]  # the two the first recording left waiting
+    assert len(taken) == 6
+    for name in ("hist_count", "value_count", "value_sum", "value_sumsq", "value_min", "value_max"):
+        assert np.array_equal(first[name].values, second[name].values), name

@@ -23,6 +23,7 @@ import torch
 
 from workbench.models.activation_taps import TAP_SITES, attach_activation_taps, detach_activation_taps
 from workbench.models.part_clock import BOUNDARIES, PartClock, attach_part_clock, detach_part_clock
+from workbench.probes.batch_buffers import BATCH_BUFFERS
 from workbench.probes.selection import ProbeSelection
 from workbench.trace.schema import TraceSpec
 from workbench.trace.stats import ActivationStats
@@ -181,7 +182,6 @@ class Recorder:
         self._values: torch.Tensor | None = None  # [steps, b, 1, width] this batch's activations
         self._value_rows: Sequence[torch.Tensor] = ()  # self._values's rows (no indexing per step)
         self._values_kept = 0  # steps of self._values filled
-        self._sent_buffers: list[tuple[int, torch.Tensor, Sequence[torch.Tensor]]] = []  # (last step, buffer, rows)
         self._batch_steps = self.max_batch_steps  # lowered so that self._values stays small
         self._arms = [(i, layer.mlp.redistribute) for i, layer in enumerate(getattr(model, "layers", []))
                       if getattr(getattr(layer, "mlp", None), "redistribute", None) is not None]
@@ -279,7 +279,6 @@ class Recorder:
         finally:
             self._unsubscribe()
             self._kv_cache = None
-            self._sent_buffers = []
 
     def _drain_when_idle(self) -> None:
         """Queue a waiting batch when no step has come for a while (slow step, paused caller)."""
@@ -544,30 +543,14 @@ class Recorder:
             q_start = self.lengths + step - 1
             self._write_activations(step, q_start, q_start + 1, [not f for f in self.finished])
             return False
-        if self._values is None:
-            self._values, self._value_rows = self._activation_buffer(acts[0])
+        if self._values is None:  # a buffer [steps, b, 1, width] for the batch
+            shape = (self._batch_steps, acts[0].shape[0], 1, int(self._value_offsets[-1]))
+            self._values, self._value_rows = BATCH_BUFFERS.take(shape, acts[0])
         torch.cat(acts, dim=-1, out=self._value_rows[self._values_kept])
         self._values_kept += 1
         if taps is not None:  # let go of the tensors: the next forward pass reuses their memory
             taps[:] = self._no_taps
         return True
-
-    def _activation_buffer(self, like: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor]]:
-        """A buffer [steps, b, 1, width] for a batch's activations, and its rows.
-
-        The writer reads a queued batch's buffer until it has sent the batch to its worker (the
-        batch's last step is committed); after that the buffer is reused. A fresh one would cost
-        a page fault per 4 KB on first touch: ~2.4 us each here, several per decode step.
-        """
-        shape = (self._batch_steps, like.shape[0], 1, int(self._value_offsets[-1]))
-        committed = self.writer.committed
-        kind = (shape, like.dtype, like.device)
-        for i, (last, buffer, rows) in enumerate(self._sent_buffers):
-            if last < committed and (buffer.shape, buffer.dtype, buffer.device) == kind:
-                del self._sent_buffers[i]
-                return buffer, rows
-        buffer = like.new_empty(shape)
-        return buffer, buffer.unbind(0)
 
     def _drain(self) -> None:
         """Queue every kept decode step (one write per array), then end them in order."""
@@ -665,7 +648,7 @@ class Recorder:
         values = values.float().cpu().numpy()
         self.writer.write_activation_values(first, last, values, row_steps, self._value_offsets, layers, site_ids,
                                             eps)
-        self._sent_buffers = [*self._sent_buffers[-1:], (last, buffer, rows)]  # at most two wait to be reused
+        BATCH_BUFFERS.give(buffer, rows, self.writer, last)
 
     def _queue_attention(self, steps: list[_DecodeStep]) -> None:
         """One decode row per step: runs of consecutive recorded steps become one block per sequence."""

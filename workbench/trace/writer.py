@@ -691,6 +691,11 @@ class TraceWriter:
         """Steps of this rank written and marked committed so far."""
         return self._committed
 
+    def has_sent(self, step: int) -> bool:
+        """True once nothing here reads the records of ``step`` any more (their buffers may be
+        reused): the step is committed, or the writer is closed."""
+        return step < self._committed or self._closed
+
     def writer_stats(self) -> WriterStats:
         """A snapshot of this writer's counters."""
         with self._cond:
