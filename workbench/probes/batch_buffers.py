@@ -6,7 +6,8 @@ sends the batch to its worker process. Memory touched for the first time costs a
 buffer takes several per decode step of the default model. So a buffer goes back into use once
 its writer has sent it: for the next batch, and for the next recording in this process (a
 notebook that records again, a benchmark's repeats), the way torch's caching allocator keeps
-device memory. At most ``keep`` buffers wait (2: the one being sent and the one sent before).
+device memory. At most ``keep`` buffers wait (2: the one being sent and the one sent before),
+so a process keeps at most 2 x ``Recorder.max_batch_value_bytes`` (32 MB) after recording.
 """
 from __future__ import annotations
 

@@ -686,11 +686,6 @@ class TraceWriter:
                 self._cond.wait(remaining)
             self._raise_if_failed()
 
-    @property
-    def committed(self) -> int:
-        """Steps of this rank written and marked committed so far."""
-        return self._committed
-
     def has_sent(self, step: int) -> bool:
         """True once nothing here reads the records of ``step`` any more (their buffers may be
         reused): the step is committed, or the writer is closed."""
