@@ -8,8 +8,7 @@ Recording runs with the runtime's thread policy (one torch thread fewer on CPU: 
 a core); no-probes runs with both that and torch's default, and the baseline is the one faster
 in the median repeat (marked *). Repeats are interleaved; a ratio is the median over repeats of
 the rate divided by the baseline's rate in the same repeat, so load that drifts between repeats
-cancels; the middle half of those per-repeat ratios shows how much the repeats disagree, the 90%
-interval of their median (bootstrap over repeats) how well this run pins the median down, and
+cancels; the middle half of those per-repeat ratios shows how much the repeats disagree, and
 +us/step is the same comparison as the median time added to a decode step. Also prints the
 trace size per step, the writer's throughput (raw bytes its worker process encodes per second
 of its own work) and share of a core, the time to drain the queue at the end, and the cost of
@@ -100,13 +99,6 @@ def plain_with_fewer_threads(model, tok, prompts, new_tokens, probes, workdir):
         return run_once(model, tok, prompts, new_tokens, None, workdir)
 
 
-def median_interval(values: np.ndarray, level: float = 0.9, draws: int = 4000) -> tuple[float, float]:
-    """A bootstrap interval of the median of ``values`` (resampling the repeats; fixed seed)."""
-    picks = np.random.default_rng(0).integers(0, len(values), (draws, len(values)))
-    medians = np.median(values[picks], axis=1)
-    return tuple(np.quantile(medians, [(1 - level) / 2, (1 + level) / 2]))
-
-
 def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:
     """Guard checks per forward, ns per check, and their share of one decode step.
 
@@ -167,14 +159,12 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
-    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'middle half':>12} {'median 90%':>12} "
-          f"{'+us/step':>9} {'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} {'drain s':>8}")
+    print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'middle half':>12} {'+us/step':>9} "
+          f"{'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} {'drain s':>8}")
     for kind in kinds:
         label = f"{kind} *" if kind == plain_kind else kind
         q1, q3 = np.quantile(ratios[kind], [0.25, 0.75])  # how much the repeats disagree
-        lo, hi = median_interval(ratios[kind])
         line = (f"{label:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f} {q1:>6.3f}-{q3:.3f}"
-                f" {lo:>6.3f}-{hi:.3f}"
                 f" {float(np.median(added_us[kind])):>9.0f}")
         if extra[kind] is not None:
             stats, size, drain = extra[kind]
