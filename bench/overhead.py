@@ -150,8 +150,9 @@ def main() -> None:
     # ratios are to that run of the same repeat, and their median is the figure to quote.
     # (Dividing by the faster of two runs in every repeat would bias the ratios low: the larger
     # of two noisy rates is high on average.)
-    more, fewer_kind = f"no probes, {threads} thr", f"no probes, {fewer} thr"
-    plain_kind = fewer_kind if np.median(np.array(rates_of[fewer_kind]) / np.array(rates_of[more])) > 1 else more
+    more_kind, fewer_kind = f"no probes, {threads} thr", f"no probes, {fewer} thr"
+    plain_kind = (fewer_kind if np.median(np.array(rates_of[fewer_kind]) / np.array(rates_of[more_kind])) > 1
+                  else more_kind)
     plain_rates = np.array(rates_of[plain_kind])
     ratios = {k: np.array(rates_of[k]) / plain_rates for k in kinds}
     # the same comparison as time added to a decode step (a step decodes `batch` tokens)

@@ -132,6 +132,11 @@ def _arm_settings(args) -> dict | None:
 def _cmd_generate(args) -> int:
     if getattr(args, "serve", False):
         return _generate_and_serve(args)
+    return _generate(args, served=False)
+
+
+def _generate(args, served: bool) -> int:
+    """Run the generation; ``served``: a dashboard already shows its trace (no pointer to one)."""
     from workbench.runtime import session
     spec = _spec_from_args(args)
     if args.json:
@@ -152,7 +157,7 @@ def _cmd_generate(args) -> int:
         print()
     print(f"[{len(result.step_seconds)} steps, prefill {result.prefill_seconds * 1e3:.1f} ms, "
           f"decode {result.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
-    if spec.record and not getattr(args, "serving", False):
+    if spec.record and not served:
         import shlex
         print(f"[trace {spec.record}: see it with `workbench serve {shlex.quote(str(spec.record))}`, "
               f"or workbench.open_trace(...) in Python]", file=sys.stderr)
@@ -229,8 +234,7 @@ def _generate_and_serve(args) -> int:
         print(f"dashboard: {url}", file=sys.stderr, flush=True)
         if _want_browser(args):
             webbrowser.open(url)
-        args.serve, args.serving = False, True
-        code = _cmd_generate(args)
+        code = _generate(args, served=True)
         print(f"generation finished; dashboard still at {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         try:
             while proc.poll() is None:
