@@ -20,7 +20,7 @@ from workbench.runtime.generate import generate
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.reader import open_trace
 from workbench.trace.schema import TraceSpec
-from workbench.trace.worker import ActivationValues, reduce_activation_values
+from workbench.trace.worker import ActivationValues, exact_bins, reduce_activation_values, value_bins
 from workbench.trace.writer import TraceWriter
 
 CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=256,
@@ -71,6 +71,25 @@ def test_worker_reduction_equals_the_torch_reduction():
     # Unrecorded steps, layers and sites keep the fill value.
     assert (got["hist_count"][2] == -1).all() and (got["value_count"][:, 1] == -1).all()
     assert np.isnan(got["value_sum"][2]).all()
+
+
+def test_the_bin_lookup_equals_a_binary_search_at_every_edge():
+    """value_bins looks most bins up by the top bits of a float32; at and around every edge, at
+    zero, tiny, huge, infinite and NaN values it must agree with a binary search over the edges."""
+    edges = np.asarray(activation_bin_edges(), dtype=np.float64)
+    inner = edges[1:-1].astype(np.float32)
+    special = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 3e38, -3e38, np.inf, -np.inf, np.nan, -np.nan],
+                       dtype=np.float32)
+    near = [inner, np.nextafter(inner, np.float32(np.inf)), np.nextafter(inner, np.float32(-np.inf))]
+    rng = np.random.default_rng(0)
+    spread = (rng.standard_normal(200_001) * 10.0 ** rng.uniform(-4, 3, 200_001)).astype(np.float32)
+    values = np.concatenate([special, *near, spread]).reshape(2, -1)
+    with np.errstate(invalid="ignore"):
+        expected = exact_bins(edges, values.astype(np.float64))
+    got = value_bins(values, edges)
+    assert got.shape == values.shape and np.array_equal(got, expected)
+    assert got[0, :2].tolist() == [edges.tolist().index(0.0)] * 2  # 0 and -0: in the bin that starts at 0
+    assert set(np.unique(got)) == set(range(len(edges) - 1))  # every bin is reached
 
 
 def _full_forward(model, ids):

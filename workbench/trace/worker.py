@@ -79,9 +79,82 @@ def mad_eps(x: np.ndarray, c: float = 0.13) -> np.ndarray:
     return (np.float32(1.4826) * np.partition(dev, k, axis=1)[:, k] * np.float32(c)).astype(np.float64)
 
 
+# A float32's top 18 bits (sign, exponent, 9 mantissa bits) name a run of 2**14 consecutive
+# values; for most runs every value lies in one bin, which a table can say at once.
+_KEY_SHIFT = 14
+_BIN_TABLES: dict[bytes, np.ndarray] = {}
+
+
+def exact_bins(edges: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Bin i = [edges[i], edges[i+1]) of each value (float64), clipped to the first and last bin."""
+    return np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
+
+
+def _bin_table(edges: np.ndarray) -> np.ndarray:
+    """The bin of each run of float32 values that share their top bits; -1 where a run holds an edge."""
+    table = _BIN_TABLES.get(edges.tobytes())
+    if table is None:
+        first = np.arange(1 << (32 - _KEY_SHIFT), dtype=np.uint32) << _KEY_SHIFT
+        last = first | np.uint32((1 << _KEY_SHIFT) - 1)
+        with np.errstate(invalid="ignore"):  # NaN runs: clipped to the last bin, as exact_bins does
+            lo = exact_bins(edges, first.view(np.float32).astype(np.float64))
+            hi = exact_bins(edges, last.view(np.float32).astype(np.float64))
+        table = np.where(lo == hi, lo, -1).astype(np.min_scalar_type(-len(edges)))
+        _BIN_TABLES[edges.tobytes()] = table
+    return table
+
+
+def value_bins(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """``exact_bins`` of float32 values (C-contiguous), ~10x faster: a table lookup on their top
+    bits, and a binary search only for the ~1% whose run of values holds a bin edge."""
+    bins = _bin_table(edges)[values.view(np.uint32) >> _KEY_SHIFT].astype(np.int64)
+    flat = bins.reshape(-1)
+    odd = np.flatnonzero(flat < 0)
+    if len(odd):
+        flat[odd] = exact_bins(edges, values.reshape(-1)[odd].astype(np.float64))
+    return bins
+
+
+def _near_zero_thresholds(av: ActivationValues, spec: TraceSpec, blocks: list[tuple[int, int]],
+                          present: np.ndarray, starts: np.ndarray, counts_per_step: np.ndarray) -> np.ndarray:
+    """av.eps [steps, blocks] with each NaN replaced by ARM's MAD rule on the layer's mlp.act.pre
+    values of that step (the spec's fixed threshold where those were not recorded)."""
+    eps = av.eps.copy()
+    if not np.isnan(eps).any():
+        return eps
+    same_rows = bool(np.all(counts_per_step == counts_per_step[0]))
+    pre_site = spec.hist_sites.index("mlp.act.pre")
+    for i, (layer, site) in enumerate(blocks):
+        if not np.isnan(eps[:, i]).any():
+            continue
+        j = blocks.index((layer, pre_site)) if (layer, pre_site) in blocks else None
+        if j is None:  # no pre-redistribution values recorded for this layer
+            eps[:, i] = np.where(np.isnan(eps[:, i]), spec.near_zero_eps, eps[:, i])
+            continue
+        x = av.values[:, av.col_offsets[j]:av.col_offsets[j + 1]]
+        if same_rows:  # one matrix row per step: all its sequences' values
+            mad = mad_eps(x.reshape(len(present), -1))
+        else:
+            mad = np.array([mad_eps(x[r0:r0 + n].reshape(1, -1))[0] for r0, n in zip(starts, counts_per_step)])
+        full = np.full(len(eps), np.nan)
+        full[present] = mad
+        eps[:, i] = np.where(np.isnan(eps[:, i]), full, eps[:, i])
+    return eps
+
+
+# Values reduced at a time: the float64 temporaries of a chunk stay in a core's cache.
+REDUCE_CHUNK_VALUES = 1 << 16
+
+
 def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int,
                              layouts: dict[str, ArrayLayout] | None = None) -> list[Record]:
-    """Histogram and moment records of the `activations` group for steps [first_step, step]."""
+    """Histogram and moment records of the `activations` group for steps [first_step, step].
+
+    Every column block is reduced at once, a chunk of rows at a time: per-(row, block) sums first,
+    then per step, so a batch costs a few numpy calls per chunk, not per block.
+    """
+    if not len(av.row_steps):  # no step left rows: every cell keeps its fill
+        return []
     n_steps, n_sites, n_layers = av.step - av.first_step + 1, len(spec.hist_sites), spec.n_layers
     edges = np.asarray(spec.bin_edges, dtype=np.float64)
     n_bins = len(edges) - 1
@@ -89,53 +162,55 @@ def reduce_activation_values(av: ActivationValues, spec: TraceSpec, rank: int,
     present = np.unique(local)
     starts = np.searchsorted(local, present)  # first row of each step that has rows
     counts_per_step = np.diff(np.append(starts, len(local)))
-    same_rows = bool(np.all(counts_per_step == counts_per_step[0]))
-    eps = av.eps.copy()
     blocks = list(zip(av.layers.tolist(), av.sites.tolist()))
-    if np.isnan(eps).any():
-        pre_site = spec.hist_sites.index("mlp.act.pre")
-        for i, (layer, site) in enumerate(blocks):
-            if not np.isnan(eps[:, i]).any():
-                continue
-            j = blocks.index((layer, pre_site)) if (layer, pre_site) in blocks else None
-            if j is None:  # no pre-redistribution values recorded for this layer
-                eps[:, i] = np.where(np.isnan(eps[:, i]), spec.near_zero_eps, eps[:, i])
-                continue
-            x = av.values[:, av.col_offsets[j]:av.col_offsets[j + 1]]
-            if same_rows:  # one matrix row per step: all its sequences' values
-                mad = mad_eps(x.reshape(len(present), -1))
-            else:
-                mad = np.array([mad_eps(x[r0:r0 + n].reshape(1, -1))[0] for r0, n in zip(starts, counts_per_step)])
-            full = np.full(n_steps, np.nan)
-            full[present] = mad
-            eps[:, i] = np.where(np.isnan(eps[:, i]), full, eps[:, i])
+    eps = _near_zero_thresholds(av, spec, blocks, present, starts, counts_per_step)
+    values = np.ascontiguousarray(av.values, dtype=np.float32)
+    n_rows, width = values.shape
+    widths = np.diff(av.col_offsets)
+    col_block = np.repeat(np.arange(len(blocks)), widths)  # [width] block of each column
+    col_starts = av.col_offsets[:-1]
+    compact = np.searchsorted(present, local)  # [rows] index of each row's step among present
+    hist = np.zeros((len(present), len(blocks), n_bins), dtype=np.int64)
+    row_sums = np.empty((5, n_rows, len(blocks)))  # sum, sumsq, sum3, sum4, near zero per (row, block)
+    row_min, row_max = np.empty((n_rows, len(blocks))), np.empty((n_rows, len(blocks)))
+    row_eps = eps[local]  # [rows, blocks]
+    chunk = max(1, REDUCE_CHUNK_VALUES // max(width, 1))
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        c0, c1 = compact[r0], compact[r1 - 1] + 1  # the steps of these rows
+        cell = ((compact[r0:r1, None] - c0) * len(blocks) + col_block) * n_bins
+        hist[c0:c1] += np.bincount((cell + value_bins(values[r0:r1], edges)).reshape(-1),
+                                   minlength=(c1 - c0) * len(blocks) * n_bins).reshape(c1 - c0, len(blocks), n_bins)
+        x = values[r0:r1].astype(np.float64)
+        x2 = x * x
+        row_sums[0, r0:r1] = np.add.reduceat(x, col_starts, axis=1)
+        row_sums[1, r0:r1] = np.add.reduceat(x2, col_starts, axis=1)
+        row_sums[2, r0:r1] = np.add.reduceat(x2 * x, col_starts, axis=1)
+        row_sums[3, r0:r1] = np.add.reduceat(x2 * x2, col_starts, axis=1)
+        row_sums[4, r0:r1] = np.add.reduceat(np.abs(x) < row_eps[r0:r1][:, col_block], col_starts, axis=1,
+                                             dtype=np.float64)
+        row_min[r0:r1] = np.minimum.reduceat(x, col_starts, axis=1)
+        row_max[r0:r1] = np.maximum.reduceat(x, col_starts, axis=1)
+    step_sums = np.add.reduceat(row_sums, starts, axis=1)  # [5, present, blocks]
+    per_step = {"sum": step_sums[0], "sumsq": step_sums[1], "sum3": step_sums[2], "sum4": step_sums[3],
+                "near_zero": step_sums[4], "min": np.minimum.reduceat(row_min, starts, axis=0),
+                "max": np.maximum.reduceat(row_max, starts, axis=0),
+                "count": counts_per_step[:, None] * widths[None, :]}
     layouts = layouts or dict(spec.iter_arrays())
     box = (n_steps, n_layers, n_sites)  # cells of steps, layers or sites not recorded keep the fill
-    hist = np.full((*box, n_bins), layouts["activations/hist_count"].fill, dtype=np.int64)
-    fields = {f: np.full(box, layouts[f"activations/{a}"].fill, dtype=layouts[f"activations/{a}"].dtype)
-              for f, a in MOMENT_ARRAYS.items()}
+    at = (present[:, None], av.layers[None, :], av.sites[None, :])
+    box_hist = np.full((*box, n_bins), layouts["activations/hist_count"].fill, dtype=np.int64)
+    box_hist[at] = hist
     eps_box = np.full(box, layouts["activations/near_zero_eps"].fill, dtype=np.float64)
-    compact = np.searchsorted(present, local)  # [rows] index of each row's step among present
-    for i, (layer, site) in enumerate(blocks):
-        x = av.values[:, av.col_offsets[i]:av.col_offsets[i + 1]].astype(np.float64)  # [rows, w]
-        idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, n_bins - 1)  # bin i: [e_i, e_i+1)
-        hist[present, layer, site] = np.bincount((compact[:, None] * n_bins + idx).ravel(),
-                                                 minlength=len(present) * n_bins).reshape(len(present), n_bins)
-        x2 = x * x
-        per_row = {"sum": x.sum(1), "sumsq": x2.sum(1), "sum3": (x2 * x).sum(1), "sum4": (x2 * x2).sum(1)}
-        for f, v in per_row.items():
-            fields[f][present, layer, site] = np.add.reduceat(v, starts)
-        fields["min"][present, layer, site] = np.minimum.reduceat(x.min(1), starts)
-        fields["max"][present, layer, site] = np.maximum.reduceat(x.max(1), starts)
-        fields["count"][present, layer, site] = counts_per_step * x.shape[1]
-        near = (np.abs(x) < eps[local, i][:, None]).sum(1)
-        fields["near_zero"][present, layer, site] = np.add.reduceat(near, starts)
-        eps_box[present, layer, site] = eps[present, i]
+    eps_box[at] = eps[present]
     region = (slice(av.first_step, av.step + 1), slice(0, n_layers), slice(0, n_sites), slice(rank, rank + 1))
-    out = [Record(av.step, "activations/hist_count", region + (slice(0, n_bins),), hist[:, :, :, None]),
+    out = [Record(av.step, "activations/hist_count", region + (slice(0, n_bins),), box_hist[:, :, :, None]),
            Record(av.step, "activations/near_zero_eps", region, eps_box[..., None])]
     for f, array in MOMENT_ARRAYS.items():
-        out.append(Record(av.step, f"activations/{array}", region, fields[f][..., None]))
+        layout = layouts[f"activations/{array}"]
+        box_f = np.full(box, layout.fill, dtype=layout.dtype)
+        box_f[at] = per_step[f]
+        out.append(Record(av.step, f"activations/{array}", region, box_f[..., None]))
     return out
 
 
