@@ -530,7 +530,7 @@ class TraceWriter:
         n = len(col_offsets) - 1
         if (values.ndim != 2 or len(row_steps) != len(values) or col_offsets[-1] != values.shape[1]
                 or len(layers) != n or len(sites) != n or np.shape(eps) != (last_step - first_step + 1, n)
-                or np.any(np.diff(col_offsets) <= 0)):
+                or col_offsets[0] != 0 or np.any(np.diff(col_offsets) <= 0)):
             raise TraceWriterError("write_activation_values: values, row_steps, col_offsets, layers, sites "
                                    "and eps disagree, or a column block is empty")
         if len(row_steps) and (row_steps[0] < first_step or row_steps[-1] > last_step
