@@ -12,7 +12,8 @@ cancels; the middle half of those per-repeat ratios shows how much the repeats d
 +us/step is the same comparison as the median time added to a decode step. Also prints the
 trace size per step, the writer's throughput (raw bytes its worker process encodes per second
 of its own work) and share of a core, the time to drain the queue at the end, and the cost of
-hook points nobody listens to.
+hook points nobody listens to. Warns when the two no-probes runs disagree by more than 3% between
+repeats: on a busy machine every ratio is that uncertain.
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.writer import TraceWriter
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
+# Above this spread of the two no-probes runs' ratio a run warns (most runs here: 0.3-2.8%).
+NOISY_SPREAD = 0.03
 
 
 def default_model():
@@ -173,6 +176,13 @@ def main() -> None:
             core = stats.worker_seconds * best[kind] / (args.new_tokens * args.batch)  # worker s per generation s
             line += f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {core:>10.0%} {drain:>8.2f}"
         print(line)
+    # The two no-probes runs do the same work: how much their per-repeat ratio spreads is this
+    # run's noise, which every other ratio carries too.
+    other = fewer_kind if plain_kind == more_kind else more_kind
+    q1, q3 = np.quantile(ratios[other], [0.25, 0.75])
+    if q3 - q1 > NOISY_SPREAD:
+        print(f"warning: the no-probes runs disagree by {(q3 - q1) * 100:.1f}% between repeats (middle half): "
+              f"the machine was busy and the ratios above are that uncertain; rerun when it is quiet")
     plain = max(best[k] for k in kinds if k.startswith("no probes"))
     checks, ns, share = hook_point_cost(model, 1.0 / plain * args.batch)
     print(f"hook points with no listener: {checks} guard checks per forward, {ns:.0f} ns each, "
