@@ -20,6 +20,7 @@ from workbench.runtime.generate import generate
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.reader import open_trace
 from workbench.trace.schema import TraceSpec
+from workbench.trace import worker
 from workbench.trace.worker import ActivationValues, exact_bins, reduce_activation_values, value_bins
 from workbench.trace.writer import TraceWriter
 
@@ -33,7 +34,10 @@ def model():
     return Llama(LlamaConfig(**CFG)).eval()
 
 
-def test_worker_reduction_equals_the_torch_reduction():
+@pytest.mark.parametrize("chunk_values", [1 << 16, 1, 336], ids=["one-chunk", "row-by-row", "3-rows-across-steps"])
+def test_worker_reduction_equals_the_torch_reduction(monkeypatch, chunk_values):
+    # The worker reduces a chunk of rows at a time; chunks that cut through a step must add up.
+    monkeypatch.setattr(worker, "REDUCE_CHUNK_VALUES", chunk_values)
     spec = TraceSpec(n_seq=2, max_steps=8, max_positions=20, n_layers=3, n_heads=2, bin_edges=activation_bin_edges())
     sites = spec.hist_sites
     rng = np.random.default_rng(0)
