@@ -22,7 +22,7 @@ from workbench.trace.reader import open_trace
 from workbench.trace.schema import TraceSpec
 from workbench.trace import worker
 from workbench.trace.worker import ActivationValues, exact_bins, reduce_activation_values, value_bins
-from workbench.trace.writer import TraceWriter
+from workbench.trace.writer import TraceWriter, TraceWriterError
 
 CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=256,
            bos_id=256, eos_id=None)
@@ -75,6 +75,19 @@ def test_worker_reduction_equals_the_torch_reduction(monkeypatch, chunk_values):
     # Unrecorded steps, layers and sites keep the fill value.
     assert (got["hist_count"][2] == -1).all() and (got["value_count"][:, 1] == -1).all()
     assert np.isnan(got["value_sum"][2]).all()
+
+
+def test_activation_values_with_bad_column_blocks_are_refused_and_no_rows_write_nothing(tmp_path):
+    spec = TraceSpec(n_seq=1, max_steps=4, max_positions=8, n_layers=1, n_heads=2, bin_edges=activation_bin_edges())
+    eps = np.full((1, 2), 0.01)
+    values = np.ones((1, 8), dtype=np.float32)
+    with TraceWriter(tmp_path / "t.zarr", spec, {}) as w:
+        for offsets in ([0, 0, 8], [1, 4, 8]):  # an empty block; blocks that do not start at column 0
+            with pytest.raises(TraceWriterError, match="column block"):
+                w.write_activation_values(1, 1, values, [1], np.array(offsets), [0, 0], [0, 1], eps)
+    av = ActivationValues(2, 1, np.zeros((0, 8), dtype=np.float32), np.zeros(0, dtype=np.int64),
+                          np.array([0, 4, 8]), np.array([0, 0]), np.array([0, 1]), np.full((2, 2), 0.01))
+    assert reduce_activation_values(av, spec, rank=0) == []  # every cell keeps its fill
 
 
 def test_the_bin_lookup_equals_a_binary_search_at_every_edge():
