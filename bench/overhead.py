@@ -176,8 +176,8 @@ def main() -> None:
             core = stats.worker_seconds * best[kind] / (args.new_tokens * args.batch)  # worker s per generation s
             line += f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {core:>10.0%} {drain:>8.2f}"
         print(line)
-    # The two no-probes runs do the same work: how much their per-repeat ratio spreads is this
-    # run's noise, which every other ratio carries too.
+    # The two no-probes runs differ by one torch thread, which hardly matters on small models: how
+    # much their per-repeat ratio spreads is this run's noise, which every other ratio carries too.
     other = fewer_kind if plain_kind == more_kind else more_kind
     q1, q3 = np.quantile(ratios[other], [0.25, 0.75])
     if q3 - q1 > NOISY_SPREAD:

@@ -92,7 +92,8 @@ def exact_bins(edges: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 def _bin_table(edges: np.ndarray) -> np.ndarray:
     """The bin of each run of float32 values that share their top bits; -1 where a run holds an edge."""
-    table = _BIN_TABLES.get(edges.tobytes())
+    key = edges.tobytes()
+    table = _BIN_TABLES.get(key)
     if table is None:
         first = np.arange(1 << (32 - _KEY_SHIFT), dtype=np.uint32) << _KEY_SHIFT
         last = first | np.uint32((1 << _KEY_SHIFT) - 1)
@@ -100,7 +101,7 @@ def _bin_table(edges: np.ndarray) -> np.ndarray:
             lo = exact_bins(edges, first.view(np.float32).astype(np.float64))
             hi = exact_bins(edges, last.view(np.float32).astype(np.float64))
         table = np.where(lo == hi, lo, -1).astype(np.min_scalar_type(1 - len(edges)))  # int8: 128 bins
-        _BIN_TABLES[edges.tobytes()] = table
+        _BIN_TABLES[key] = table
     return table
 
 

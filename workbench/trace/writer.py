@@ -529,10 +529,12 @@ class TraceWriter:
         row_steps, col_offsets = np.asarray(row_steps, dtype=np.int64), np.asarray(col_offsets, dtype=np.int64)
         n = len(col_offsets) - 1
         if (values.ndim != 2 or len(row_steps) != len(values) or col_offsets[-1] != values.shape[1]
-                or len(layers) != n or len(sites) != n or np.shape(eps) != (last_step - first_step + 1, n)
-                or col_offsets[0] != 0 or np.any(np.diff(col_offsets) <= 0)):
+                or len(layers) != n or len(sites) != n or np.shape(eps) != (last_step - first_step + 1, n)):
             raise TraceWriterError("write_activation_values: values, row_steps, col_offsets, layers, sites "
-                                   "and eps disagree, or a column block is empty")
+                                   "and eps disagree")
+        if col_offsets[0] != 0 or np.any(np.diff(col_offsets) <= 0):
+            raise TraceWriterError(f"write_activation_values: col_offsets {col_offsets.tolist()} must start at 0 "
+                                   f"and rise: every column block needs a column")
         if len(row_steps) and (row_steps[0] < first_step or row_steps[-1] > last_step
                                or np.any(np.diff(row_steps) < 0)):
             raise TraceWriterError(f"write_activation_values: row steps must run in order within "
