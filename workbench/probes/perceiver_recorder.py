@@ -56,8 +56,8 @@ class PerceiverRecorder(Recorder):
     # Latent windows move and decode rows vary per block: every step is reduced as it ends.
     batches_decode = False
 
-    def __init__(self, model, writer, selection, token_text, prompts) -> None:
-        super().__init__(model, writer, selection, token_text, prompts)
+    def __init__(self, model, writer, selection, token_text, prompts, user_probes=()) -> None:
+        super().__init__(model, writer, selection, token_text, prompts, user_probes)
         cfg = model.cfg
         self.n_self = cfg.n_self_layers
         self.blocks = perceiver_blocks(cfg)

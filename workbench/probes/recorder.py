@@ -25,6 +25,7 @@ from workbench.models.activation_taps import TAP_SITES, attach_activation_taps, 
 from workbench.models.part_clock import BOUNDARIES, PartClock, attach_part_clock, detach_part_clock
 from workbench.probes.batch_buffers import BATCH_BUFFERS
 from workbench.probes.selection import ProbeSelection
+from workbench.probes.user_probe import UserValues
 from workbench.trace.schema import TraceSpec
 from workbench.trace.stats import ActivationStats
 from workbench.trace.writer import TraceWriter
@@ -113,6 +114,7 @@ class _DecodeStep:
     wall: float
     cand_ids: torch.Tensor | None
     cand_probs: torch.Tensor | None
+    user: list | None  # per user probe, its values [hooks, *shape] (None: none fired); None: no probes
 
 
 def part_seconds(stamps_ns: np.ndarray, comm_seconds: np.ndarray, parts: Sequence[str]) -> np.ndarray:
@@ -146,10 +148,11 @@ class Recorder:
         selection: which probes, layers, heads and steps.
         token_text: id -> display string (rank 0 writes tokens).
         prompts: token ids per sequence (written at step 0).
+        user_probes: your own probes (probes/user_probe.py), those of ``writer.spec.user_arrays``.
     """
 
     def __init__(self, model, writer: TraceWriter, selection: ProbeSelection, token_text,
-                 prompts: Sequence[Sequence[int]]) -> None:
+                 prompts: Sequence[Sequence[int]], user_probes: Sequence = ()) -> None:
         self.model, self.writer, self.sel = model, writer, selection
         self.spec = writer.spec
         self.token_text = token_text
@@ -183,6 +186,11 @@ class Recorder:
         self._value_rows: Sequence[torch.Tensor] = ()  # self._values's rows (no indexing per step)
         self._values_kept = 0  # steps of self._values filled
         self._batch_steps = self.max_batch_steps  # lowered so that self._values stays small
+        fns = {p.name: p.fn for p in user_probes}
+        missing = [u.name for u in self.spec.user_arrays if u.name not in fns]
+        if missing:
+            raise ValueError(f"the trace records user probe {missing[0]!r}, but no such probe was given")
+        self._user = [UserValues(u, fns[u.name]) for u in self.spec.user_arrays]
         self._arms = [(i, layer.mlp.redistribute) for i, layer in enumerate(getattr(model, "layers", []))
                       if getattr(getattr(layer, "mlp", None), "redistribute", None) is not None]
 
@@ -259,6 +267,12 @@ class Recorder:
                 self._listen(self._layer_hooks(f"{site}.timing"), self._comm_keeper(c))
         if "timing" in sel:
             self._clock = attach_part_clock(self._timed_blocks(), next(self.model.parameters()).device)
+        hook_points = self.model.hook_points
+        for user in self._user:
+            for h, name in enumerate(user.spec.hooks):
+                fn = user.listener(h)
+                hook_points[name].listeners.append(fn)
+                self._subscriptions.append((hook_points[name], fn))
         self._write_prompt()
         if self.batches_decode:
             self._idle_watch = threading.Thread(target=self._drain_when_idle, name="recorder-idle-drain",
@@ -382,6 +396,10 @@ class Recorder:
             if active[j]:
                 w.write_tokens(step, int(event.positions[j]), np.asarray([[tok]]), [[self.token_text(tok)]],
                                seq=slice(j, j + 1))
+        for user in self._user:
+            values = user.take()
+            if values is not None:
+                w.write(step, f"user/{user.spec.name}", values)
         self.finished = list(event.finished)
         self._patterns.clear()
         self._acts.clear()
@@ -503,7 +521,7 @@ class Recorder:
             self._arm_eps() if values and self._arms else None, self._patterns,
             self._comm if self._comm_written else None, self._clock.take() if self._clock is not None else None,
             kv, event.seconds, time.time(), event.cand_ids if self._keeps_samples else None,
-            event.cand_probs if self._keeps_samples else None))
+            event.cand_probs if self._keeps_samples else None, [u.take() for u in self._user] if self._user else None))
         self.finished = event.finished
         self._acts.clear()  # its values are in the step; reusing the dict spares the garbage collector
         if self._patterns:  # the step keeps this dict
@@ -581,6 +599,8 @@ class Recorder:
             w.write(first, "comm/bytes", comm[:, 2].astype(np.int64), n_steps=k)
         if "timing" in self.sel:
             self._queue_timing(steps, comm)
+        if self._user:
+            self._queue_user_values(steps)
         w.end_step(first, steps[-1].step)  # together: a record of several steps commits as one
 
     def _queue_tokens(self, steps: list[_DecodeStep]) -> None:
@@ -620,6 +640,16 @@ class Recorder:
         self.writer.write(first, "timing/seconds", seconds, n_steps=k)
         self.writer.write(first, "timing/step_seconds", step_seconds, n_steps=k)
         self.writer.write(first, "timing/step_start", np.array([st.wall for st in steps]) - step_seconds, n_steps=k)
+
+    def _queue_user_values(self, steps: list[_DecodeStep]) -> None:
+        """Each user probe's values of the batch's steps, one write per probe."""
+        for i, user in enumerate(self._user):
+            values = [st.user[i] for st in steps]
+            if all(v is None for v in values):
+                continue
+            empty = np.full((len(user.spec.hooks), *user.spec.shape), user.fill, dtype=user.spec.dtype)
+            stacked = np.stack([empty if v is None else v for v in values])
+            self.writer.write(steps[0].step, f"user/{user.spec.name}", stacked, n_steps=len(steps))
 
     def _queue_activation_values(self, steps: list[_DecodeStep]) -> None:
         """Raw values of every (step, layer, site), shipped to the writer's worker to reduce."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import workbench
 from workbench.errors import WorkbenchError
 from workbench.probes.recorder import Recorder
 from workbench.probes.selection import ProbeSelection
+from workbench.probes.user_probe import user_array_specs
 from workbench.trace.writer import TraceWriter
 
 
@@ -94,9 +96,12 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
     recorder_cls = recorder_class(model)
     recorder_cls.check_selection(model, selection)
     top_k = spec.sampler.report_k
+    user_probes = list(getattr(spec, "user_probes", None) or ())
+    user_arrays = user_array_specs(user_probes, model, len(prompts))  # every rank checks its own probes
     if rank == 0:
         tspec = recorder_cls.trace_spec(model, selection, len(prompts), max(len(p) for p in prompts),
                                         spec.max_new_tokens, world=world, top_k=top_k)
+        tspec = dataclasses.replace(tspec, user_arrays=user_arrays)
         writer = TraceWriter(spec.record, tspec, run_metadata(spec, model, tok, prompts, world, selection),
                              rank=0, world=world, overwrite=getattr(spec, "overwrite", False))
     if world > 1:
@@ -104,7 +109,7 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
         dist.barrier(group=group)
     if rank != 0:
         writer = TraceWriter.open(spec.record, rank, world)
-    recorder = recorder_cls(model, writer, selection, tok.token_text, prompts).attach()
+    recorder = recorder_cls(model, writer, selection, tok.token_text, prompts, user_probes).attach()
     with a_core_left_for_the_writer(model):
         try:
             yield recorder

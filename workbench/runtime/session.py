@@ -40,6 +40,8 @@ class RunSpec:
     # Your own probes: (hook point name or glob, fn(tensor, hook_point)) pairs attached on every rank
     # for the run (fn must be picklable under --tp); a returned tensor replaces the hooked one.
     hooks: list = field(default_factory=list)
+    # Your own probes recorded into the trace (workbench/probes/user_probe.py; picklable under --tp).
+    user_probes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -128,8 +128,8 @@ class Trace:
         """One group as a lazy xarray Dataset.
 
         Args:
-            group: "tokens", "attention", "kv_cache", "activations", "comm", "timing" or
-                "cross_attention".
+            group: "tokens", "attention", "kv_cache", "activations", "comm", "timing",
+                "cross_attention", "latent_attention" or "user".
             cut: cut every step/position/query/key dim to the committed prefix (default);
                 False gives the full preallocated arrays (unwritten cells hold fill values).
 
@@ -189,6 +189,12 @@ class Trace:
         """Perceiver latent self-attention (seq, step, repeat, self_layer, head, latent,
         latent_key), or None."""
         return self.dataset("latent_attention") if "latent_attention" in self._raw else None
+
+    @property
+    def user(self) -> xr.Dataset | None:
+        """Values of your own probes (step, {name}_hook, rank, *dims), one variable per probe, or
+        None when the run had none."""
+        return self.dataset("user") if "user" in self._raw else None
 
     def cross_attention_map(self, seq: int, repeat: int, head: int,
                             step: int | None = None) -> xr.DataArray:

@@ -81,6 +81,34 @@ class PerceiverSpec:
 
 
 @dataclass(frozen=True)
+class UserArraySpec:
+    """One user probe's array in group `user` (workbench/probes/user_probe.py): dims
+    (step, `{name}_hook`, rank, *dims); `hooks` are the hook point names along `{name}_hook`;
+    `fn` is the probe function's qualified name (for the record; it is not stored)."""
+
+    name: str
+    hooks: tuple[str, ...]
+    dims: tuple[str, ...] = ()
+    shape: tuple[int, ...] = ()
+    dtype: str = "float32"
+    description: str = ""
+    fn: str = ""
+
+    def __post_init__(self) -> None:  # JSON gives lists
+        for key in ("hooks", "dims", "shape"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+
+    @property
+    def hook_dim(self) -> str:
+        return f"{self.name}_hook"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UserArraySpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
 class ArrayLayout:
     """One Zarr array: its path inside its group, named dims, dtype, fill value and chunks."""
 
@@ -135,6 +163,7 @@ class TraceSpec:
         attention_heads: global query heads whose maps are recorded (None: all).
         attention_dtype: "float16" or "float32".
         perceiver: optional Perceiver cross-attention section.
+        user_arrays: arrays of user probes (group `user`), in probe order.
     """
 
     n_seq: int
@@ -154,12 +183,15 @@ class TraceSpec:
     attention_heads: tuple[int, ...] | None = None
     attention_dtype: str = "float16"
     perceiver: PerceiverSpec | None = None
+    user_arrays: tuple[UserArraySpec, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if isinstance(self.perceiver, Mapping):
             self.perceiver = PerceiverSpec.from_dict(self.perceiver)
+        self.user_arrays = tuple(UserArraySpec.from_dict(u) if isinstance(u, Mapping) else u
+                                 for u in self.user_arrays)
         self.bin_edges = tuple(float(e) for e in self.bin_edges)
         self.hist_sites = tuple(self.hist_sites)
         self.comm_sites = tuple(self.comm_sites)
@@ -191,6 +223,16 @@ class TraceSpec:
             values = getattr(self, name)
             if len(set(values)) != len(values) or not values:
                 raise ValueError(f"{name} must be non-empty and unique, got {values}")
+        sizes: dict[str, int] = {"seq": self.n_seq}
+        names = [u.name for u in self.user_arrays]
+        if len(set(names)) != len(names):
+            raise ValueError(f"user array names must be unique, got {names}")
+        for u in self.user_arrays:
+            if not u.hooks or len(u.dims) != len(u.shape) or any(n < 1 for n in u.shape):
+                raise ValueError(f"user array {u.name!r}: needs hooks and one size >= 1 per dim")
+            for d, n in zip(u.dims, u.shape):
+                if sizes.setdefault(d, n) != n or d in ("step", "rank", u.hook_dim):
+                    raise ValueError(f"user array {u.name!r}: dim {d!r} clashes with another dim of group user")
 
     @classmethod
     def for_generation(cls, prompt_positions: int, max_new_tokens: int, **kwargs: Any) -> TraceSpec:
@@ -248,7 +290,7 @@ class TraceSpec:
         """Inverse of `to_dict`; unknown keys are ignored (forward compatible within a version)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in names}
-        for key in ("bin_edges", "hist_sites", "comm_sites", "timing_parts"):
+        for key in ("bin_edges", "hist_sites", "comm_sites", "timing_parts", "user_arrays"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
@@ -425,6 +467,19 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
                 _arr("latent_position", ("seq", "step", "latent"), "int64", sl, {"step": 64},
                      "absolute position of each latent (and latent_key) slot, -1 if none"),
             ), "Perceiver latent self-attention maps")
+    if spec.user_arrays:
+        su = dict(s)
+        for u in spec.user_arrays:
+            su.update({u.hook_dim: len(u.hooks)}, **dict(zip(u.dims, u.shape)))
+        value_dims = list(dict.fromkeys(d for u in spec.user_arrays for d in u.dims))
+        groups["user"] = GroupLayout("user", (
+            _coord("step", su), _coord("rank", su),
+            *(_arr(u.hook_dim, (u.hook_dim,), STRING, su, description=f"hook points of {u.name}")
+              for u in spec.user_arrays),
+            *(_coord(d, su) for d in value_dims),
+            *(_arr(u.name, ("step", u.hook_dim, "rank", *u.dims), u.dtype, su, {"step": 256, "rank": 1},
+                   u.description or f"values of user probe {u.name}") for u in spec.user_arrays),
+        ), "values of your own probes (workbench/probes/user_probe.py), per step, hook point and rank")
     return groups
 
 
@@ -441,6 +496,10 @@ def coordinate_values(spec: TraceSpec, group: str, array: ArrayLayout) -> np.nda
         return np.asarray(spec.comm_sites, dtype=object)
     if name == "part":
         return np.asarray(spec.timing_parts, dtype=object)
+    if group == "user":
+        hooks = {u.hook_dim: u.hooks for u in spec.user_arrays}
+        if name in hooks:
+            return np.asarray(hooks[name], dtype=object)
     if name == "edge":
         return np.asarray(spec.bin_edges, dtype="float64")
     if name == "bin_lower":

@@ -1,0 +1,218 @@
+"""Your own probes recorded into the trace: values per step, hook point and rank, TP=2 = TP=1, bad input."""
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from workbench.errors import WorkbenchError
+from workbench.models.config import LlamaConfig
+from workbench.models.llama import Llama
+from workbench.models.perceiver import PerceiverAR, PerceiverConfig
+from workbench.probes.recorder import Recorder
+from workbench.probes.user_probe import UserProbe
+from workbench.runtime.checkpoint import load_llama, save_llama
+from workbench.runtime.generate import generate
+from workbench.runtime.perceiver_checkpoint import save_perceiver
+from workbench.runtime.session import RunSpec, run
+from workbench.runtime.tokenizer import ByteTokenizer
+from workbench.trace.reader import open_trace
+from workbench.trace.schema import TraceSpec, UserArraySpec
+
+CFG = dict(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=256,
+           bos_id=256, eos_id=None)
+PROMPTS = ["hello world", "abc"]
+STEPS = 30
+RESID = "layers.*.mlp_allreduce.residual"
+
+
+# Module-level probe functions: tensor-parallel ranks unpickle them in their own processes.
+def last_rms(x, hp):
+    """RMS of the last position of each sequence"""
+    return x[:, -1].double().pow(2).mean(-1).sqrt()
+
+
+def positive_count(x, hp):
+    return int((x > 0).sum())
+
+
+def top_token(logits, hp):
+    return logits[:, -1].argmax(-1)
+
+
+def sum_of_squares(x, hp):
+    return float(x.double().pow(2).sum())
+
+
+def grows_a_dim(x, hp):
+    """Right shape until the fifth decode step, then one value too many."""
+    n = 2 if x.shape[1] == 1 and hp.name.startswith("layers.1") and _steps_seen(hp) > 5 else 1
+    return np.zeros(n)
+
+
+_SEEN: dict = {}
+
+
+def _steps_seen(hp) -> int:
+    _SEEN[hp.name] = _SEEN.get(hp.name, 0) + 1
+    return _SEEN[hp.name]
+
+
+PROBES = [
+    UserProbe("resid_rms", RESID, last_rms, dims=("seq",), dtype="float64"),
+    UserProbe("act_positive", "layers.*.mlp.act.pre", positive_count, dtype="int64"),
+    UserProbe("top_token", "logits", top_token, dims=("seq",), dtype="int64"),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("user_probe_model")
+    save_llama(Llama(LlamaConfig(**CFG)), path, ByteTokenizer(bos_id=256, eos_id=None))
+    return path
+
+
+@pytest.fixture(scope="module")
+def recorded(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("user_traces") / "u.zarr"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Recorder, "max_batch_steps", 7)  # several decode batches, the last one short
+        result = run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=STEPS, record=str(path),
+                             device="cpu", user_probes=PROBES))
+    return path, result
+
+
+def _reference(model_dir):
+    """The same generation without recording, its tensors kept by plain listeners."""
+    model = load_llama(model_dir)
+    tok = ByteTokenizer(bos_id=256, eos_id=None)
+    resid, act = {}, {}
+    step = []
+
+    def keep(store):
+        return lambda x, hp: store.setdefault(len(step), {}).__setitem__(hp.layer, x.clone())
+
+    with model.listening(RESID, keep(resid)), model.listening("layers.*.mlp.act.pre", keep(act)):
+        generate(model, [tok.encode(p) for p in PROMPTS], STEPS, on_step=lambda ev: step.append(ev.step))
+    return resid, act
+
+
+def test_user_probe_values_equal_the_tensors_they_reduce(recorded, model_dir):
+    path, result = recorded
+    tr = open_trace(path)
+    assert tr.status == "complete" and tr.n_steps == STEPS
+    user = tr.user
+    assert set(user.data_vars) == {"resid_rms", "act_positive", "top_token"}
+    assert user["resid_rms"].dims == ("step", "resid_rms_hook", "rank", "seq")
+    assert list(user["resid_rms_hook"].values) == ["layers.0.mlp_allreduce.residual", "layers.1.mlp_allreduce.residual"]
+    assert user["resid_rms"].attrs["description"] == "RMS of the last position of each sequence"
+    resid, act = _reference(model_dir)
+    rms = user["resid_rms"].isel(rank=0).values  # [step, hook, seq]
+    pos = user["act_positive"].isel(rank=0).values  # [step, hook]
+    for s in range(STEPS):
+        for layer in range(2):
+            x = resid[s][layer][:, -1].double().numpy()
+            np.testing.assert_allclose(rms[s, layer], np.sqrt((x ** 2).mean(-1)), rtol=1e-5)  # one torch thread fewer
+            assert pos[s, layer] == int((act[s][layer] > 0).sum())
+    # The logits' argmax is what the greedy sampler chose: an independent record of the same thing.
+    top = user["top_token"].isel(rank=0, top_token_hook=0).values  # [step, seq]
+    np.testing.assert_array_equal(top, tr.tokens["chosen"].values.T)
+    np.testing.assert_array_equal(top.T, np.array(result.generated))
+
+
+def test_user_group_opens_with_plain_xarray(recorded):
+    path, _ = recorded
+    ds = xr.open_zarr(path, group="user", consolidated=False)
+    assert ds["act_positive"].dims == ("step", "act_positive_hook", "rank")
+    assert ds["act_positive"].dtype == np.int64 and int(ds["act_positive"].min()) >= 0
+    assert list(ds["top_token_hook"].values) == ["logits"]
+    assert ds.sizes["step"] == STEPS and ds.sizes["seq"] == len(PROMPTS)
+
+
+def test_tp2_user_probe_values_sum_to_tp1(model_dir, tmp_path):
+    """Each rank records what it sees: its columns' sum of squares adds up to the whole layer's."""
+    probe = UserProbe("act_sq", "layers.*.mlp.act.pre", sum_of_squares, dtype="float64")
+    traces = {}
+    for tp in (1, 2):
+        path = tmp_path / f"tp{tp}.zarr"
+        run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=12, record=str(path), device="cpu",
+                    tp=tp, user_probes=[probe]))
+        traces[tp] = open_trace(path).user["act_sq"].values  # [step, hook, rank]
+    assert traces[2].shape == (12, 2, 2) and not np.isnan(traces[2]).any()
+    assert (traces[2] > 0).all()  # both ranks wrote their own region
+    np.testing.assert_allclose(traces[2].sum(axis=2), traces[1][:, :, 0], rtol=1e-5)
+
+
+def test_user_probe_on_perceiver_ar(tmp_path):
+    torch.manual_seed(0)
+    cfg = dict(d_model=32, n_latents=6, n_heads=4, n_kv_heads=2, n_self_layers=1, n_repeats=2, d_ff=64,
+               max_seq_len=64, eos_id=None)
+    save_perceiver(PerceiverAR(PerceiverConfig(**cfg)), tmp_path / "m")
+    probe = UserProbe("logit_top", "logits", top_token, dims=("seq",), dtype="int64")
+    result = run(RunSpec(model=str(tmp_path / "m"), prompts=PROMPTS, max_new_tokens=8,
+                         record=str(tmp_path / "p.zarr"), device="cpu", user_probes=[probe]))
+    top = open_trace(tmp_path / "p.zarr").user["logit_top"].values[:, 0, 0]  # [step, seq]
+    np.testing.assert_array_equal(top.T, np.array(result.generated))
+
+
+@pytest.mark.parametrize("probe, message", [
+    (UserProbe("bad name", RESID, last_rms), "is not a Python identifier"),
+    (UserProbe("p", "layers.*.nothing_here", last_rms), "no hook point matches"),
+    (UserProbe("p", RESID, last_rms, dims=("width",)), "dim 'width' needs a size"),
+    (UserProbe("p", RESID, last_rms, dims=("seq",), shape=(2, 3)), "has 2 sizes for 1 dims"),
+    (UserProbe("p", RESID, last_rms, dims=("seq",), shape=(5,)), "the run has 2 sequences"),
+    (UserProbe("p", RESID, last_rms, dims=("step",), shape=(3,)), "is the trace's own"),
+    (UserProbe("p", RESID, last_rms, dtype="float16"), "dtype 'float16' is not one of"),
+    (UserProbe("p", RESID, "not a function"), "fn is not callable"),
+])
+def test_bad_user_probes_are_refused_before_the_trace_exists(model_dir, tmp_path, probe, message):
+    with pytest.raises(WorkbenchError, match=message) as err:
+        run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=3, record=str(tmp_path / "t.zarr"),
+                    device="cpu", user_probes=[probe]))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_two_probes_may_not_share_a_name_or_size_a_dim_differently(model_dir, tmp_path):
+    spec = dict(model=str(model_dir), prompts=PROMPTS, max_new_tokens=3, record=str(tmp_path / "t.zarr"),
+                device="cpu")
+    twice = UserProbe("p", RESID, last_rms, dims=("seq",))
+    with pytest.raises(WorkbenchError, match="two user probes are named 'p'"):
+        run(RunSpec(**spec, user_probes=[twice, twice]))
+    a = UserProbe("a", RESID, last_rms, dims=("width",), shape=(3,))
+    b = UserProbe("b", RESID, last_rms, dims=("width",), shape=(4,))
+    with pytest.raises(WorkbenchError, match="give dim 'width' different sizes"):
+        run(RunSpec(**spec, user_probes=[a, b]))
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_a_probe_returning_the_wrong_shape_fails_the_run_and_keeps_committed_steps(model_dir, tmp_path):
+    _SEEN.clear()
+    probe = UserProbe("grows", "layers.*.mlp.act.pre", grows_a_dim, dims=("one",), shape=(1,))
+    path = tmp_path / "f.zarr"
+    with pytest.raises(WorkbenchError, match=r"user probe 'grows' at layers\.1\.mlp\.act\.pre: fn returned "
+                                             r"shape \(2,\), declared \(1,\)"):
+        run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=20, record=str(path), device="cpu",
+                    user_probes=[probe]))
+    tr = open_trace(path)
+    assert tr.status == "failed" and "user probe 'grows'" in tr.error
+    assert tr.n_steps == 6  # steps 0-5 committed; step 6, where fn failed, never ended
+    values = tr.user["grows"].values
+    assert (values[:, :, 0, 0] == 0).all()  # every committed step holds what fn returned
+
+
+def test_user_arrays_round_trip_through_the_spec_and_must_be_in_the_store(tmp_path):
+    from workbench.trace.reader import TraceError
+    from workbench.trace.writer import create_store
+    import shutil
+    u = UserArraySpec(name="x", hooks=("a", "b"), dims=("seq", "w"), shape=(2, 3), dtype="int64", fn="m.f")
+    spec = TraceSpec(n_seq=2, max_steps=4, max_positions=8, n_layers=1, n_heads=1, user_arrays=(u,))
+    assert TraceSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(ValueError, match="dim 'seq' clashes"):
+        TraceSpec(n_seq=3, max_steps=4, max_positions=8, n_layers=1, n_heads=1, user_arrays=(u,))
+    create_store(tmp_path / "s.zarr", spec)
+    tr = open_trace(tmp_path / "s.zarr")
+    assert tr.user["x"].shape == (0, 2, 1, 2, 3) and tr.user.sizes["w"] == 3
+    shutil.rmtree(tmp_path / "s.zarr" / "user" / "x")
+    with pytest.raises(TraceError, match="missing array 'user/x'"):
+        open_trace(tmp_path / "s.zarr")

@@ -1,0 +1,162 @@
+"""Your own probes: a function on hook points whose values are recorded into the trace.
+
+A ``UserProbe`` names hook points (a glob or a list of globs) and a function
+``fn(tensor, hook_point)`` that reduces what flows there to values of a fixed shape. While a run
+is recorded, every rank calls it at each matching hook point and step, and the values land in the
+trace's group ``user``, array ``name``, with dims ``(step, {name}_hook, rank, *dims)``. The
+shape is declared up front because every array of a trace is created at full size before the
+first step. A probe only records: what ``fn`` returns never replaces the tensor (to change the
+model's computation use ``RunSpec.hooks``).
+
+Example::
+
+    def last_rms(x, hp):                # x: [batch, tokens, d_model]
+        return x[:, -1].pow(2).mean(-1).sqrt()
+
+    probe = UserProbe("resid_rms", "layers.*.mlp_allreduce.residual", last_rms, dims=("seq",))
+    run(RunSpec(record="runs/r.zarr", user_probes=[probe]))
+    open_trace("runs/r.zarr").user["resid_rms"]   # (step, resid_rms_hook, rank, seq)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.trace.schema import UserArraySpec
+
+DTYPES = ("float32", "float64", "int64")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+@dataclass(frozen=True)
+class UserProbe:
+    """A probe of your own (see the module docstring).
+
+    name: the trace array's name (a Python identifier).
+    hooks: hook point name or glob (``layers.*.mlp.act.pre``), or a list of them.
+    fn: ``fn(tensor, hook_point) -> values`` (a tensor, array or number) of ``shape``.
+    dims: names of the value dims; ``"seq"`` is the batch (its size is the number of prompts).
+    shape: sizes of the other dims, in order (None: only for ``"seq"``, which is sized for you).
+    dtype: float32, float64 or int64. Cells of steps and hook points that recorded nothing hold
+        NaN (-1 for int64).
+    description: what the values are (default: the first line of ``fn``'s docstring).
+    """
+
+    name: str
+    hooks: str | Sequence[str]
+    fn: Callable[[Any, Any], Any]
+    dims: Sequence[str] = ()
+    shape: Sequence[int | None] | None = None
+    dtype: str = "float32"
+    description: str = ""
+
+    def check(self) -> None:
+        """One-line errors for a declaration that cannot be recorded (before any store is made)."""
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise WorkbenchError(f"user probe name {self.name!r} is not a Python identifier")
+        if not callable(self.fn):
+            raise WorkbenchError(f"user probe {self.name!r}: fn is not callable")
+        if self.dtype not in DTYPES:
+            raise WorkbenchError(f"user probe {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        dims = tuple(self.dims)
+        if any(not isinstance(d, str) or not _NAME.match(d) for d in dims) or len(set(dims)) != len(dims):
+            raise WorkbenchError(f"user probe {self.name!r}: dims {dims} must be distinct identifiers")
+        reserved = {"step", "rank", f"{self.name}_hook"} & set(dims)
+        if reserved:
+            raise WorkbenchError(f"user probe {self.name!r}: dim {sorted(reserved)[0]!r} is the trace's own")
+        shape = self._shape()
+        if len(shape) != len(dims):
+            raise WorkbenchError(f"user probe {self.name!r}: shape {tuple(shape)} has {len(shape)} sizes "
+                                 f"for {len(dims)} dims {dims}")
+        for d, n in zip(dims, shape):
+            if n is None and d != "seq":
+                raise WorkbenchError(f"user probe {self.name!r}: dim {d!r} needs a size (only 'seq' is sized for you)")
+            if n is not None and (not isinstance(n, (int, np.integer)) or n < 1):
+                raise WorkbenchError(f"user probe {self.name!r}: size {n!r} of dim {d!r} must be an int >= 1")
+
+    def _shape(self) -> tuple[int | None, ...]:
+        if self.shape is None:  # undeclared: only "seq" dims can be sized
+            return tuple(None for _ in self.dims)
+        return tuple(self.shape)
+
+    def array_spec(self, hook_names: Sequence[str], n_seq: int) -> UserArraySpec:
+        """The trace array of this probe on a model whose matching hook points are ``hook_names``."""
+        shape = tuple(n_seq if n is None else int(n) for n in self._shape())
+        for d, n in zip(self.dims, shape):
+            if d == "seq" and n != n_seq:
+                raise WorkbenchError(f"user probe {self.name!r}: dim 'seq' has size {n}, but the run has "
+                                     f"{n_seq} sequences")
+        doc = (getattr(self.fn, "__doc__", None) or "").strip().splitlines()
+        return UserArraySpec(name=self.name, hooks=tuple(hook_names), dims=tuple(self.dims), shape=shape,
+                             dtype=self.dtype, description=self.description or (doc[0] if doc else ""),
+                             fn=_qualified_name(self.fn))
+
+
+def user_array_specs(probes: Sequence[UserProbe], model, n_seq: int) -> tuple[UserArraySpec, ...]:
+    """Check ``probes`` against ``model`` (globs that match nothing, clashing names and dims)."""
+    specs: list[UserArraySpec] = []
+    for probe in probes:
+        if not isinstance(probe, UserProbe):
+            raise WorkbenchError(f"user_probes takes UserProbe objects, got {type(probe).__name__}")
+        probe.check()
+        try:
+            hook_points = model.match_hook_points(list(probe.hooks) if not isinstance(probe.hooks, str)
+                                                  else probe.hooks)
+        except KeyError:
+            raise WorkbenchError(f"user probe {probe.name!r}: no hook point matches {probe.hooks!r} "
+                                 f"(see model.hook_points)") from None
+        specs.append(probe.array_spec([hp.name for hp in hook_points], n_seq))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise WorkbenchError(f"two user probes are named {dup!r}")
+    sizes: dict[str, tuple[int, str]] = {}
+    for s in specs:
+        for d, n in zip(s.dims, s.shape):
+            if d in sizes and sizes[d][0] != n:
+                raise WorkbenchError(f"user probes {sizes[d][1]!r} and {s.name!r} give dim {d!r} different "
+                                     f"sizes ({sizes[d][0]} and {n})")
+            sizes.setdefault(d, (n, s.name))
+    return tuple(specs)
+
+
+def _qualified_name(fn: Callable) -> str:
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    return f"{module}.{name}" if module and name else repr(fn)
+
+
+class UserValues:
+    """One probe's values of the current step on this rank, filled by its listeners."""
+
+    def __init__(self, spec: UserArraySpec, fn: Callable) -> None:
+        self.spec, self.fn = spec, fn
+        self.fill = -1 if spec.dtype == "int64" else np.nan
+        self.values: np.ndarray | None = None  # [hooks, *shape] once a hook point fired this step
+
+    def listener(self, hook: int) -> Callable:
+        """The listener of the probe's ``hook``-th hook point (it never replaces the tensor)."""
+        def keep(x, hp):
+            out = self.fn(x, hp)
+            if isinstance(out, torch.Tensor):
+                out = out.detach().cpu().numpy()
+            out = np.asarray(out)
+            if not np.can_cast(out.dtype, self.spec.dtype, casting="same_kind"):
+                raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name}: fn returned {out.dtype} "
+                                     f"values, declared {self.spec.dtype}")
+            if out.shape != self.spec.shape:
+                raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name}: fn returned shape "
+                                     f"{out.shape}, declared {self.spec.shape}")
+            if self.values is None:
+                self.values = np.full((len(self.spec.hooks), *self.spec.shape), self.fill, dtype=self.spec.dtype)
+            self.values[hook] = out
+        return keep
+
+    def take(self) -> np.ndarray | None:
+        """This step's values (None: no hook point fired); the next step starts empty."""
+        values, self.values = self.values, None
+        return values
