@@ -216,3 +216,26 @@ def test_user_arrays_round_trip_through_the_spec_and_must_be_in_the_store(tmp_pa
     shutil.rmtree(tmp_path / "s.zarr" / "user" / "x")
     with pytest.raises(TraceError, match="missing array 'user/x'"):
         open_trace(tmp_path / "s.zarr")
+
+
+def silence_mlp(y, hp):
+    return torch.zeros_like(y)
+
+
+def test_replay_warns_that_hooks_were_not_replayed_and_user_probes_change_nothing(recorded, model_dir, tmp_path):
+    import subprocess
+    import sys
+    path, _ = recorded
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "replay", str(path), "--verify"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "identical tokens" in out.stdout and "warning" not in out.stderr, out
+    hooked = tmp_path / "hooked.zarr"
+    run(RunSpec(model=str(model_dir), prompts=PROMPTS, max_new_tokens=STEPS, record=str(hooked), device="cpu",
+                hooks=[("layers.1.mlp.out", silence_mlp)]))
+    assert open_trace(hooked).metadata["hooks"] == [{"pattern": "layers.1.mlp.out",
+                                                     "fn": "test_user_probes.silence_mlp"}]
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "replay", str(hooked), "--verify"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "differs at step" in out.stdout, out
+    assert out.stderr.strip() == ("warning: the recorded run had hooks that may have changed its computation "
+                                  "(test_user_probes.silence_mlp on layers.1.mlp.out); the replay ran without them")

@@ -7,4 +7,8 @@ def __getattr__(name: str):
         from workbench.trace.reader import open_trace
 
         return open_trace
+    if name == "UserProbe":
+        from workbench.probes.user_probe import UserProbe
+
+        return UserProbe
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

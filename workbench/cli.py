@@ -297,6 +297,10 @@ def _cmd_replay(args) -> int:
     report = replay.verify(args.trace, model=args.model, tp=args.tp)
     if not report.checkpoint_matches:
         print("warning: the checkpoint differs from the one recorded (sha256 mismatch)", file=sys.stderr)
+    if report.hooks:
+        named = ", ".join(f"{h['fn']} on {h['pattern']}" for h in report.hooks)
+        print(f"warning: the recorded run had hooks that may have changed its computation ({named}); "
+              f"the replay ran without them", file=sys.stderr)
     print(report.summary())
     return 0 if report.ok else 1
 

@@ -16,6 +16,7 @@ class ReplayReport:
     recorded: list[list[int]]
     replayed: list[list[int]]
     checkpoint_matches: bool
+    hooks: list[dict]  # the recorded run's RunSpec.hooks (pattern, fn): the replay ran without them
 
     @property
     def ok(self) -> bool:
@@ -80,4 +81,4 @@ def verify(path: str | Path, model: str | None = None, tp: int | None = None) ->
         if first:
             break
     return ReplayReport(steps_checked=steps, first_difference=first, recorded=recorded, replayed=replayed,
-                        checkpoint_matches=matches)
+                        checkpoint_matches=matches, hooks=list(trace.metadata.get("hooks") or []))

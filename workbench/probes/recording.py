@@ -12,7 +12,7 @@ import workbench
 from workbench.errors import WorkbenchError
 from workbench.probes.recorder import Recorder
 from workbench.probes.selection import ProbeSelection
-from workbench.probes.user_probe import user_array_specs
+from workbench.probes.user_probe import qualified_name, user_array_specs
 from workbench.trace.writer import TraceWriter
 
 
@@ -49,6 +49,8 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
         "arm": spec.arm,
         "block_size": spec.block_size,
         "probes": selection.to_dict(),
+        # Listeners that may have changed the computation: a replay runs without them.
+        "hooks": [{"pattern": pattern, "fn": qualified_name(fn)} for pattern, fn in getattr(spec, "hooks", ())],
         "tokenizer": tok.to_dict() if hasattr(tok, "to_dict") else {},
         "host": platform.node(),
         "started_unix": time.time(),

@@ -94,7 +94,7 @@ class UserProbe:
         doc = (getattr(self.fn, "__doc__", None) or "").strip().splitlines()
         return UserArraySpec(name=self.name, hooks=tuple(hook_names), dims=tuple(self.dims), shape=shape,
                              dtype=self.dtype, description=self.description or (doc[0] if doc else ""),
-                             fn=_qualified_name(self.fn))
+                             fn=qualified_name(self.fn))
 
 
 def user_array_specs(probes: Sequence[UserProbe], model, n_seq: int) -> tuple[UserArraySpec, ...]:
@@ -125,7 +125,7 @@ def user_array_specs(probes: Sequence[UserProbe], model, n_seq: int) -> tuple[Us
     return tuple(specs)
 
 
-def _qualified_name(fn: Callable) -> str:
+def qualified_name(fn: Callable) -> str:
     module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     return f"{module}.{name}" if module and name else repr(fn)
 
