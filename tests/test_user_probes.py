@@ -239,3 +239,37 @@ def test_replay_warns_that_hooks_were_not_replayed_and_user_probes_change_nothin
     assert out.returncode == 1 and "differs at step" in out.stdout, out
     assert out.stderr.strip() == ("warning: the recorded run had hooks that may have changed its computation "
                                   "(test_user_probes.silence_mlp on layers.1.mlp.out); the replay ran without them")
+
+
+def test_your_probes_tab_shows_the_recorded_values(recorded, model_dir, tmp_path):
+    from workbench.views.dashboard import Dashboard
+    from workbench.views.user_probes import probe_values
+    path, _ = recorded
+    dash = Dashboard(path)
+    st = dash.state
+    assert dash._tab_views == ["attention", "kv_cache", "activations", "comm", "user", "run"]
+    dash.tabs.active = dash._tab_views.index("user")
+    view = dash.views["user"]
+    assert list(view.probe.options) == ["resid_rms", "act_positive", "top_token"] and view.probe.value == "resid_rms"
+    tr = open_trace(path)
+    st.seq = 1
+    lines = view.line_source.data
+    assert lines["step"] == list(range(STEPS))
+    want = tr.user["resid_rms"].values[:, :, 0, 1]  # [step, hook] of sequence 1, one rank
+    np.testing.assert_allclose(np.array([lines["h0"], lines["h1"]]).T, want, rtol=1e-6)
+    st.select_step(7)
+    assert view.cursor.location == 7 and "at step 7" in view.at_step.title.text
+    bars = view.step_source.data
+    assert bars["index"] == [0, 1] and bars["hook"] == list(tr.user["resid_rms_hook"].values)
+    np.testing.assert_allclose(bars["value"], want[7], rtol=1e-6)
+    assert view.at_step.xaxis.major_label_overrides == {0: "0", 1: "1"}  # what tells the hook points apart
+    view.probe.value = "act_positive"  # no seq dim, int64: counts per hook point
+    np.testing.assert_array_equal(np.array([view.line_source.data["h0"], view.line_source.data["h1"]]).T,
+                                  tr.user["act_positive"].values[:, :, 0])
+    view.combine.value = "sum"
+    np.testing.assert_array_equal(probe_values(tr, "act_positive", 0, 0, STEPS, "sum")[:, :, 0],
+                                  tr.user["act_positive"].values[:, :, 0])
+    assert not view._note.visible and not dash.error.visible
+    plain = tmp_path / "plain.zarr"
+    run(RunSpec(model=str(model_dir), prompts=["x"], max_new_tokens=2, record=str(plain), device="cpu"))
+    assert "user" not in Dashboard(plain)._tab_views

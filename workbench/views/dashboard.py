@@ -27,6 +27,7 @@ from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
 from workbench.views.tokens import TokensView
+from workbench.views.user_probes import UserProbesView
 
 # Views build their figures empty and draw when they have data (a background tab when first
 # shown, the comm view only under tensor parallelism): not worth a warning in the server log.
@@ -35,7 +36,7 @@ silence(MISSING_RENDERERS, True)
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
 TAB_TITLES = {"attention": "Attention", "perceiver": "Perceiver", "kv_cache": "KV cache",
-              "activations": "Activations", "comm": "Communication", "run": "Run"}
+              "activations": "Activations", "comm": "Communication", "user": "Your probes", "run": "Run"}
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
 
@@ -64,6 +65,7 @@ class Dashboard(pn.viewable.Viewer):
             "comm": CommView(self.state),
             "run": RunInfoView(self.state),
             "perceiver": PerceiverAttentionView(self.state),
+            "user": UserProbesView(self.state),
         }
         self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
         self._tab_views: list[str] = []
@@ -168,11 +170,14 @@ class Dashboard(pn.viewable.Viewer):
             sizing_mode="stretch_width")
 
     def _set_tabs(self, *events) -> None:
-        """The tabs this trace needs: Perceiver maps only for a Perceiver run."""
-        names = ["attention", "perceiver", "kv_cache", "activations", "comm", "run"]
+        """The tabs this trace needs: Perceiver maps only for a Perceiver run, user probes only for a
+        run that had some."""
+        names = ["attention", "perceiver", "kv_cache", "activations", "comm", "user", "run"]
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:
             names.remove("perceiver")
+        if tr is None or not tr.spec.user_arrays:
+            names.remove("user")
         if names != self._tab_views:
             shown = self._tab_views[self.tabs.active] if self._tab_views else "attention"
             self._tab_views = names
