@@ -273,3 +273,19 @@ def test_your_probes_tab_shows_the_recorded_values(recorded, model_dir, tmp_path
     plain = tmp_path / "plain.zarr"
     run(RunSpec(model=str(model_dir), prompts=["x"], max_new_tokens=2, record=str(plain), device="cpu"))
     assert "user" not in Dashboard(plain)._tab_views
+
+
+def test_notebook_widget_shows_your_probes_only_when_the_run_had_some(recorded, synthetic_path):
+    from workbench.notebook import TraceWidget
+    path, _ = recorded
+    widget = TraceWidget(path)
+    assert "user" in widget.views and widget.views["user"].probe.value == "resid_rms"
+    assert "user" not in TraceWidget(synthetic_path).views
+
+
+@pytest.fixture(scope="module")
+def synthetic_path(tmp_path_factory):
+    from workbench.trace.synthetic import write_synthetic_trace
+    path = tmp_path_factory.mktemp("synthetic") / "s.zarr"
+    write_synthetic_trace(path, n_steps=4, n_layers=2, n_heads=2)
+    return path

@@ -38,6 +38,7 @@ from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
 from workbench.views.tokens import TokensView
+from workbench.views.user_probes import UserProbesView
 
 # The dashboard's views by name, with their tab titles ("tokens" sits above the tabs).
 VIEWS: dict[str, tuple[type, str]] = {
@@ -46,6 +47,7 @@ VIEWS: dict[str, tuple[type, str]] = {
     "kv_cache": (KVCacheView, "KV cache"),
     "activations": (ActivationsView, "Activations"),
     "comm": (CommView, "Communication"),
+    "user": (UserProbesView, "Your probes"),
     "run": (RunInfoView, "Run"),
     "perceiver": (PerceiverAttentionView, "Perceiver AR"),
 }
@@ -114,7 +116,7 @@ class TraceWidget:
             exist yet (a live run): the widget waits for it while following.
         views: which views to show, from ``VIEWS`` (default: all, tokens above tabs of the others;
             "perceiver" only when the trace has Perceiver cross-attention, "attention" only when it
-            has self-attention maps).
+            has self-attention maps, "user" only when it has user probes).
         state: share a ``TraceState`` with other widgets (default: a new one).
 
     Attributes:
@@ -142,6 +144,8 @@ class TraceWidget:
                 names.remove("perceiver")
             if not trace_now.spec.attention_layers:
                 names.remove("attention")
+            if not trace_now.spec.user_arrays:
+                names.remove("user")
         self.views = {name: VIEWS[name][0](self.state) for name in names}
         self._syncing = False
         self._task: asyncio.Task | None = None
