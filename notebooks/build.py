@@ -120,6 +120,45 @@ assert int(kv["tokens"][-1]) == len(trace.token_ids(0)) - 1   # every position b
 TraceWidget(trace, views=["kv_cache"])
 '''),
     md('''
+## Your own probe
+
+A `UserProbe` is a function on hook points (names or globs such as `layers.*.attn.pattern`;
+`model.hook_points` lists them all) whose values are recorded into the trace beside the built-in
+probes, per step, hook point and rank, in group `user`. Here: the entropy of each head's newest
+attention row, a number per head per step that the built-in probes do not keep.
+'''),
+    code('''
+import torch
+
+from workbench import UserProbe
+
+
+def attention_entropy(p, hp):
+    """Entropy of each head's newest attention row (nats), sequence 0"""
+    row = p[0, :, -1].double()                               # [heads, keys]
+    return -(row * torch.log(row.clamp_min(1e-30))).sum(-1)
+
+
+probe = UserProbe("attn_entropy", "layers.*.attn.pattern", attention_entropy,
+                  dims=("head",), shape=(trace.spec.n_heads,), dtype="float64")
+probed = generate_live(model=MODEL, prompts=["def fibonacci(n):\\n"], max_new_tokens=32,
+                       record=str(RUNS / "probe.zarr"), user_probes=[probe], views=["tokens", "user"])
+'''),
+    code('''
+probed.wait()
+ent = probed.trace.user["attn_entropy"].isel(rank=0)           # (step, attn_entropy_hook, head)
+print(ent.mean("head").to_pandas().round(3).iloc[[0, 1, 2, -1]])
+
+# The same entropies from the attention maps the trace recorded anyway (float16: loose tolerance).
+t, stops = probed.trace, probed.trace.tokens["query_stop"].values[0]
+for step in (0, 5, 31):
+    q = int(stops[step]) - 1                                 # the step's newest query row
+    maps = t.attention["weights"].values[0, :, :, q, : q + 1].astype(np.float64)  # [layer, head, keys]
+    recomputed = -(maps * np.log(np.clip(maps, 1e-30, None))).sum(-1)
+    assert np.allclose(recomputed, ent.values[step], atol=2e-2), (step, recomputed, ent.values[step])
+print("the probe's entropies match the recorded maps")
+'''),
+    md('''
 ## The whole dashboard in a cell
 
 `show_dashboard` is the served dashboard (sidebar, every view, the live clock) inline.
