@@ -173,7 +173,7 @@ def test_bad_user_probes_are_refused_before_the_trace_exists(model_dir, tmp_path
     assert not (tmp_path / "t.zarr").exists()
 
 
-def test_two_probes_may_not_share_a_name_or_size_a_dim_differently(model_dir, tmp_path):
+def test_probes_may_not_share_a_name_size_a_dim_differently_or_name_a_dim(model_dir, tmp_path):
     spec = dict(model=str(model_dir), prompts=PROMPTS, max_new_tokens=3, record=str(tmp_path / "t.zarr"),
                 device="cpu")
     twice = UserProbe("p", RESID, last_rms, dims=("seq",))
@@ -183,6 +183,10 @@ def test_two_probes_may_not_share_a_name_or_size_a_dim_differently(model_dir, tm
     b = UserProbe("b", RESID, last_rms, dims=("width",), shape=(4,))
     with pytest.raises(WorkbenchError, match="give dim 'width' different sizes"):
         run(RunSpec(**spec, user_probes=[a, b]))
+    with pytest.raises(WorkbenchError, match="user probe 'width': its name is also a dim of group user"):
+        run(RunSpec(**spec, user_probes=[a, UserProbe("width", RESID, last_rms)]))
+    with pytest.raises(WorkbenchError, match="user probe 'b': dim 'a_hook' is the trace's own"):
+        run(RunSpec(**spec, user_probes=[a, UserProbe("b", RESID, last_rms, dims=("a_hook",), shape=(2,))]))
     assert not (tmp_path / "t.zarr").exists()
 
 
@@ -208,7 +212,7 @@ def test_user_arrays_round_trip_through_the_spec_and_must_be_in_the_store(tmp_pa
     u = UserArraySpec(name="x", hooks=("a", "b"), dims=("seq", "w"), shape=(2, 3), dtype="int64", fn="m.f")
     spec = TraceSpec(n_seq=2, max_steps=4, max_positions=8, n_layers=1, n_heads=1, user_arrays=(u,))
     assert TraceSpec.from_dict(spec.to_dict()) == spec
-    with pytest.raises(ValueError, match="dim 'seq' clashes"):
+    with pytest.raises(ValueError, match="dim 'seq' has size 2, but the run has 3 sequences"):
         TraceSpec(n_seq=3, max_steps=4, max_positions=8, n_layers=1, n_heads=1, user_arrays=(u,))
     create_store(tmp_path / "s.zarr", spec)
     tr = open_trace(tmp_path / "s.zarr")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.trace.schema import UserArraySpec
+from workbench.trace.schema import UserArraySpec, user_group_problem
 
 DTYPES = ("float32", "float64", "int64")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -87,10 +87,6 @@ class UserProbe:
     def array_spec(self, hook_names: Sequence[str], n_seq: int) -> UserArraySpec:
         """The trace array of this probe on a model whose matching hook points are ``hook_names``."""
         shape = tuple(n_seq if n is None else int(n) for n in self._shape())
-        for d, n in zip(self.dims, shape):
-            if d == "seq" and n != n_seq:
-                raise WorkbenchError(f"user probe {self.name!r}: dim 'seq' has size {n}, but the run has "
-                                     f"{n_seq} sequences")
         doc = (getattr(self.fn, "__doc__", None) or "").strip().splitlines()
         return UserArraySpec(name=self.name, hooks=tuple(hook_names), dims=tuple(self.dims), shape=shape,
                              dtype=self.dtype, description=self.description or (doc[0] if doc else ""),
@@ -98,7 +94,7 @@ class UserProbe:
 
 
 def user_array_specs(probes: Sequence[UserProbe], model, n_seq: int) -> tuple[UserArraySpec, ...]:
-    """Check ``probes`` against ``model`` (globs that match nothing, clashing names and dims)."""
+    """Check ``probes`` against ``model`` (globs that match nothing) and each other (names, dims)."""
     specs: list[UserArraySpec] = []
     for probe in probes:
         if not isinstance(probe, UserProbe):
@@ -111,17 +107,9 @@ def user_array_specs(probes: Sequence[UserProbe], model, n_seq: int) -> tuple[Us
             raise WorkbenchError(f"user probe {probe.name!r}: no hook point matches {probe.hooks!r} "
                                  f"(see model.hook_points)") from None
         specs.append(probe.array_spec([hp.name for hp in hook_points], n_seq))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise WorkbenchError(f"two user probes are named {dup!r}")
-    sizes: dict[str, tuple[int, str]] = {}
-    for s in specs:
-        for d, n in zip(s.dims, s.shape):
-            if d in sizes and sizes[d][0] != n:
-                raise WorkbenchError(f"user probes {sizes[d][1]!r} and {s.name!r} give dim {d!r} different "
-                                     f"sizes ({sizes[d][0]} and {n})")
-            sizes.setdefault(d, (n, s.name))
+    problem = user_group_problem(specs, n_seq)
+    if problem:
+        raise WorkbenchError(problem)
     return tuple(specs)
 
 

@@ -108,6 +108,34 @@ class UserArraySpec:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def user_group_problem(user_arrays: Sequence[UserArraySpec], n_seq: int) -> str | None:
+    """Why these user probes' arrays cannot share group `user`, in one line (None: they can).
+
+    The group is one xarray Dataset: a name is either one variable or one dim, and a dim has one
+    size; `seq` is the run's sequences.
+    """
+    names = [u.name for u in user_arrays]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        return f"two user probes are named {dup!r}"
+    own = {"step", "rank"} | {u.hook_dim for u in user_arrays}
+    dims = {d for u in user_arrays for d in u.dims}
+    sizes: dict[str, tuple[int, str]] = {}
+    for u in user_arrays:
+        if u.name in own | dims:
+            return f"user probe {u.name!r}: its name is also a dim of group user"
+        for d, n in zip(u.dims, u.shape):
+            if d in own:
+                return f"user probe {u.name!r}: dim {d!r} is the trace's own"
+            if d == "seq" and n != n_seq:
+                return f"user probe {u.name!r}: dim 'seq' has size {n}, but the run has {n_seq} sequences"
+            if d in sizes and sizes[d][0] != n:
+                return (f"user probes {sizes[d][1]!r} and {u.name!r} give dim {d!r} different sizes "
+                        f"({sizes[d][0]} and {n})")
+            sizes.setdefault(d, (n, u.name))
+    return None
+
+
 @dataclass(frozen=True)
 class ArrayLayout:
     """One Zarr array: its path inside its group, named dims, dtype, fill value and chunks."""
@@ -223,16 +251,12 @@ class TraceSpec:
             values = getattr(self, name)
             if len(set(values)) != len(values) or not values:
                 raise ValueError(f"{name} must be non-empty and unique, got {values}")
-        sizes: dict[str, int] = {"seq": self.n_seq}
-        names = [u.name for u in self.user_arrays]
-        if len(set(names)) != len(names):
-            raise ValueError(f"user array names must be unique, got {names}")
         for u in self.user_arrays:
             if not u.hooks or len(u.dims) != len(u.shape) or any(n < 1 for n in u.shape):
                 raise ValueError(f"user array {u.name!r}: needs hooks and one size >= 1 per dim")
-            for d, n in zip(u.dims, u.shape):
-                if sizes.setdefault(d, n) != n or d in ("step", "rank", u.hook_dim):
-                    raise ValueError(f"user array {u.name!r}: dim {d!r} clashes with another dim of group user")
+        problem = user_group_problem(self.user_arrays, self.n_seq)
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def for_generation(cls, prompt_positions: int, max_new_tokens: int, **kwargs: Any) -> TraceSpec:
