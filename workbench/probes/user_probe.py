@@ -6,7 +6,9 @@ is recorded, every rank calls it at each matching hook point and step, and the v
 trace's group ``user``, array ``name``, with dims ``(step, {name}_hook, rank, *dims)``. The
 shape is declared up front because every array of a trace is created at full size before the
 first step. A probe only records: what ``fn`` returns never replaces the tensor (to change the
-model's computation use ``RunSpec.hooks``).
+model's computation use ``RunSpec.hooks``). A probe on ``*.attn.pattern`` makes attention
+materialise its softmax weights for it (the fused kernel is skipped while it listens), and every
+value is copied to the host as it is taken, so keep ``fn``'s result small.
 
 Example::
 
