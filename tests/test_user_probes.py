@@ -293,3 +293,43 @@ def synthetic_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("synthetic") / "s.zarr"
     write_synthetic_trace(path, n_steps=4, n_layers=2, n_heads=2)
     return path
+
+
+PROBE_FILE = '''
+import torch
+from workbench import UserProbe
+
+
+def mean_abs(x, hp):
+    """Mean |activation| of the step's tokens"""
+    return float(x.abs().mean())
+
+
+probes = [UserProbe("mean_abs", "layers.*.mlp.act.pre", mean_abs)]
+'''
+
+
+def test_cli_records_user_probes_from_a_file_and_refuses_bad_references(model_dir, tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "myprobes.py").write_text(PROBE_FILE)
+    base = [sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir), "--prompt", "hi",
+            "--max-new-tokens", "6"]
+    out = subprocess.run([*base, "--tp", "2", "--record", str(tmp_path / "c.zarr"),
+                          "--user-probe", f"{tmp_path / 'myprobes.py'}:probes"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    values = open_trace(tmp_path / "c.zarr").user["mean_abs"]
+    assert values.dims == ("step", "mean_abs_hook", "rank") and values.shape == (6, 2, 2)
+    assert (values.values > 0).all()  # both ranks, every step and layer
+    for ref, message in [("nope_module:probes", "cannot import nope_module: ModuleNotFoundError"),
+                         (f"{tmp_path / 'myprobes.py'}:missing", "module myprobes has no 'missing'"),
+                         (f"{tmp_path / 'myprobes.py'}:mean_abs", "mean_abs is not a UserProbe or a list of them"),
+                         ("no-colon", "expected MODULE:NAME or FILE.py:NAME")]:
+        out = subprocess.run([*base, "--record", str(tmp_path / "bad.zarr"), "--user-probe", ref],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out
+        assert not (tmp_path / "bad.zarr").exists()
+    out = subprocess.run([*base, "--user-probe", "myprobes:probes"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 2 and "--user-probe records into a trace: add --record TRACE" in out.stderr

@@ -71,6 +71,9 @@ def _add_record_options(p) -> None:
     g.add_argument("--attention-layers", help="layers whose attention maps are recorded, e.g. 0-3 (default: all)")
     g.add_argument("--attention-heads", help="heads whose maps are recorded, e.g. 0,2,5 (default: all)")
     g.add_argument("--attention-steps", help="steps whose attention rows are recorded, e.g. 0-100 (default: all)")
+    g.add_argument("--user-probe", action="append", default=[], metavar="MODULE:NAME",
+                   help="record your own probe: a workbench.UserProbe (or a list of them) named NAME in an "
+                        "importable MODULE or a FILE.py; repeatable")
 
 
 def _spec_from_args(args):
@@ -89,6 +92,11 @@ def _spec_from_args(args):
         spec.record, spec.overwrite = args.record, args.overwrite
         spec.probes = ProbeSelection.parse(args.probes, args.attention_layers, args.attention_heads,
                                            args.attention_steps)
+    if args.user_probe:
+        if not args.record:
+            raise WorkbenchError("--user-probe records into a trace: add --record TRACE")
+        from workbench.probes.user_probe import load_user_probes
+        spec.user_probes = [p for ref in args.user_probe for p in load_user_probes(ref)]
     return spec
 
 

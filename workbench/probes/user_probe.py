@@ -115,6 +115,39 @@ def user_array_specs(probes: Sequence[UserProbe], model, n_seq: int) -> tuple[Us
     return tuple(specs)
 
 
+def load_user_probes(ref: str) -> list[UserProbe]:
+    """``module:name`` or ``path/to/file.py:name`` -> the UserProbe (or list of them) it names.
+
+    The module is imported as ``python -m`` would from the current directory; a file's directory
+    goes on ``sys.path`` (so tensor-parallel ranks can import the probe functions too).
+    """
+    import importlib
+    import sys
+    from pathlib import Path
+    module, sep, attr = ref.rpartition(":")
+    if not sep or not module or not attr:
+        raise WorkbenchError(f"--user-probe {ref!r}: expected MODULE:NAME or FILE.py:NAME")
+    if module.endswith(".py"):
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise WorkbenchError(f"--user-probe {ref!r}: no file {module}")
+        sys.path.insert(0, str(path.parent))
+        module = path.stem
+    elif "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's module, named in one line
+        raise WorkbenchError(f"--user-probe {ref!r}: cannot import {module}: {type(e).__name__}: {e}") from None
+    if not hasattr(mod, attr):
+        raise WorkbenchError(f"--user-probe {ref!r}: module {module} has no {attr!r}")
+    value = getattr(mod, attr)
+    probes = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not probes or not all(isinstance(p, UserProbe) for p in probes):
+        raise WorkbenchError(f"--user-probe {ref!r}: {attr} is not a UserProbe or a list of them")
+    return probes
+
+
 def qualified_name(fn: Callable) -> str:
     module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     return f"{module}.{name}" if module and name else repr(fn)
