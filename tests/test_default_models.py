@@ -41,6 +41,7 @@ def test_default_model_generates_python_and_keeps_its_reported_bits_per_byte(kin
     path = DEFAULTS[kind]
     report = json.loads((path / "train_report.json").read_text())
     assert report["model_kind"] == kind
+    assert report["train_config"]["out"] == f"data/models/{path.name}"  # no machine's absolute paths
     assert report["heldout_bits_per_byte"] < report["unigram_bits_per_byte"]
     if kind == "llama":
         assert report["heldout_bits_per_byte"] < 2.5
@@ -121,6 +122,7 @@ def test_train_and_save_writes_a_loadable_checkpoint(tmp_path, small_corpus, mon
     lines = []
     report = train_and_save(tiny(out=str(out), max_files=40), log=lines.append)
     saved = json.loads((out / "train_report.json").read_text())
+    assert saved["train_config"]["out"] == str(out)  # outside the project: kept as given
     assert saved["steps"] == 8 and saved["seed"] == 0 and saved["config"]["hidden_size"] == 32
     assert set(saved["best_heads"]) == {"previous_token", "induction"}
     assert np.array(saved["head_scores"]["induction"]).shape == (2, 4)

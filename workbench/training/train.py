@@ -242,7 +242,7 @@ def train(tc: TrainConfig, corpus: Corpus | None = None, log: Callable[[str], No
         "seed": tc.seed,
         "n_params": n_params,
         "config": model.cfg.to_hf_dict() if hasattr(model.cfg, "to_hf_dict") else asdict(model.cfg),
-        "train_config": asdict(tc),
+        "train_config": {**asdict(tc), "out": project_relative(tc.out)},
         "corpus": {"stdlib_root": str(corpus.root), "train_files": len(corpus.train_files),
                    "heldout_files": len(corpus.heldout_files), "train_tokens": int(corpus.train.size),
                    "heldout_tokens": int(corpus.heldout.size)},
@@ -259,6 +259,15 @@ def _progress_bar(tc: TrainConfig, budget: float | None):
     if tc.steps:
         return tqdm(total=tc.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
     return tqdm(total=int(budget), unit="s", file=sys.stderr, dynamic_ncols=True)
+
+
+def project_relative(path: str) -> str:
+    """``path`` relative to the project root when inside it: a shipped report names no machine's paths."""
+    from workbench.paths import PROJECT_ROOT
+    try:
+        return Path(path).resolve().relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def train_and_save(tc: TrainConfig, log: Callable[[str], None] = print) -> dict:
