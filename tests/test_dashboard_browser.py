@@ -42,7 +42,8 @@ sync_api = pytest.importorskip("playwright.sync_api")
 @pytest.fixture(scope="module")
 def traces(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
-    write_synthetic_trace(root / "replay", n_steps=40, n_layers=4, n_heads=4, world=2, perceiver=True, seed=3)
+    write_synthetic_trace(root / "replay", n_steps=40, n_layers=4, n_heads=4, world=2, perceiver=True, seed=3,
+                          user_probe=True)
     (root / "broken").mkdir()
     (root / "broken" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": '
                                                '{"format": "workbench-trace", "format_version": 1}}')
@@ -192,7 +193,8 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
     page.shot("attention")
     for tab, figure, shot in (("Perceiver", "perceiver-cross", "perceiver"), ("KV cache", "kv-mass", "kv_cache"),
                               ("Activations", "activations-by-layer", "activations"),
-                              ("Communication", "comm-timeline", "communication"), ("Run", None, "run")):
+                              ("Communication", "comm-timeline", "communication"),
+                              ("Your probes", "user-step", "your_probes"), ("Run", None, "run")):
         page.tab(tab)
         if figure:   # a background tab draws when it is shown
             page.wait_for(lambda figure=figure: "step 39" in (page.model_text(figure) or ""), f"{figure} to draw")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .schema import PerceiverSpec, TraceSpec
+from .schema import PerceiverSpec, TraceSpec, UserArraySpec
 from .stats import ActivationStats
 from .writer import TraceWriter
 
@@ -87,7 +87,7 @@ def write_synthetic_trace(path: str | os.PathLike, n_steps: int = 32, *, n_seq: 
                           attention_heads: Sequence[int] | None = None,
                           perceiver: bool = False, seed: int = 0, overwrite: bool = True,
                           finish: bool = True, flush_interval: float = 0.2,
-                          attention_dtype: str = "float16") -> Path:
+                          attention_dtype: str = "float16", user_probe: bool = False) -> Path:
     """Write a synthetic trace with every group filled, through the real TraceWriter.
 
     Args:
@@ -107,6 +107,7 @@ def write_synthetic_trace(path: str | os.PathLike, n_steps: int = 32, *, n_seq: 
         finish: close the writers with status "complete" (False leaves them "running").
         flush_interval: writer flush interval.
         attention_dtype: "float16" or "float32".
+        user_probe: add a user probe's array (`resid_rms`: per layer and sequence, group `user`).
 
     Returns:
         The store path.
@@ -119,7 +120,10 @@ def write_synthetic_trace(path: str | os.PathLike, n_steps: int = 32, *, n_seq: 
         n_kv_heads=n_kv_heads, world=world, top_k=top_k, attention_layers=attention_layers,
         attention_heads=attention_heads, attention_dtype=attention_dtype,
         perceiver=PerceiverSpec(n_latents=16, n_inputs=64, n_repeats=2, n_heads=2 * world)
-        if perceiver else None)
+        if perceiver else None,
+        user_arrays=(UserArraySpec("resid_rms", tuple(f"layers.{i}.mlp_allreduce.residual" for i in range(n_layers)),
+                                   dims=("seq",), shape=(n_seq,), description="RMS of the residual stream",
+                                   fn="synthetic"),) if user_probe else ())
     d_model, head_dim, block = 64 * n_heads, 64, 16
     prompt_ids = rng.integers(0, len(vocab), size=(n_seq, prompt_len))
     metadata = {
@@ -196,6 +200,9 @@ def write_synthetic_trace(path: str | os.PathLike, n_steps: int = 32, *, n_seq: 
                     step, _softmax(logits), input_position=np.where(inputs >= 0, inputs, -1)[None]
                     .repeat(n_seq, 0), latent_position=np.arange(q1 - p.n_latents, q1)[None]
                     .repeat(n_seq, 0).clip(-1))
+            if user_probe:  # the residual is the same on every rank; it grows with depth and wobbles
+                rms = (1 + np.arange(n_layers)[:, None]) * (1 + 0.1 * np.sin(step / 3 + np.arange(n_seq)))
+                w.write(step, "user/resid_rms", rms.astype(np.float32))
             w.end_step(step)
         t_wall += float(layer_time.sum(axis=(1, 2)).max())
     if finish:
