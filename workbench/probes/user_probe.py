@@ -68,9 +68,6 @@ class UserProbe:
         dims = tuple(self.dims)
         if any(not isinstance(d, str) or not _NAME.match(d) for d in dims) or len(set(dims)) != len(dims):
             raise WorkbenchError(f"user probe {self.name!r}: dims {dims} must be distinct identifiers")
-        reserved = {"step", "rank", f"{self.name}_hook"} & set(dims)
-        if reserved:
-            raise WorkbenchError(f"user probe {self.name!r}: dim {sorted(reserved)[0]!r} is the trace's own")
         shape = self._shape()
         if len(shape) != len(dims):
             raise WorkbenchError(f"user probe {self.name!r}: shape {tuple(shape)} has {len(shape)} sizes "

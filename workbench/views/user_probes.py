@@ -136,7 +136,6 @@ class UserProbesView(TraceView):
         other = [d for d in u.dims if d != "seq"]
         mean = f" (mean over {', '.join(other)})" if other else ""
         self.lines.title.text = f"{u.name} against step{mean} · {self.combine.value} over ranks"
-        self.step_source.data = {"index": [], **{f"h{i}": [] for i in range(len(u.hooks))}}
         single = math.prod(n for d, n in zip(u.dims, u.shape) if d != "seq") == 1
         if single:  # one bar per hook point, labelled by what tells the hook points apart
             self.step_source.data = {"index": [], "value": [], "color": [], "hook": []}
@@ -145,6 +144,7 @@ class UserProbesView(TraceView):
             self.at_step.xaxis.ticker = list(range(len(u.hooks)))
             self.at_step.xaxis.major_label_overrides = dict(enumerate(short_hook_names(u.hooks)))
         else:
+            self.step_source.data = {"index": [], **{f"h{i}": [] for i in range(len(u.hooks))}}
             for i, hook in enumerate(u.hooks):
                 self.at_step.line("index", f"h{i}", source=self.step_source, color=Category10_10[i % 10],
                                   line_width=2, legend_label=hook)
