@@ -39,6 +39,10 @@ def top_token(logits, hp):
     return logits[:, -1].argmax(-1)
 
 
+def first_three(x, hp):
+    return x[0, -1, :3]
+
+
 def sum_of_squares(x, hp):
     return float(x.double().pow(2).sum())
 
@@ -61,6 +65,7 @@ PROBES = [
     UserProbe("resid_rms", RESID, last_rms, dims=("seq",), dtype="float64"),
     UserProbe("act_positive", "layers.*.mlp.act.pre", positive_count, dtype="int64"),
     UserProbe("top_token", "logits", top_token, dims=("seq",), dtype="int64"),
+    UserProbe("first_three", RESID, first_three, dims=("width",), shape=(3,)),
 ]
 
 
@@ -102,7 +107,7 @@ def test_user_probe_values_equal_the_tensors_they_reduce(recorded, model_dir):
     tr = open_trace(path)
     assert tr.status == "complete" and tr.n_steps == STEPS
     user = tr.user
-    assert set(user.data_vars) == {"resid_rms", "act_positive", "top_token"}
+    assert set(user.data_vars) == {"resid_rms", "act_positive", "top_token", "first_three"}
     assert user["resid_rms"].dims == ("step", "resid_rms_hook", "rank", "seq")
     assert list(user["resid_rms_hook"].values) == ["layers.0.mlp_allreduce.residual", "layers.1.mlp_allreduce.residual"]
     assert user["resid_rms"].attrs["description"] == "RMS of the last position of each sequence"
@@ -114,6 +119,7 @@ def test_user_probe_values_equal_the_tensors_they_reduce(recorded, model_dir):
             x = resid[s][layer][:, -1].double().numpy()
             np.testing.assert_allclose(rms[s, layer], np.sqrt((x ** 2).mean(-1)), rtol=1e-5)  # one torch thread fewer
             assert pos[s, layer] == int((act[s][layer] > 0).sum())
+            np.testing.assert_allclose(user["first_three"].values[s, layer, 0], resid[s][layer][0, -1, :3], rtol=1e-5)
     # The logits' argmax is what the greedy sampler chose: an independent record of the same thing.
     top = user["top_token"].isel(rank=0, top_token_hook=0).values  # [step, seq]
     np.testing.assert_array_equal(top, tr.tokens["chosen"].values.T)
@@ -254,7 +260,8 @@ def test_your_probes_tab_shows_the_recorded_values(recorded, model_dir, tmp_path
     assert dash._tab_views == ["attention", "kv_cache", "activations", "comm", "user", "run"]
     dash.tabs.active = dash._tab_views.index("user")
     view = dash.views["user"]
-    assert list(view.probe.options) == ["resid_rms", "act_positive", "top_token"] and view.probe.value == "resid_rms"
+    assert list(view.probe.options) == ["resid_rms", "act_positive", "top_token", "first_three"]
+    assert view.probe.value == "resid_rms"
     tr = open_trace(path)
     st.seq = 1
     lines = view.line_source.data
@@ -273,6 +280,12 @@ def test_your_probes_tab_shows_the_recorded_values(recorded, model_dir, tmp_path
     view.combine.value = "sum"
     np.testing.assert_array_equal(probe_values(tr, "act_positive", 0, 0, STEPS, "sum")[:, :, 0],
                                   tr.user["act_positive"].values[:, :, 0])
+    view.probe.value = "first_three"  # three values per hook point: a line each over `width` at the step
+    three = tr.user["first_three"].values[:, :, 0]  # [step, hook, width]
+    assert view.step_source.data["index"] == [0, 1, 2] and view.at_step.xaxis.axis_label == "width"
+    np.testing.assert_allclose(view.step_source.data["h1"], three[7, 1], rtol=1e-6)
+    np.testing.assert_allclose(view.line_source.data["h0"], three[:, 0].mean(axis=1), rtol=1e-5)
+    assert "mean over width" in view.lines.title.text
     assert not view._note.visible and not dash.error.visible
     plain = tmp_path / "plain.zarr"
     run(RunSpec(model=str(model_dir), prompts=["x"], max_new_tokens=2, record=str(plain), device="cpu"))
