@@ -299,6 +299,21 @@ def test_writer_misuse_is_refused(tmp_path):
         TraceWriter.open(tmp_path / "t.zarr", rank=0, world=2)
 
 
+def test_a_failed_run_drops_its_unended_step_without_a_warning(tmp_path):
+    """The failing step's records go quietly (the trace says it failed); a clean close still warns."""
+    import warnings
+    w = TraceWriter(tmp_path / "f.zarr", small_spec(world=1))
+    w.write_timing(0, step_seconds=1.0)
+    w.end_step(0)
+    w.write_timing(1, step_seconds=1.0)  # the step that failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.fail("RuntimeError: boom")
+    assert w.writer_stats().dropped_records == 1
+    tr = open_trace(tmp_path / "f.zarr")
+    assert (tr.status, tr.error, tr.n_steps) == ("failed", "RuntimeError: boom", 1)
+
+
 def test_bounded_queue_blocks_instead_of_growing(tmp_path):
     spec = TraceSpec(n_seq=1, max_steps=40, max_positions=40, n_layers=2, n_heads=2)
     w = TraceWriter(tmp_path / "t.zarr", spec, flush_interval=10.0, max_queue_bytes=2_000)

@@ -211,6 +211,22 @@ def test_a_probe_returning_the_wrong_shape_fails_the_run_and_keeps_committed_ste
     assert (values[:, :, 0, 0] == 0).all()  # every committed step holds what fn returned
 
 
+def test_a_probe_that_raises_fails_the_run_with_a_one_line_error_naming_it(model_dir, tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "bad.py").write_text("from workbench import UserProbe\n"
+                                     "def f(x, hp):\n    return 1 / 0\n"
+                                     "probes = UserProbe('boom', 'logits', f)\n")
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir), "--prompt",
+                          "hi", "--max-new-tokens", "4", "--record", str(tmp_path / "b.zarr"),
+                          "--user-probe", f"{tmp_path / 'bad.py'}:probes"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out
+    assert out.stderr.strip().splitlines() == ["workbench: error: user probe 'boom' at logits raised "
+                                               "ZeroDivisionError: division by zero"], out.stderr
+    tr = open_trace(tmp_path / "b.zarr")
+    assert tr.status == "failed" and "ZeroDivisionError" in tr.error
+
+
 def test_user_arrays_round_trip_through_the_spec_and_must_be_in_the_store(tmp_path):
     from workbench.trace.reader import TraceError
     from workbench.trace.writer import create_store

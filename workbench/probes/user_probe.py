@@ -161,7 +161,12 @@ class UserValues:
     def listener(self, hook: int) -> Callable:
         """The listener of the probe's ``hook``-th hook point (it never replaces the tensor)."""
         def keep(x, hp):
-            out = self.fn(x, hp)
+            try:
+                out = self.fn(x, hp)
+            except Exception as e:  # the user's code: name it in one line, keep the cause chained
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name} raised {type(e).__name__}: "
+                                     f"{first}") from e
             if isinstance(out, torch.Tensor):
                 out = out.detach().cpu().numpy()
             out = np.asarray(out)

@@ -720,12 +720,14 @@ class TraceWriter:
     def fail(self, message: str) -> None:
         """Commit what was ended, then mark this rank and the trace as failed.
 
+        Records of the step that failed are dropped silently: the trace says it failed.
+
         Args:
             message: one-line error description stored in the trace.
         """
         if self._closed:
             return
-        self._stop_thread()
+        self._stop_thread(warn_dropped=False)
         self._closed = True
         self._set_status(STATUS_FAILED, message)
 
@@ -781,7 +783,7 @@ class TraceWriter:
             self._queued_bytes += nbytes
             self._stats.peak_queue_bytes = max(self._stats.peak_queue_bytes, self._queued_bytes)
 
-    def _stop_thread(self) -> None:
+    def _stop_thread(self, warn_dropped: bool = True) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
@@ -792,8 +794,9 @@ class TraceWriter:
             if dropped:
                 self._stats.dropped_records += dropped
                 self._records.clear()
-                warnings.warn(f"trace writer rank {self.rank}: dropped {dropped} records of "
-                              f"steps never ended (>= {self._ended})", stacklevel=3)
+                if warn_dropped:
+                    warnings.warn(f"trace writer rank {self.rank}: dropped {dropped} records of "
+                                  f"steps never ended (>= {self._ended})", stacklevel=3)
 
     def _run(self) -> None:
         last_flush = time.monotonic()
