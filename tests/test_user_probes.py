@@ -48,7 +48,7 @@ def sum_of_squares(x, hp):
 
 
 def grows_a_dim(x, hp):
-    """Right shape until the fifth decode step, then one value too many."""
+    """Right shape for the prefill and five decode steps, then (layer 1, step 6) one value too many."""
     n = 2 if x.shape[1] == 1 and hp.name.startswith("layers.1") and _steps_seen(hp) > 5 else 1
     return np.zeros(n)
 
