@@ -277,3 +277,25 @@ def test_recording_gives_the_writer_a_core_and_gives_it_back(model_dir):
         with a_core_left_for_the_writer(model):
             raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_the_prefill_is_reduced_by_the_worker_and_equals_the_generating_threads_reduction(model_dir, tmp_path,
+                                                                                          monkeypatch):
+    """A normal prefill ships its rows to the writer's worker; one above the cap is reduced in place."""
+    from workbench.probes import recorder as rec_module
+    from workbench.probes.recorder import Recorder
+    calls = []
+    real = rec_module.batched_stats
+    monkeypatch.setattr(rec_module, "batched_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = dict(model=str(model_dir), prompts=["hello world", "abc"], max_new_tokens=3, device="cpu",
+                probes=ProbeSelection.parse("activations"))
+    run(RunSpec(**spec, record=str(tmp_path / "shipped.zarr")))
+    assert calls == []  # nothing reduced on the generating thread
+    monkeypatch.setattr(Recorder, "max_shipped_prefill_values", 1)
+    run(RunSpec(**spec, record=str(tmp_path / "in_place.zarr")))
+    assert len(calls) == 1  # the prefill, in place
+    a, b = (open_trace(tmp_path / f"{n}.zarr").activations.isel(step=0) for n in ("shipped", "in_place"))
+    for name in ("hist_count", "value_count", "near_zero_count"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    for name in ("value_sum", "value_sumsq", "value_sum3", "value_sum4", "value_min", "value_max", "near_zero_eps"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-9, atol=1e-12, err_msg=name)

@@ -3,7 +3,8 @@
 Listeners, and the blocks' activation taps where the model has them (models/activation_taps.py),
 only keep references to the tensors they see (the model never modifies them in place), so the
 forward pass pays a Python call per subscribed hook point, or a list store per tapped site. The
-prefill (step 0) is reduced and queued at once. Decode steps are only kept (a few numbers,
+prefill (step 0) is queued at once, its activations as raw rows for the writer's worker process
+(reduced in place only above ``max_shipped_prefill_values``). Decode steps are only kept (a few numbers,
 references, and one copy of the step's activations into the batch's buffer) and handed to the
 writer in batches at most ``batch_seconds`` old: one region write per array per batch, and raw
 activation values that the writer's worker process turns into histograms and moments on another
@@ -199,6 +200,9 @@ class Recorder:
     max_batch_steps = 256
     # Decode steps with more activation values than this are reduced at once, on their device.
     max_shipped_values = 1 << 20
+    # A prefill with at most this many activation values (128 MB) is reduced by the writer's worker
+    # too, not on the generating thread (where it took several times the prefill itself).
+    max_shipped_prefill_values = 1 << 25
     # A batch holds at most this many bytes of activations (fewer steps for big models or batches).
     max_batch_value_bytes = 16 << 20
     batches_decode = True  # False: every step is reduced and queued as it ends
@@ -455,6 +459,8 @@ class Recorder:
             tensors.append(x)
         if not tensors or any(t.numel() == 0 for t in tensors):
             return
+        if step == 0 and self._ship_step_values(step, keys, tensors):
+            return
         eps = self._near_zero_eps(keys, tensors)
         stats = batched_stats(tensors, self.edges.to(tensors[0].device),
                               torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
@@ -468,6 +474,28 @@ class Recorder:
                                   near_zero=stats.near_zero[i])
             self.writer.write_activations(step, one, layer=layer, site=sites[s])
             self.writer.write(step, "activations/near_zero_eps", eps[i], layer=layer, site=sites[s])
+
+    def _ship_step_values(self, step: int, keys: list[tuple[int, int]], tensors: list[torch.Tensor]) -> bool:
+        """Hand one step's activations, every row of every (layer, site), to the writer's worker
+        to reduce, as decode batches are; False (nothing sent) if they are too many or their rows
+        differ."""
+        mats = [t.reshape(-1, t.shape[-1]) for t in tensors]  # [rows, width] each
+        if (sum(m.numel() for m in mats) > self.max_shipped_prefill_values
+                or any(m.shape[0] != mats[0].shape[0] for m in mats)):
+            return False
+        sites = self.spec.hist_sites
+        layers = np.array([k[0] for k in keys], dtype=np.int64)
+        site_ids = np.array([k[1] for k in keys], dtype=np.int64)
+        eps = np.full((1, len(keys)), float(self.spec.near_zero_eps))
+        arm_eps = self._arm_eps()
+        for i, (layer, s) in enumerate(keys):
+            if sites[s].startswith("mlp.act"):  # ARM's eps where it ran, else NaN: ARM's MAD rule in the worker
+                eps[0, i] = arm_eps.get(layer, np.nan)
+        values = torch.cat(mats, dim=1).float().cpu().numpy()
+        offsets = np.concatenate([[0], np.cumsum([m.shape[1] for m in mats])]).astype(np.int64)
+        self.writer.write_activation_values(step, step, values, np.full(len(values), step), offsets, layers,
+                                            site_ids, eps)
+        return True
 
     def _near_zero_eps(self, keys: list[tuple[int, int]], tensors: list[torch.Tensor]) -> list[float]:
         """The threshold of |a| < eps per (layer, site).
