@@ -277,3 +277,24 @@ def test_a_batch_buffer_is_reused_only_once_sent_and_then_by_the_next_recording(
     assert len(taken) == 6
     for name in ("hist_count", "value_count", "value_sum", "value_sumsq", "value_min", "value_max"):
         assert np.array_equal(first[name].values, second[name].values), name
+
+
+def test_batched_stats_in_column_slices_equals_numpy(monkeypatch):
+    """A long prefill is reduced a slice of columns at a time; slices change no count and no moment."""
+    from workbench.probes import recorder as rec_module
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 50) * 2, torch.randn(3, 50), torch.randn(7, 11), torch.randn(150)]
+    edges = torch.tensor(activation_bin_edges(), dtype=torch.float64)
+    eps = torch.tensor([0.01, 0.02, 0.03, 0.04], dtype=torch.float64)
+    whole = batched_stats(tensors, edges, eps)
+    monkeypatch.setattr(rec_module, "STATS_CHUNK_VALUES", 7)  # two same-size tensors: 3 columns a slice
+    sliced = batched_stats(tensors, edges, eps)
+    for i, t in enumerate(tensors):
+        x = t.double().numpy().reshape(-1)
+        ref = np.histogram(x, bins=edges.numpy())[0]
+        assert np.array_equal(whole.hist[i], ref) and np.array_equal(sliced.hist[i], ref)
+        for got in (whole, sliced):
+            assert got.count[i] == x.size and got.near_zero[i] == (np.abs(x) < float(eps[i])).sum()
+            assert got.min[i] == x.min() and got.max[i] == x.max()
+            np.testing.assert_allclose([got.sum[i], got.sumsq[i], got.sum3[i], got.sum4[i]],
+                                       [x.sum(), (x ** 2).sum(), (x ** 3).sum(), (x ** 4).sum()], rtol=1e-12)

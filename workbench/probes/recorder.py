@@ -69,29 +69,39 @@ def mad_thresholds(x: torch.Tensor, c: float = 0.13) -> torch.Tensor:
     return 1.4826 * mad * c
 
 
+# Values reduced at a time by `batched_stats`: bounds its float64 temporaries (32 MB each) however
+# long the prompt and wide the model (a long prefill of an 8B model holds ~10^9 values).
+STATS_CHUNK_VALUES = 1 << 22
+
+
 def batched_stats(tensors: Sequence[torch.Tensor], edges: torch.Tensor, eps: torch.Tensor) -> ActivationStats:
     """Histogram on fixed edges (bin i = [edges[i], edges[i+1])) and moments of each tensor.
 
     Tensors of one size are stacked into a matrix and reduced along its rows, so a step costs a few
-    ops per distinct width (MLP and model width), not per (layer, site).
+    ops per distinct width (MLP and model width), not per (layer, site); big ones a slice of
+    columns at a time.
     """
     n, n_bins = len(tensors), edges.numel() - 1
     hist = np.zeros((n, n_bins), dtype=np.int64)
     sums = np.zeros((n, 5), dtype=np.float64)
-    lo, hi = np.zeros(n), np.zeros(n)
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.numel(), []).append(i)
-    for idxs in groups.values():
-        x = torch.stack([tensors[i].reshape(-1) for i in idxs]).double()  # [k, numel]
-        k = x.shape[0]
-        idx = (torch.bucketize(x, edges, right=True) - 1).clamp_(0, n_bins - 1)
-        idx += torch.arange(k, device=x.device)[:, None] * n_bins
-        hist[idxs] = torch.bincount(idx.reshape(-1), minlength=k * n_bins).view(k, n_bins).cpu().numpy()
-        x2 = x * x
-        near = (x.abs() < eps[idxs][:, None]).sum(1, dtype=torch.float64)
-        sums[idxs] = torch.stack([x.sum(1), x2.sum(1), (x2 * x).sum(1), (x2 * x2).sum(1), near], 1).cpu().numpy()
-        lo[idxs], hi[idxs] = x.amin(1).cpu().numpy(), x.amax(1).cpu().numpy()
+    for numel, idxs in groups.items():
+        flat = [tensors[i].reshape(-1) for i in idxs]
+        k = len(idxs)
+        step = max(1, STATS_CHUNK_VALUES // k)
+        offset = torch.arange(k, device=flat[0].device)[:, None] * n_bins
+        for c0 in range(0, numel, step):
+            x = torch.stack([f[c0:c0 + step] for f in flat]).double()  # [k, columns]
+            idx = (torch.bucketize(x, edges, right=True) - 1).clamp_(0, n_bins - 1) + offset
+            hist[idxs] += torch.bincount(idx.reshape(-1), minlength=k * n_bins).view(k, n_bins).cpu().numpy()
+            x2 = x * x
+            near = (x.abs() < eps[idxs][:, None]).sum(1, dtype=torch.float64)
+            sums[idxs] += torch.stack([x.sum(1), x2.sum(1), (x2 * x).sum(1), (x2 * x2).sum(1), near], 1).cpu().numpy()
+            lo[idxs] = np.minimum(lo[idxs], x.amin(1).cpu().numpy())
+            hi[idxs] = np.maximum(hi[idxs], x.amax(1).cpu().numpy())
     count = np.array([t.numel() for t in tensors], dtype=np.int64)
     return ActivationStats(hist=hist, count=count, sum=sums[:, 0], sumsq=sums[:, 1], sum3=sums[:, 2],
                            sum4=sums[:, 3], min=lo, max=hi, near_zero=sums[:, 4].astype(np.int64))
@@ -510,7 +520,8 @@ class Recorder:
         pre = [i for i, (_, s) in enumerate(keys) if sites[s] == "mlp.act.pre"]
         if not pre:
             return eps
-        mad = mad_thresholds(torch.stack([tensors[i].reshape(-1) for i in pre])).tolist()
+        # One layer at a time: a long prefill's activations are too many to copy all at once.
+        mad = [float(mad_thresholds(tensors[i].reshape(1, -1))[0]) for i in pre]
         by_layer = {keys[i][0]: m for i, m in zip(pre, mad)}
         for layer, m in list(by_layer.items()):
             arm = getattr(getattr(self.model.layers[layer], "mlp", None), "redistribute", None)
