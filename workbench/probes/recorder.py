@@ -4,11 +4,11 @@ Listeners, and the blocks' activation taps where the model has them (models/acti
 only keep references to the tensors they see (the model never modifies them in place), so the
 forward pass pays a Python call per subscribed hook point, or a list store per tapped site. The
 prefill (step 0) is queued at once, its activations as raw rows for the writer's worker process
-(reduced in place only above ``max_shipped_prefill_values``). Decode steps are only kept (a few numbers,
-references, and one copy of the step's activations into the batch's buffer) and handed to the
-writer in batches at most ``batch_seconds`` old: one region write per array per batch, and raw
-activation values that the writer's worker process turns into histograms and moments on another
-core. A decode step on a small model takes about a millisecond; per-step tensor ops and writes
+(reduced in place only above ``max_shipped_prefill_values``). Decode steps are only kept (a few
+numbers, references, and one copy of the step's activations into the batch's buffer) and handed
+to the writer in batches at most ``batch_seconds`` old: one region write per array per batch, and
+raw activation values that the writer's worker process turns into histograms and moments on
+another core. A decode step on a small model takes about a millisecond; per-step tensor ops and writes
 would cost as much again. Nothing here communicates across ranks: each rank reduces its own
 heads, columns and timings and writes its own region.
 """
