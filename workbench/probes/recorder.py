@@ -8,9 +8,9 @@ prefill (step 0) is queued at once, its activations as raw rows for the writer's
 numbers, references, and one copy of the step's activations into the batch's buffer) and handed
 to the writer in batches at most ``batch_seconds`` old: one region write per array per batch, and
 raw activation values that the writer's worker process turns into histograms and moments on
-another core. A decode step on a small model takes about a millisecond; per-step tensor ops and writes
-would cost as much again. Nothing here communicates across ranks: each rank reduces its own
-heads, columns and timings and writes its own region.
+another core. A decode step on a small model takes about a millisecond; per-step tensor ops and
+writes would cost as much again. Nothing here communicates across ranks: each rank reduces its
+own heads, columns and timings and writes its own region.
 """
 from __future__ import annotations
 
