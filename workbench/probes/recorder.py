@@ -493,19 +493,28 @@ class Recorder:
         if (sum(m.numel() for m in mats) > self.max_shipped_prefill_values
                 or any(m.shape[0] != mats[0].shape[0] for m in mats)):
             return False
-        sites = self.spec.hist_sites
-        layers = np.array([k[0] for k in keys], dtype=np.int64)
-        site_ids = np.array([k[1] for k in keys], dtype=np.int64)
-        eps = np.full((1, len(keys)), float(self.spec.near_zero_eps))
-        arm_eps = self._arm_eps()
-        for i, (layer, s) in enumerate(keys):
-            if sites[s].startswith("mlp.act"):  # ARM's eps where it ran, else NaN: ARM's MAD rule in the worker
-                eps[0, i] = arm_eps.get(layer, np.nan)
+        layers, site_ids, eps = self._column_blocks(keys, step, step, {step: self._arm_eps()} if self._arms else {})
         values = torch.cat(mats, dim=1).float().cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum([m.shape[1] for m in mats])]).astype(np.int64)
         self.writer.write_activation_values(step, step, values, np.full(len(values), step), offsets, layers,
                                             site_ids, eps)
         return True
+
+    def _column_blocks(self, keys: Sequence[tuple[int, int]], first: int, last: int,
+                       arm_eps: dict[int, dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer and site of each column block of shipped values, and their near-zero thresholds
+        for steps first..last [steps, blocks]: the spec's fixed one; at the MLP activation sites
+        ARM's eps of the step (``arm_eps``: step -> layer -> eps) where it ran, else NaN, for
+        which the worker applies ARM's MAD rule on mlp.act.pre."""
+        sites = self.spec.hist_sites
+        layers = np.array([k[0] for k in keys], dtype=np.int64)
+        site_ids = np.array([k[1] for k in keys], dtype=np.int64)
+        eps = np.full((last - first + 1, len(keys)), float(self.spec.near_zero_eps))
+        cols = np.flatnonzero([sites[s].startswith("mlp.act") for s in site_ids])
+        eps[:, cols] = np.nan
+        for step, by_layer in arm_eps.items():
+            eps[step - first, cols] = [by_layer.get(int(layers[c]), np.nan) for c in cols]
+        return layers, site_ids, eps
 
     def _near_zero_eps(self, keys: list[tuple[int, int]], tensors: list[torch.Tensor]) -> list[float]:
         """The threshold of |a| < eps per (layer, site).
@@ -520,8 +529,10 @@ class Recorder:
         pre = [i for i, (_, s) in enumerate(keys) if sites[s] == "mlp.act.pre"]
         if not pre:
             return eps
-        # One layer at a time: a long prefill's activations are too many to copy all at once.
-        mad = [float(mad_thresholds(tensors[i].reshape(1, -1))[0]) for i in pre]
+        if sum(tensors[i].numel() for i in pre) <= STATS_CHUNK_VALUES:  # one op for all layers
+            mad = mad_thresholds(torch.stack([tensors[i].reshape(-1) for i in pre])).tolist()
+        else:  # a long prefill: a layer at a time, not a copy of every layer's values
+            mad = [float(mad_thresholds(tensors[i].reshape(1, -1))[0]) for i in pre]
         by_layer = {keys[i][0]: m for i, m in zip(pre, mad)}
         for layer, m in list(by_layer.items()):
             arm = getattr(getattr(self.model.layers[layer], "mlp", None), "redistribute", None)
@@ -695,18 +706,9 @@ class Recorder:
         kept = [st for st in steps if st.values]
         if not kept:
             return
-        sites = self.spec.hist_sites
-        layers = np.array([k[0] for k in self._value_keys], dtype=np.int64)
-        site_ids = np.array([k[1] for k in self._value_keys], dtype=np.int64)
         first, last = steps[0].step, steps[-1].step
-        eps = np.full((last - first + 1, len(layers)), float(self.spec.near_zero_eps))
-        mlp = np.array([sites[s].startswith("mlp.act") for s in site_ids])
-        # ARM's own eps where it ran; NaN: the worker applies ARM's MAD rule on mlp.act.pre
-        eps[:, mlp] = np.nan
-        if self._arms:
-            cols = np.flatnonzero(mlp)
-            arm = [[st.arm_eps.get(int(layers[c]), np.nan) for c in cols] for st in kept]
-            eps[np.ix_([st.step - first for st in kept], cols)] = np.array(arm, dtype=np.float64).reshape(len(kept), -1)
+        layers, site_ids, eps = self._column_blocks(self._value_keys, first, last,
+                                                    {st.step: st.arm_eps for st in kept if st.arm_eps is not None})
         buffer, rows = self._values, self._value_rows
         self._values, self._value_rows, self._values_kept = None, (), 0
         values = buffer[:len(kept)].reshape(len(kept) * buffer.shape[1], -1)  # [steps * b, width]; kept in order
