@@ -9,7 +9,7 @@ from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
 from workbench.models.perceiver import PerceiverAR, PerceiverConfig
 from workbench.probes.recorder import Recorder
-from workbench.probes.user_probe import UserProbe
+from workbench.probes.user_probe import UserProbe, UserValues
 from workbench.runtime.checkpoint import load_llama, save_llama
 from workbench.runtime.generate import generate
 from workbench.runtime.perceiver_checkpoint import save_perceiver
@@ -362,3 +362,29 @@ def test_cli_records_user_probes_from_a_file_and_refuses_bad_references(model_di
     out = subprocess.run([*base, "--user-probe", "myprobes:probes"], capture_output=True, text=True, timeout=300,
                          cwd=tmp_path)
     assert out.returncode == 2 and "--user-probe records into a trace: add --record TRACE" in out.stderr
+
+
+def test_tensor_values_are_kept_as_copies_and_moved_to_the_host_per_batch():
+    """A returned tensor is kept as a detached copy (not a view that pins the activation or sees it
+    change), in its own dtype, until the batch's values go to the host together, cast to the
+    declared dtype, with the fill where a hook point did not fire."""
+    from types import SimpleNamespace
+    spec = UserArraySpec(name="v", hooks=("a", "b"), dims=("w",), shape=(3,), dtype="float32", fn="t")
+    values = UserValues(spec, lambda x, hp: x[0, :3] if hp.name == "a" else x[1, :3].bfloat16())
+    x = torch.arange(12.0).reshape(2, 6)
+    values.listener(0)(x, SimpleNamespace(name="a"))
+    first = values.take()
+    assert isinstance(first[0], torch.Tensor) and first[0]._base is None and first[1] is None
+    x += 100  # the model's next step: what was kept does not change
+    values.listener(1)(x, SimpleNamespace(name="b"))
+    third = values.take()
+    assert third[1].dtype == torch.bfloat16 and values.take() is None
+    out = values.to_array([first, None, third])
+    assert out.shape == (3, 2, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[0, 0], [0, 1, 2])
+    np.testing.assert_array_equal(out[2, 1], [106, 107, 108])
+    assert np.isnan(out[0, 1]).all() and np.isnan(out[1]).all() and np.isnan(out[2, 0]).all()
+    ints = UserValues(UserArraySpec(name="n", hooks=("a",), dims=(), shape=(), dtype="int64", fn="t"),
+                      lambda x, hp: x.sum())
+    with pytest.raises(WorkbenchError, match=r"user probe 'n' at a: fn returned float32 values, declared int64"):
+        ints.listener(0)(x, SimpleNamespace(name="a"))

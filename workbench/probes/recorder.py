@@ -125,7 +125,7 @@ class _DecodeStep:
     wall: float
     cand_ids: torch.Tensor | None
     cand_probs: torch.Tensor | None
-    user: list | None  # per user probe, its values [hooks, *shape] (None: none fired); None: no probes
+    user: list | None  # per user probe, what its hook points returned (UserValues.take); None: no probes
 
 
 def part_seconds(stamps_ns: np.ndarray, comm_seconds: np.ndarray, parts: Sequence[str]) -> np.ndarray:
@@ -413,7 +413,7 @@ class Recorder:
         for user in self._user:
             values = user.take()
             if values is not None:
-                w.write(step, f"user/{user.spec.name}", values)
+                w.write(step, f"user/{user.spec.name}", user.to_array([values])[0])
         self.finished = list(event.finished)
         self._patterns.clear()
         self._acts.clear()
@@ -695,11 +695,8 @@ class Recorder:
         """Each user probe's values of the batch's steps, one write per probe."""
         for i, user in enumerate(self._user):
             values = [st.user[i] for st in steps]
-            if all(v is None for v in values):
-                continue
-            empty = np.full((len(user.spec.hooks), *user.spec.shape), user.fill, dtype=user.spec.dtype)
-            stacked = np.stack([empty if v is None else v for v in values])
-            self.writer.write(steps[0].step, f"user/{user.spec.name}", stacked, n_steps=len(steps))
+            if any(v is not None for v in values):
+                self.writer.write(steps[0].step, f"user/{user.spec.name}", user.to_array(values), n_steps=len(steps))
 
     def _queue_activation_values(self, steps: list[_DecodeStep]) -> None:
         """Raw values of every (step, layer, site), shipped to the writer's worker to reduce."""

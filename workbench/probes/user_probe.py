@@ -7,8 +7,9 @@ trace's group ``user``, array ``name``, with dims ``(step, {name}_hook, rank, *d
 shape is declared up front because every array of a trace is created at full size before the
 first step. A probe only records: what ``fn`` returns never replaces the tensor (to change the
 model's computation use ``RunSpec.hooks``). A probe on ``*.attn.pattern`` makes attention
-materialise its softmax weights for it (the fused kernel is skipped while it listens), and every
-value is copied to the host as it is taken, so keep ``fn``'s result small.
+materialise its softmax weights for it (the fused kernel is skipped while it listens). A tensor
+``fn`` returns is copied where it is and reaches the host with its batch of decode steps (one
+transfer, not one per call); keep it small, as every step's value is kept until then.
 
 Example::
 
@@ -151,12 +152,17 @@ def qualified_name(fn: Callable) -> str:
 
 
 class UserValues:
-    """One probe's values of the current step on this rank, filled by its listeners."""
+    """One probe's values of the current step on this rank, filled by its listeners.
+
+    A tensor that ``fn`` returns stays on its device (a detached copy) until the recorder queues
+    the step's batch, then the batch moves to the host at once: copying each value as it comes
+    would make every listener call wait for the device.
+    """
 
     def __init__(self, spec: UserArraySpec, fn: Callable) -> None:
         self.spec, self.fn = spec, fn
         self.fill = -1 if spec.dtype == "int64" else np.nan
-        self.values: np.ndarray | None = None  # [hooks, *shape] once a hook point fired this step
+        self.values: list | None = None  # per hook point, what fn returned this step (None: not fired)
 
     def listener(self, hook: int) -> Callable:
         """The listener of the probe's ``hook``-th hook point (it never replaces the tensor)."""
@@ -168,20 +174,52 @@ class UserValues:
                 raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name} raised {type(e).__name__}: "
                                      f"{first}") from e
             if isinstance(out, torch.Tensor):
-                out = out.detach().cpu().numpy()
-            out = np.asarray(out)
-            if not np.can_cast(out.dtype, self.spec.dtype, casting="same_kind"):
-                raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name}: fn returned {out.dtype} "
+                dtype, shape = _numpy_kind(out.dtype), tuple(out.shape)
+                out = out.detach().clone()  # not a view that would keep the activation alive
+            else:
+                out = np.asarray(out)
+                dtype, shape = out.dtype, out.shape
+            if not np.can_cast(dtype, self.spec.dtype, casting="same_kind"):
+                raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name}: fn returned {dtype} "
                                      f"values, declared {self.spec.dtype}")
-            if out.shape != self.spec.shape:
+            if shape != self.spec.shape:
                 raise WorkbenchError(f"user probe {self.spec.name!r} at {hp.name}: fn returned shape "
-                                     f"{out.shape}, declared {self.spec.shape}")
+                                     f"{shape}, declared {self.spec.shape}")
             if self.values is None:
-                self.values = np.full((len(self.spec.hooks), *self.spec.shape), self.fill, dtype=self.spec.dtype)
+                self.values = [None] * len(self.spec.hooks)
             self.values[hook] = out
         return keep
 
-    def take(self) -> np.ndarray | None:
-        """This step's values (None: no hook point fired); the next step starts empty."""
+    def take(self) -> list | None:
+        """This step's values per hook point (None: no hook point fired); the next step starts empty."""
         values, self.values = self.values, None
         return values
+
+    def to_array(self, steps: Sequence[list | None]) -> np.ndarray:
+        """[steps, hooks, *shape] from what ``take`` returned at each step, on the host, with the
+        fill value where a hook point did not fire: one device-to-host copy for all tensors."""
+        out = np.full((len(steps), len(self.spec.hooks), *self.spec.shape), self.fill, dtype=self.spec.dtype)
+        where, tensors = [], []
+        for i, values in enumerate(steps):
+            for h, v in enumerate(values or ()):
+                if isinstance(v, torch.Tensor):
+                    where.append((i, h))
+                    tensors.append(v.to(_TORCH_DTYPES[self.spec.dtype]))
+                elif v is not None:
+                    out[i, h] = v
+        if tensors:
+            for (i, h), v in zip(where, torch.stack(tensors).cpu().numpy()):
+                out[i, h] = v
+        return out
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}  # of DTYPES
+
+
+def _numpy_kind(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype, for the cast check (bfloat16 and other types numpy lacks:
+    float64, the same kind)."""
+    try:
+        return np.dtype(str(dtype).removeprefix("torch."))
+    except TypeError:
+        return np.dtype(np.float64 if dtype.is_floating_point else np.int64)
