@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool, Span
+from bokeh.models import BasicTicker, ColumnDataSource, HoverTool, Span
 from bokeh.palettes import Dark2_8
 from bokeh.plotting import figure
 
@@ -85,6 +85,7 @@ class ActivationsView(TraceView):
                                title="across layers at the selected step", name="activations-by-layer")
         self.by_step = figure(height=260, width=560, tools="pan,wheel_zoom,box_zoom,reset,save",
                               x_axis_label="step", title="across steps for the selected layer", name="activations-by-step")
+        self.by_layer.xaxis.ticker = BasicTicker(min_interval=1)  # layers are whole numbers
         for fig, x in ((self.by_layer, "layer"), (self.by_step, "step")):
             fig.add_tools(HoverTool(tooltips=[(x, f"@{x}"), ("value", "@value{0.000}")]))
         self.step_cursor = Span(location=0, dimension="height", line_color="#e0a100", line_width=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool, Span
+from bokeh.models import BasicTickFormatter, ColumnDataSource, HoverTool, NumeralTickFormatter, Span
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
@@ -136,6 +136,8 @@ class KVCacheView(TraceView):
         self.growth_source.stream(new)
         self._n_drawn = n
         self.growth.yaxis.axis_label = {"bytes": "bytes", "tokens": "tokens", "blocks": "blocks"}[metric]
+        # "117 KB", not "1.200e+5"
+        self.growth.yaxis.formatter = NumeralTickFormatter(format="0.[0] b") if metric == "bytes" else BasicTickFormatter()
         self.growth.title.text = f"KV cache {METRICS[metric]} against step (lines: layers, black: total)"
 
     def _draw_mass(self) -> None:
