@@ -562,3 +562,13 @@ def test_padding_of_a_shorter_prompt_never_appears(tmp_path):
     assert strip.positions == list(range(P + 4)) and strip.tokens[:P] == [f"a{i}" for i in range(P)]
     assert kv.mass_source.data["position"] == list(range(P + 3))
     assert _danger(dash) == {}
+
+
+def test_run_summary_names_the_run_and_each_user_probe(tmp_path):
+    from workbench.views.run_info import run_summary
+    path = write_synthetic_trace(tmp_path / "u.zarr", n_steps=5, n_layers=3, n_heads=4, world=1, user_probe=True)
+    summary = run_summary(open_trace(path))
+    trace = summary["trace"]
+    assert trace["steps recorded"] == "5 of 5" and trace["layers"] == 3
+    assert trace["user probe resid_rms"] == "synthetic on 3 hook points (seq 1)"
+    assert summary["sampler"]["temperature"] == 0.8 and summary["parallelism"]["tensor-parallel size"] == 1

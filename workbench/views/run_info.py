@@ -65,6 +65,9 @@ def run_summary(trace) -> dict[str, dict]:
     if spec.perceiver is not None:
         p = spec.perceiver
         sizes["perceiver"] = f"{p.n_latents} latents × {p.n_inputs} inputs, {p.n_repeats} repeats, {p.n_heads} heads"
+    for u in spec.user_arrays:  # your own probes: what ran, where, and of what shape
+        shape = ", ".join(f"{d} {n}" for d, n in zip(u.dims, u.shape)) or "one value"
+        sizes[f"user probe {u.name}"] = f"{u.fn} on {len(u.hooks)} hook points ({shape})"
     known = {"model_config", "model", "sampler", "arm", "redistribution", "tp", "tp_size", "tp_algorithm", "prompts"}
     other = {k: v for k, v in meta.items() if k not in known}
     return {"model": model, "parallelism": parallel, "sampler": sampler,
