@@ -135,9 +135,10 @@ class KVCacheView(TraceView):
             new[f"reserved_{i}"] = reserved[:, i].tolist()
         self.growth_source.stream(new)
         self._n_drawn = n
-        self.growth.yaxis.axis_label = {"bytes": "bytes", "tokens": "tokens", "blocks": "blocks"}[metric]
-        # "117 KB", not "1.200e+5"
-        self.growth.yaxis.formatter = NumeralTickFormatter(format="0.[0] b") if metric == "bytes" else BasicTickFormatter()
+        if self.growth.yaxis.axis_label != metric:  # once per metric, not a new model every tick
+            self.growth.yaxis.axis_label = metric
+            # "117.2 KiB", not "1.200e+5"
+            self.growth.yaxis.formatter = NumeralTickFormatter(format="0.[0] b") if metric == "bytes" else BasicTickFormatter()
         self.growth.title.text = f"KV cache {METRICS[metric]} against step (lines: layers, black: total)"
 
     def _draw_mass(self) -> None:
