@@ -24,7 +24,8 @@ class ReplayReport:
 
     def summary(self) -> str:
         if self.ok:
-            return f"reproduced: {self.steps_checked} steps, {len(self.recorded)} sequences, identical tokens"
+            n = len(self.recorded)
+            return f"reproduced: {self.steps_checked} steps, {n} sequence{'s' * (n != 1)}, identical tokens"
         step, seq = self.first_difference
         rec = self.recorded[seq][step] if step < len(self.recorded[seq]) else None
         rep = self.replayed[seq][step] if step < len(self.replayed[seq]) else None
