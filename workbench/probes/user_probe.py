@@ -204,16 +204,13 @@ class UserValues:
             for h, v in enumerate(values or ()):
                 if isinstance(v, torch.Tensor):
                     where.append((i, h))
-                    tensors.append(v.to(_TORCH_DTYPES[self.spec.dtype]))
+                    tensors.append(v.to(getattr(torch, self.spec.dtype)))  # DTYPES are torch's names too
                 elif v is not None:
                     out[i, h] = v
         if tensors:
             for (i, h), v in zip(where, torch.stack(tensors).cpu().numpy()):
                 out[i, h] = v
         return out
-
-
-_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}  # of DTYPES
 
 
 def _numpy_kind(dtype: torch.dtype) -> np.dtype:
