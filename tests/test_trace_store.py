@@ -17,6 +17,7 @@ import xarray as xr
 
 from workbench.trace import (ActivationStats, PerceiverSpec, TraceError, TraceSpec, TraceWriter,
                              TraceWriterError, finish_moments, open_trace)
+from workbench.trace import worker_pool
 from workbench.trace.schema import FORMAT_VERSION
 from workbench.trace.worker import recv_message, replace_file, send_message
 from workbench.trace.synthetic import write_synthetic_trace
@@ -338,6 +339,44 @@ def test_writer_thread_error_surfaces(tmp_path):
         w.flush(timeout=300)
     with pytest.raises(TraceWriterError):
         w.close()
+
+
+def test_a_closed_writers_worker_serves_the_next_writer_of_the_process(tmp_path):
+    """Writers one after another share one worker (no second start-up); a worker that failed or
+    died is not reused; every trace is still written whole."""
+    worker_pool.prestart()
+    first = Recorder(tmp_path / "a.zarr", small_spec(world=1), flush_interval=0.01)
+    pid = first.writers[0]._worker.process.pid
+    first.run()
+    first.close()
+    assert worker_pool._idle and worker_pool._idle[-1].process.pid == pid
+    second = Recorder(tmp_path / "b.zarr", small_spec(world=1), flush_interval=0.01)
+    assert second.writers[0]._worker.process.pid == pid  # the same process, now on another store
+    second.run()
+    second.close()
+    check_roundtrip(tmp_path / "a.zarr", first)
+    check_roundtrip(tmp_path / "b.zarr", second)
+
+    # a writer whose worker failed stops it: the next writer starts another
+    w = TraceWriter(tmp_path / "c.zarr", small_spec(world=1), flush_interval=0.01)
+    failed = w._worker.process
+    shutil.rmtree(tmp_path / "c.zarr" / "timing" / "step_seconds")
+    (tmp_path / "c.zarr" / "timing" / "step_seconds").write_text("not a directory")
+    w.write_timing(0, step_seconds=1.0)
+    w.end_step(0)
+    with pytest.raises(TraceWriterError):
+        w.close()
+    assert failed.wait(30) is not None and all(i.process is not failed for i in worker_pool._idle)
+
+    # an idle worker that died is passed over
+    for idle in list(worker_pool._idle):
+        idle.process.kill()
+        idle.process.wait()
+    third = Recorder(tmp_path / "d.zarr", small_spec(world=1), flush_interval=0.01)
+    assert third.writers[0]._worker.process.poll() is None
+    third.run()
+    third.close()
+    check_roundtrip(tmp_path / "d.zarr", third)
 
 
 # ---------------------------------------------------------------------- bad input

@@ -139,6 +139,9 @@ def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, wor
     rank (workbench/runtime/tp.py) and every rank uses rank 0's sampled tokens.
     """
     from workbench.runtime.generate import generate
+    if spec.record:  # the trace writer's worker starts up while the model loads
+        from workbench.trace import worker_pool
+        worker_pool.prestart()
     device = pick_device(spec.device)
     model, tok = load_model(spec.model, device, rank=rank, world=world)  # only this rank's shard is read
     sampler = Sampler(spec.sampler)

@@ -428,25 +428,39 @@ class StoreWriter:
         return files
 
 
-def serve(sock: socket.socket, path: str, rank: int) -> None:
-    """Worker main loop: ("flush", records, committed) -> ("ok", bytes, region writes, seconds)."""
+def serve(sock: socket.socket) -> None:
+    """Worker main loop, one store at a time (a worker outlives its writer: writer.py's pool).
+
+    ("open", path, rank): later flushes go to that store. ("flush", records, committed) ->
+    ("ok", bytes, region writes, seconds). ("close",) -> ("closed",): the store is let go and the
+    worker waits for the next "open". ("stop",) -> ("stopped",), and the worker exits.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        send_message(sock, ("ready",))  # imports are done; the store may still be being created
+        send_message(sock, ("ready",))  # imports are done
+        target: tuple[str, int] | None = None
         store = None
         while True:
             try:
                 msg = recv_message(sock)
             except (EOFError, OSError):
                 return  # the generating process is gone: what was committed stays committed
-            if msg[0] == "stop":
+            if msg[0] == "open":
+                target, store = (msg[1], msg[2]), None
+            elif msg[0] == "close":
+                target, store = None, None
+                send_message(sock, ("closed",))
+            elif msg[0] == "stop":
                 send_message(sock, ("stopped",))
                 return
-            t0 = time.perf_counter()
-            store = store or StoreWriter(path, rank)
-            written, regions = store.write(msg[1], msg[2])
-            send_message(sock, ("ok", written, regions, time.perf_counter() - t0))
+            else:
+                if target is None:
+                    raise RuntimeError("a flush before any store was opened")
+                t0 = time.perf_counter()
+                store = store or StoreWriter(*target)  # the store may have been created after "open"
+                written, regions = store.write(msg[1], msg[2])
+                send_message(sock, ("ok", written, regions, time.perf_counter() - t0))
     except BaseException as exc:  # reported to the generating process, which raises it there
         try:
             send_message(sock, ("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -454,9 +468,9 @@ def serve(sock: socket.socket, path: str, rank: int) -> None:
             pass
 
 
-if __name__ == "__main__":  # python -m workbench.trace.worker FD PATH RANK (started by TraceWriter)
+if __name__ == "__main__":  # python -m workbench.trace.worker FD (started by writer.py's pool)
     import sys
 
     # The package's module, not this __main__ copy: unpickled records are its classes.
     from workbench.trace.worker import serve as package_serve
-    package_serve(socket.socket(fileno=int(sys.argv[1])), sys.argv[2], int(sys.argv[3]))
+    package_serve(socket.socket(fileno=int(sys.argv[1])))

@@ -23,15 +23,12 @@ Typical use on one rank::
 
 from __future__ import annotations
 
-import atexit
 import datetime as _dt
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -46,6 +43,7 @@ from zarr.codecs import ZstdCodec
 from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
                      STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
 from .stats import MOMENT_ARRAYS, ActivationStats
+from . import worker_pool
 from .worker import ActivationValues, Record, recv_message, send_message
 
 Index = int | slice | str
@@ -853,32 +851,30 @@ class TraceWriter:
 
     # ------------------------------------------------------------------ the worker process
     def _start_worker(self) -> None:
-        # A fresh interpreter (not multiprocessing): spawn and forkserver would re-run the
-        # caller's __main__ script in the worker. It imports numpy and zarr only (~0.4 s), while
-        # the caller goes on; the first flush waits for it to be ready.
-        ours, theirs = socket.socketpair()
-        self._worker = subprocess.Popen(
-            [sys.executable, "-m", "workbench.trace.worker", str(theirs.fileno()), str(self.path), str(self.rank)],
-            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
-        theirs.close()
-        self._sock = ours
-        self._worker_ready = False
-        _LIVE_SOCKETS.append(self._sock)
+        # A worker this process kept from an earlier writer, or a new one that imports its
+        # modules while the caller goes on; the first flush waits for it to be ready.
+        self._worker = worker_pool.take()
+        try:
+            send_message(self._worker.sock, ("open", str(self.path), self.rank))
+        except OSError:  # it died after it was taken: a new one
+            worker_pool.stop(self._worker)
+            self._worker = worker_pool.spawn()
+            send_message(self._worker.sock, ("open", str(self.path), self.rank))
 
     def _worker_call(self, message: tuple) -> tuple[int, int, float]:
-        if not self._worker_ready:
+        if not self._worker.ready:
             self._worker_reply("ready")
-            self._worker_ready = True
-        send_message(self._sock, message)
+            self._worker.ready = True
+        send_message(self._worker.sock, message)
         reply = self._worker_reply("ok")
         return reply[1], reply[2], reply[3]
 
     def _worker_reply(self, expected: str) -> tuple:
         try:
-            reply = recv_message(self._sock)  # the GIL is released while the worker writes
+            reply = recv_message(self._worker.sock)  # the GIL is released while the worker writes
         except (EOFError, OSError):
             try:
-                code = self._worker.wait(5)
+                code = self._worker.process.wait(5)
             except subprocess.TimeoutExpired:
                 code = None
             raise TraceWriterError(f"the trace worker process died (exit code {code})") from None
@@ -889,21 +885,21 @@ class TraceWriter:
         return reply
 
     def _stop_worker(self) -> None:
+        """Let the worker go: back to the pool if it closes this store cleanly, else stopped."""
+        worker = self._worker
         try:
-            if self._worker.poll() is None:
-                send_message(self._sock, ("stop",))
-                while recv_message(self._sock)[0] != "stopped":  # "ready" if it never flushed
-                    pass
+            # After an error the stream may be cut mid-message: never reuse that worker.
+            if getattr(self, "_error", None) is None and worker.process.poll() is None:
+                send_message(worker.sock, ("close",))
+                reply = recv_message(worker.sock)
+                if reply[0] == "ready":  # it never flushed
+                    worker.ready, reply = True, recv_message(worker.sock)
+                if reply[0] == "closed":
+                    worker_pool.give_back(worker)
+                    return
         except (EOFError, OSError):
             pass
-        self._sock.close()
-        if self._sock in _LIVE_SOCKETS:
-            _LIVE_SOCKETS.remove(self._sock)
-        try:
-            self._worker.wait(30)
-        except subprocess.TimeoutExpired:
-            self._worker.kill()
-            self._worker.wait()
+        worker_pool.stop(worker)
 
     def _set_status(self, status: str, message: str) -> None:
         if status not in (STATUS_COMPLETE, STATUS_FAILED, STATUS_RUNNING):
@@ -919,23 +915,6 @@ class TraceWriter:
             return  # the last rank to finish (or any failing rank) sets the root attributes
         root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
         root.attrs.update({"status": overall, "error": error, "updated": _now()})
-
-
-# Sockets to live workers, closed at exit so that the workers see the end of their input and exit.
-_LIVE_SOCKETS: list[socket.socket] = []
-
-
-def _worker_env() -> dict[str, str]:
-    """The caller's environment, with this package importable even when run from a checkout."""
-    root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
-
-
-@atexit.register
-def _close_worker_sockets() -> None:
-    for sock in _LIVE_SOCKETS:
-        sock.close()
 
 
 def aggregate_status(statuses: Sequence[str], errors: Sequence[str]) -> tuple[str, str]:

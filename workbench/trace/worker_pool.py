@@ -1,0 +1,124 @@
+"""Trace worker processes kept for the next writer of this process.
+
+A worker (`worker.py`) is a fresh interpreter that imports numpy and numcodecs: ~0.3-0.4 s of a
+core, paid while the first steps generate and before the first flush can commit. A process that
+records again (a notebook, a sweep, the tests, a benchmark's repeats) would pay it every time, so
+a writer that closes cleanly hands its worker back here, and the next writer of the same process
+takes it. `prestart()` lets a caller that is about to record start one while it loads the model.
+
+An idle worker holds no store. It exits when its socket closes: at this process's exit, or when
+this process is killed. At most `KEEP` workers wait.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .worker import recv_message, send_message
+
+KEEP = 2
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    sock: socket.socket
+    ready: bool  # its "ready" (imports done) was read
+    pid: int  # the process that started it: a forked child must not share its socket
+
+
+_idle: list[Worker] = []
+_live: list[Worker] = []  # every worker this process started and has not stopped
+_lock = threading.Lock()
+
+
+def spawn() -> Worker:
+    """Start a worker. A fresh interpreter (not multiprocessing): spawn and forkserver would re-run
+    the caller's __main__ script in the worker."""
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-m", "workbench.trace.worker", str(theirs.fileno())],
+                               pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
+    theirs.close()
+    worker = Worker(process, ours, False, os.getpid())
+    with _lock:
+        _live.append(worker)
+    return worker
+
+
+def take() -> Worker:
+    """An idle worker of this process that is still alive, or a new one."""
+    with _lock:
+        while _idle:
+            worker = _idle.pop()
+            if worker.pid == os.getpid() and worker.process.poll() is None:
+                return worker
+            _forget(worker)  # dead, or another process's (this one was forked): closes our copy
+    return spawn()
+
+
+def give_back(worker: Worker) -> None:
+    """Keep a worker whose store was closed (it answered "closed"), or stop it if enough wait."""
+    with _lock:
+        if worker.pid == os.getpid() and len(_idle) < KEEP:
+            _idle.append(worker)
+            return
+    stop(worker)
+
+
+def prestart() -> None:
+    """Start a worker now, if none is idle, so that the next writer need not wait for its imports."""
+    with _lock:
+        if any(w.pid == os.getpid() for w in _idle):
+            return
+    worker = spawn()
+    with _lock:
+        _idle.append(worker)
+
+
+def stop(worker: Worker) -> None:
+    """Ask a worker to exit and wait for it (kill it after 30 s)."""
+    try:
+        if worker.process.poll() is None:
+            send_message(worker.sock, ("stop",))
+            while recv_message(worker.sock)[0] != "stopped":  # "ready" if it never answered
+                pass
+    except (EOFError, OSError):
+        pass
+    with _lock:
+        _forget(worker)
+    try:
+        worker.process.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.process.kill()
+        worker.process.wait()
+
+
+def _forget(worker: Worker) -> None:
+    worker.sock.close()
+    if worker in _live:
+        _live.remove(worker)
+
+
+def _worker_env() -> dict[str, str]:
+    """The caller's environment, with this package importable even when run from a checkout."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+
+
+@atexit.register
+def _close_sockets() -> None:
+    """Close every socket to a worker, so that the workers see the end of their input and exit."""
+    for worker in list(_live):
+        worker.sock.close()
+    for worker in _idle:  # they hold no store and exit at once; reaped, they need no warning
+        try:
+            worker.process.wait(1)
+        except subprocess.TimeoutExpired:
+            pass
