@@ -341,6 +341,66 @@ def test_writer_thread_error_surfaces(tmp_path):
         w.close()
 
 
+def _create_store_through_zarr(path: Path, spec: TraceSpec, run: dict, created: str) -> None:
+    """The reference for create_store: the same store made with zarr's own API."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from workbench.trace.schema import FORMAT_NAME, STRING, coordinate_values
+    from workbench.trace.writer import ZSTD_LEVEL, _json_safe
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "spec": _json_safe(spec.to_dict()),
+                       "run": run, "status": "running", "error": "", "created": created})
+    for gname, group in spec.layout().items():
+        zgroup = root if gname == "" else root.create_group(gname)
+        attrs = {"description": group.description}
+        attrs.update({"activations": {"near_zero_eps": spec.near_zero_eps}, "comm": {"algorithm": "allreduce"},
+                      "attention": {"causal": True}}.get(gname, {}))
+        zgroup.attrs.update(attrs)
+        for array in group.arrays:
+            arr_attrs = {"description": array.description}
+            if array.coordinates:
+                arr_attrs["coordinates"] = " ".join(array.coordinates)
+            z = zgroup.create_array(array.name, shape=array.shape, chunks=array.chunks,
+                                    dtype=str if array.dtype == STRING else array.dtype, fill_value=array.fill,
+                                    dimension_names=array.dims, attributes=arr_attrs,
+                                    compressors=ZstdCodec(level=ZSTD_LEVEL))
+            values = coordinate_values(spec, gname, array)
+            if values is not None:
+                z[...] = values
+    zarr.open_array(store=str(path), path="rank_status", mode="r+")[:] = np.array(["running"] * spec.world,
+                                                                                  dtype=object)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_create_store_writes_what_zarr_writes(tmp_path, monkeypatch, world):
+    """create_store writes the zarr.json documents itself: byte for byte zarr's, for every group of
+    a full spec (Perceiver, user probes, two ranks), and every array reads the same through zarr."""
+    import zarr
+
+    from workbench.trace import writer
+    from workbench.trace.schema import UserArraySpec
+    monkeypatch.setattr(writer, "_now", lambda: "2026-01-01T00:00:00")
+    spec = small_spec(world=world, user_arrays=(
+        UserArraySpec("rms", ("layers.0.x", "layers.1.x"), dims=("seq",), shape=(2,)),
+        UserArraySpec("hist", ("layers.0.y",), dims=("ubin",), shape=(4,), dtype="int64")))
+    run = {"prompts": ["caf\u00e9 \u2192 \U0001f600"], "seed": 3}
+    writer.create_store(tmp_path / "ours.zarr", spec, run)
+    _create_store_through_zarr(tmp_path / "zarr.zarr", spec, run, "2026-01-01T00:00:00")
+    ours = {p.relative_to(tmp_path / "ours.zarr"): p.read_bytes() for p in (tmp_path / "ours.zarr").rglob("zarr.json")}
+    theirs = {p.relative_to(tmp_path / "zarr.zarr"): p.read_bytes() for p in (tmp_path / "zarr.zarr").rglob("zarr.json")}
+    assert sorted(ours) == sorted(theirs) and len(ours) > 60
+    for name in theirs:
+        assert ours[name] == theirs[name], name
+    a, b = zarr.open_group(str(tmp_path / "ours.zarr"), mode="r"), zarr.open_group(str(tmp_path / "zarr.zarr"), mode="r")
+    for name, array in b.arrays():
+        np.testing.assert_array_equal(a[name][...], array[...], err_msg=name)
+    for gname, group in b.groups():
+        for name, array in group.arrays():
+            np.testing.assert_array_equal(a[gname][name][...], array[...], err_msg=f"{gname}/{name}")
+    assert open_trace(tmp_path / "ours.zarr").status == "running"
+
+
 def test_a_closed_writers_worker_serves_the_next_writer_of_the_process(tmp_path):
     """Writers one after another share one worker (no second start-up); a worker that failed or
     died is not reused; every trace is still written whole."""

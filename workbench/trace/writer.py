@@ -38,13 +38,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
 
 from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
                      STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
 from .stats import MOMENT_ARRAYS, ActivationStats
 from . import worker_pool
-from .worker import ActivationValues, Record, recv_message, send_message
+from .worker import ActivationValues, ChunkFiles, Record, recv_message, send_message
+from .zarr_metadata import array_document, group_document
 
 Index = int | slice | str
 # zstd level 1 compresses attention rows as well as the default level (3) at ~3x the speed.
@@ -118,14 +118,10 @@ def create_store(path: str | os.PathLike, spec: TraceSpec,
     # Build beside the target and rename into place, so a reader never sees a half-made store.
     final, path = path, path.with_name(f".{path.name}.creating-{os.getpid()}")
     shutil.rmtree(path, ignore_errors=True)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs.update({
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-        "spec": _json_safe(spec.to_dict()), "run": run,
-        "status": STATUS_RUNNING, "error": "", "created": _now(),
-    })
+    root_attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                  "spec": _json_safe(spec.to_dict()), "run": run,
+                  "status": STATUS_RUNNING, "error": "", "created": _now()}
     for gname, group in spec.layout().items():
-        zgroup = root if gname == "" else root.create_group(gname)
         attrs: dict[str, Any] = {"description": group.description}
         if gname == "activations":
             attrs["near_zero_eps"] = spec.near_zero_eps
@@ -133,21 +129,24 @@ def create_store(path: str | os.PathLike, spec: TraceSpec,
             attrs["algorithm"] = str(run.get("tp_algorithm", "allreduce"))
         if gname == "attention":
             attrs["causal"] = True
-        zgroup.attrs.update(attrs)
+        group_dir = path / gname
+        group_dir.mkdir(parents=True, exist_ok=True)  # "": the store itself
+        (group_dir / "zarr.json").write_bytes(group_document({**root_attrs, **attrs} if gname == "" else attrs))
         for array in group.arrays:
             arr_attrs: dict[str, Any] = {"description": array.description}
             if array.coordinates:
                 arr_attrs["coordinates"] = " ".join(array.coordinates)
-            zarr_array = zgroup.create_array(
-                array.name, shape=array.shape, chunks=array.chunks,
-                dtype=str if array.dtype == STRING else array.dtype, fill_value=array.fill,
-                dimension_names=array.dims, attributes=arr_attrs,
-                compressors=ZstdCodec(level=ZSTD_LEVEL))
+            array_dir = group_dir / array.name
+            array_dir.mkdir(parents=True)
+            meta = array_document(array, arr_attrs, ZSTD_LEVEL)
+            (array_dir / "zarr.json").write_bytes(meta)
             values = coordinate_values(spec, gname, array)
-            if values is not None:
-                zarr_array[...] = values
-    status = zarr.open_array(store=str(path), path="rank_status", mode="r+")
-    status[:] = np.array([STATUS_RUNNING] * spec.world, dtype=object)
+            if gname == "" and array.name == "rank_status":
+                values = np.array([STATUS_RUNNING] * spec.world, dtype=object)
+            if values is not None:  # encoded as the worker encodes every chunk (zarr's format)
+                chunks = ChunkFiles(array_dir, json.loads(meta), array.fill)
+                chunks.assign(tuple(slice(0, n) for n in values.shape), values)
+                chunks.save()
     if final.exists():
         shutil.rmtree(final)
     os.rename(path, final)
