@@ -321,6 +321,11 @@ def test_dashboard_views_follow_the_selection(synthetic):
     dash.tabs.active = 2
     assert kv.active and kv.cursor.location == 3                 # ...and catches up when shown
     assert len(kv.growth_source.data["step"]) == 20
+    ticker = kv.growth.yaxis[0].ticker                           # bytes tick at powers of two: 32 KiB, 64 KiB
+    assert ticker.base == 2 and list(ticker.mantissas) == [1] and kv.growth.yaxis[0].formatter.format == "0.[0] b"
+    kv.metric.value = "tokens"
+    assert kv.growth.yaxis[0].ticker.min_interval == 1 and kv.growth.yaxis[0].axis_label == "tokens"
+    kv.metric.value = "bytes"
     dash.tabs.active = 3
     assert "step 3" in dash.views["activations"].by_layer.title.text
     dash.tabs.active = 4

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import panel as pn
-from bokeh.models import BasicTickFormatter, ColumnDataSource, HoverTool, NumeralTickFormatter, Span
+from bokeh.models import (AdaptiveTicker, BasicTicker, BasicTickFormatter, ColumnDataSource, HoverTool,
+                          NumeralTickFormatter, Span)
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
@@ -137,8 +138,12 @@ class KVCacheView(TraceView):
         self._n_drawn = n
         if self.growth.yaxis.axis_label != metric:  # once per metric, not a new model every tick
             self.growth.yaxis.axis_label = metric
-            # "117.2 KiB", not "1.200e+5"
-            self.growth.yaxis.formatter = NumeralTickFormatter(format="0.[0] b") if metric == "bytes" else BasicTickFormatter()
+            if metric == "bytes":  # "32 KiB, 64 KiB", not "1.200e+5" nor "19.5 KiB, 39.1 KiB"
+                self.growth.yaxis.ticker = AdaptiveTicker(base=2, mantissas=[1], min_interval=1)
+                self.growth.yaxis.formatter = NumeralTickFormatter(format="0.[0] b")
+            else:  # whole tokens and blocks
+                self.growth.yaxis.ticker = BasicTicker(min_interval=1)
+                self.growth.yaxis.formatter = BasicTickFormatter()
         self.growth.title.text = f"KV cache {METRICS[metric]} against step (lines: layers, black: total)"
 
     def _draw_mass(self) -> None:
