@@ -44,7 +44,7 @@ from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED
 from .stats import MOMENT_ARRAYS, ActivationStats
 from . import worker_pool
 from .worker import ActivationValues, ChunkFiles, Record, recv_message, send_message
-from .zarr_metadata import array_document, group_document
+from .zarr_metadata import array_metadata, encode, group_metadata
 
 Index = int | slice | str
 # zstd level 1 compresses attention rows as well as the default level (3) at ~3x the speed.
@@ -131,20 +131,20 @@ def create_store(path: str | os.PathLike, spec: TraceSpec,
             attrs["causal"] = True
         group_dir = path / gname
         group_dir.mkdir(parents=True, exist_ok=True)  # "": the store itself
-        (group_dir / "zarr.json").write_bytes(group_document({**root_attrs, **attrs} if gname == "" else attrs))
+        (group_dir / "zarr.json").write_bytes(encode(group_metadata({**root_attrs, **attrs} if gname == "" else attrs)))
         for array in group.arrays:
             arr_attrs: dict[str, Any] = {"description": array.description}
             if array.coordinates:
                 arr_attrs["coordinates"] = " ".join(array.coordinates)
             array_dir = group_dir / array.name
             array_dir.mkdir(parents=True)
-            meta = array_document(array, arr_attrs, ZSTD_LEVEL)
-            (array_dir / "zarr.json").write_bytes(meta)
+            meta = array_metadata(array, arr_attrs, ZSTD_LEVEL)
+            (array_dir / "zarr.json").write_bytes(encode(meta))
             values = coordinate_values(spec, gname, array)
             if gname == "" and array.name == "rank_status":
                 values = np.array([STATUS_RUNNING] * spec.world, dtype=object)
             if values is not None:  # encoded as the worker encodes every chunk (zarr's format)
-                chunks = ChunkFiles(array_dir, json.loads(meta), array.fill)
+                chunks = ChunkFiles(array_dir, meta, array.fill)
                 chunks.assign(tuple(slice(0, n) for n in values.shape), values)
                 chunks.save()
     if final.exists():

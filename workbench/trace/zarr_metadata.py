@@ -16,16 +16,16 @@ from typing import Any
 from .schema import STRING, ArrayLayout
 
 
-def group_document(attributes: dict[str, Any]) -> bytes:
-    return _dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"})
+def group_metadata(attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
 
 
-def array_document(layout: ArrayLayout, attributes: dict[str, Any], zstd_level: int) -> bytes:
+def array_metadata(layout: ArrayLayout, attributes: dict[str, Any], zstd_level: int) -> dict[str, Any]:
     """An array's metadata: regular chunks, default "/" keys, bytes (little-endian) or vlen-utf8
     then zstd, the layout's fill value and dimension names."""
     serializer = ({"name": "vlen-utf8", "configuration": {}} if layout.dtype == STRING
                   else {"name": "bytes", "configuration": {"endian": "little"}})
-    return _dumps({
+    return {
         "shape": list(layout.shape),
         "data_type": "string" if layout.dtype == STRING else layout.dtype,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(layout.chunks)}},
@@ -37,7 +37,7 @@ def array_document(layout: ArrayLayout, attributes: dict[str, Any], zstd_level: 
         "zarr_format": 3,
         "node_type": "array",
         "storage_transformers": [],
-    })
+    }
 
 
 def fill_value(layout: ArrayLayout) -> Any:
@@ -56,5 +56,6 @@ def fill_value(layout: ArrayLayout) -> Any:
     return value
 
 
-def _dumps(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, indent=2, allow_nan=True).encode()
+def encode(metadata: dict[str, Any]) -> bytes:
+    """A `zarr.json` file's bytes."""
+    return json.dumps(metadata, indent=2, allow_nan=True).encode()
