@@ -5,6 +5,7 @@ commit-marker semantics, multi-rank disjoint writes, bad input, writer misuse, t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -402,8 +403,8 @@ def test_create_store_writes_what_zarr_writes(tmp_path, monkeypatch, world):
 
 
 def test_a_closed_writers_worker_serves_the_next_writer_of_the_process(tmp_path):
-    """Writers one after another share one worker (no second start-up); a worker that failed or
-    died is not reused; every trace is still written whole."""
+    """Writers one after another share one worker (no second start-up); a forked child does not
+    inherit it; a worker that failed or died is not reused; every trace is still written whole."""
     worker_pool.prestart()
     first = Recorder(tmp_path / "a.zarr", small_spec(world=1), flush_interval=0.01)
     pid = first.writers[0]._worker.process.pid
@@ -416,6 +417,22 @@ def test_a_closed_writers_worker_serves_the_next_writer_of_the_process(tmp_path)
     second.close()
     check_roundtrip(tmp_path / "a.zarr", first)
     check_roundtrip(tmp_path / "b.zarr", second)
+
+    # a forked child starts with no workers and leaves its parent's alone
+    parent_idle = [i.process.pid for i in worker_pool._idle]
+    assert parent_idle
+    sockets = [i.sock for i in worker_pool._live]
+    child = os.fork()
+    if child == 0:  # the child: exit code 0 only if it sees no worker and closed its socket copies
+        os._exit(0 if not worker_pool._idle and not worker_pool._live
+                 and all(sock.fileno() == -1 for sock in sockets) else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    assert [i.process.pid for i in worker_pool._idle] == parent_idle
+    again = Recorder(tmp_path / "e.zarr", small_spec(world=1), flush_interval=0.01)
+    assert again.writers[0]._worker.process.pid in parent_idle  # still the parent's to use
+    again.run()
+    again.close()
+    check_roundtrip(tmp_path / "e.zarr", again)
 
     # a writer whose worker failed stops it: the next writer starts another
     w = TraceWriter(tmp_path / "c.zarr", small_spec(world=1), flush_interval=0.01)

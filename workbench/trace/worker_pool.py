@@ -7,7 +7,9 @@ a writer that closes cleanly hands its worker back here, and the next writer of 
 takes it. `prestart()` lets a caller that is about to record start one while it loads the model.
 
 An idle worker holds no store. It exits when its socket closes: at this process's exit, or when
-this process is killed. At most `KEEP` workers wait.
+this process is killed. At most `KEEP` workers wait. A forked child starts with none: it closes
+its copies of the sockets at once, so that it neither talks to its parent's workers nor keeps them
+alive after the parent is gone.
 """
 from __future__ import annotations
 
@@ -30,7 +32,6 @@ class Worker:
     process: subprocess.Popen
     sock: socket.socket
     ready: bool  # its "ready" (imports done) was read
-    pid: int  # the process that started it: a forked child must not share its socket
 
 
 _idle: list[Worker] = []
@@ -45,7 +46,7 @@ def spawn() -> Worker:
     process = subprocess.Popen([sys.executable, "-m", "workbench.trace.worker", str(theirs.fileno())],
                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=_worker_env())
     theirs.close()
-    worker = Worker(process, ours, False, os.getpid())
+    worker = Worker(process, ours, False)
     with _lock:
         _live.append(worker)
     return worker
@@ -56,16 +57,16 @@ def take() -> Worker:
     with _lock:
         while _idle:
             worker = _idle.pop()
-            if worker.pid == os.getpid() and worker.process.poll() is None:
+            if worker.process.poll() is None:
                 return worker
-            _forget(worker)  # dead, or another process's (this one was forked): closes our copy
+            _forget(worker)
     return spawn()
 
 
 def give_back(worker: Worker) -> None:
     """Keep a worker whose store was closed (it answered "closed"), or stop it if enough wait."""
     with _lock:
-        if worker.pid == os.getpid() and len(_idle) < KEEP:
+        if len(_idle) < KEEP:
             _idle.append(worker)
             return
     stop(worker)
@@ -74,7 +75,7 @@ def give_back(worker: Worker) -> None:
 def prestart() -> None:
     """Start a worker now, if none is idle, so that the next writer need not wait for its imports."""
     with _lock:
-        if any(w.pid == os.getpid() for w in _idle):
+        if _idle:
             return
     worker = spawn()
     with _lock:
@@ -110,6 +111,18 @@ def _worker_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH", "")
     return dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    for worker in _live:
+        worker.sock.close()
+    _live.clear()
+    _idle.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
