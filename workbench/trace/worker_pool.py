@@ -52,23 +52,42 @@ def spawn() -> Worker:
     return worker
 
 
-def take() -> Worker:
-    """An idle worker of this process that is still alive, or a new one."""
-    with _lock:
-        while _idle:
-            worker = _idle.pop()
+def take(path: str, rank: int) -> Worker:
+    """A worker for the store at ``path``, rank ``rank``: an idle one of this process that is still
+    alive, or a new one (which answers "ready" once its imports are done)."""
+    while True:
+        with _lock:
+            worker = _idle.pop() if _idle else None
+        if worker is None:
+            break
+        try:
             if worker.process.poll() is None:
+                send_message(worker.sock, ("open", path, rank))
                 return worker
-            _forget(worker)
-    return spawn()
+        except OSError:  # it died just now
+            pass
+        stop(worker)  # it died while idle: try the next one
+    worker = spawn()
+    send_message(worker.sock, ("open", path, rank))
+    return worker
 
 
-def give_back(worker: Worker) -> None:
-    """Keep a worker whose store was closed (it answered "closed"), or stop it if enough wait."""
-    with _lock:
-        if len(_idle) < KEEP:
-            _idle.append(worker)
-            return
+def release(worker: Worker, reusable: bool) -> None:
+    """Let a writer's worker go: kept for the next writer if ``reusable`` and it closes the store
+    cleanly, stopped otherwise (after a writer error the stream may be cut mid-message)."""
+    try:
+        if reusable and worker.process.poll() is None:
+            send_message(worker.sock, ("close",))
+            reply = recv_message(worker.sock)
+            if reply[0] == "ready":  # it never flushed
+                worker.ready, reply = True, recv_message(worker.sock)
+            if reply[0] == "closed":
+                with _lock:
+                    if len(_idle) < KEEP:
+                        _idle.append(worker)
+                        return
+    except (EOFError, OSError):
+        pass
     stop(worker)
 
 

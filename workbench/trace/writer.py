@@ -188,6 +188,7 @@ class TraceWriter:
             create = rank == 0
         if create and spec is None:
             raise TraceWriterError("a spec is needed to create a store")
+        self._error: BaseException | None = None
         self._start_worker()  # it imports its modules while the store is created
         try:
             if create:
@@ -216,7 +217,6 @@ class TraceWriter:
         self._closing = False
         self._flush_requested = False
         self._closed = False
-        self._error: BaseException | None = None
         self._stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name=f"trace-writer-{rank}",
                                         daemon=True)
@@ -852,13 +852,7 @@ class TraceWriter:
     def _start_worker(self) -> None:
         # A worker this process kept from an earlier writer, or a new one that imports its
         # modules while the caller goes on; the first flush waits for it to be ready.
-        self._worker = worker_pool.take()
-        try:
-            send_message(self._worker.sock, ("open", str(self.path), self.rank))
-        except OSError:  # it died after it was taken: a new one
-            worker_pool.stop(self._worker)
-            self._worker = worker_pool.spawn()
-            send_message(self._worker.sock, ("open", str(self.path), self.rank))
+        self._worker = worker_pool.take(str(self.path), self.rank)
 
     def _worker_call(self, message: tuple) -> tuple[int, int, float]:
         if not self._worker.ready:
@@ -884,21 +878,7 @@ class TraceWriter:
         return reply
 
     def _stop_worker(self) -> None:
-        """Let the worker go: back to the pool if it closes this store cleanly, else stopped."""
-        worker = self._worker
-        try:
-            # After an error the stream may be cut mid-message: never reuse that worker.
-            if getattr(self, "_error", None) is None and worker.process.poll() is None:
-                send_message(worker.sock, ("close",))
-                reply = recv_message(worker.sock)
-                if reply[0] == "ready":  # it never flushed
-                    worker.ready, reply = True, recv_message(worker.sock)
-                if reply[0] == "closed":
-                    worker_pool.give_back(worker)
-                    return
-        except (EOFError, OSError):
-            pass
-        worker_pool.stop(worker)
+        worker_pool.release(self._worker, reusable=self._error is None)
 
     def _set_status(self, status: str, message: str) -> None:
         if status not in (STATUS_COMPLETE, STATUS_FAILED, STATUS_RUNNING):
