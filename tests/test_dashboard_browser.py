@@ -193,7 +193,7 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
     page.shot("attention")
     for tab, figure, shot in (("Perceiver", "perceiver-cross", "perceiver"), ("KV cache", "kv-mass", "kv_cache"),
                               ("Activations", "activations-by-layer", "activations"),
-                              ("Communication", "comm-timeline", "communication"),
+                              ("Time", "timing-layers", "time"), ("Communication", "comm-timeline", "communication"),
                               ("Your probes", "user-step", "your_probes"), ("Run", None, "run")):
         page.tab(tab)
         if figure:   # a background tab draws when it is shown
@@ -240,7 +240,7 @@ def test_replay_slider_and_player_move_every_view(server, open_page):
     # every view shows that step (hidden tabs catch up when they are shown)
     titles = {}
     for tab, names in (("Attention", ("attention-main",)), ("Perceiver", ("perceiver-cross",)), ("KV cache", ("kv-mass",)),
-                       ("Activations", ("activations-hist", "activations-by-layer")),
+                       ("Activations", ("activations-hist", "activations-by-layer")), ("Time", ("timing-layers",)),
                        ("Communication", ("comm-layers", "comm-timeline"))):
         page.tab(tab)
         for n in names:

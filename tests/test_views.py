@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from bokeh.models import ColumnDataSource
 
 from workbench.errors import WorkbenchError
 from workbench.trace.reader import open_trace
@@ -21,6 +22,7 @@ from workbench.views.dashboard import CATALOG_EVERY, Dashboard
 from workbench.views.heatmap import max_pool, tick_labels
 from workbench.views.server import check_port_free, start_server_process
 from workbench.views.state import TraceState
+from workbench.views.timing import step_breakdown
 
 PROMPT = 6
 
@@ -55,7 +57,15 @@ def _write_step(writer: TraceWriter, spec: TraceSpec, step: int) -> None:
         writer.write_tokens(step, q1, [[token]], [[f" g{step}"]])
     writer.write_kv(step, tokens=np.full(spec.n_layers, q1), blocks=np.full(spec.n_layers, -(-q1 // 4)),
                     bytes_used=np.full(spec.n_layers, q1 * 64), bytes_reserved=np.full(spec.n_layers, -(-q1 // 4) * 256))
+    writer.write_timing(step, _part_seconds(spec, step), step_seconds=_part_seconds(spec, step).sum() + 1e-4)
     writer.end_step(step)
+
+
+def _part_seconds(spec: TraceSpec, step: int) -> np.ndarray:
+    """Seconds per (layer, part) of a live test step: distinct per layer, part and step; the prefill
+    (step 0) takes 20 times longer."""
+    layers, parts = np.arange(spec.n_layers)[:, None], np.arange(len(spec.timing_parts))[None, :]
+    return (1 + layers + 10 * parts) * 1e-5 * (1 + step / 50) * (20 if step == 0 else 1)
 
 
 # --------------------------------------------------------------------------- state
@@ -306,7 +316,7 @@ def test_dashboard_views_follow_the_selection(synthetic):
     st.head = 3
     assert att.main.figure.title.text.startswith("layer 2 · head 3")
     assert not np.array_equal(after_layer, att.main.source.data["image"][0], equal_nan=True)
-    assert dash._tab_views == ["attention", "perceiver", "kv_cache", "activations", "comm", "run"]
+    assert dash._tab_views == ["attention", "perceiver", "kv_cache", "activations", "timing", "comm", "run"]
     dash.tabs.active = 1                                         # the trace has Perceiver cross-attention
     assert "step 19" in dash.views["perceiver"].cross.figure.title.text
     dash.tabs.active = 0
@@ -329,10 +339,38 @@ def test_dashboard_views_follow_the_selection(synthetic):
     dash.tabs.active = 3
     assert "step 3" in dash.views["activations"].by_layer.title.text
     dash.tabs.active = 4
+    assert "step 3" in dash.views["timing"].by_layer.title.text
+    dash.tabs.active = 5
     assert "step 3" in dash.views["comm"].timeline.title.text
     dash.tabs.active = 1
     assert "step 3" in dash.views["perceiver"].cross.figure.title.text
     assert _danger(dash) == {}
+
+
+def test_time_view_shows_each_layers_parts_and_what_is_left_outside_the_layers(synthetic):
+    dash = Dashboard(synthetic)
+    st, view = dash.state, dash.views["timing"]
+    dash.tabs.active = dash._tab_views.index("timing")
+    st.select_step(7)
+    st.layer = 1
+    seconds = open_trace(synthetic).timing["seconds"]               # [step, layer, part, rank]
+    parts = [str(p) for p in seconds["part"].values]
+    for rank in (0, 1):
+        view.rank.value = f"rank {rank}"
+        bars = view.layer_source.data
+        np.testing.assert_allclose(np.array([bars[p] for p in parts]).T, seconds[7, :, :, rank].values * 1e3)
+        assert bars["layer"] == [0, 1, 2] and view.by_layer.title.text == f"time per layer and part · step 7 · rank {rank}"
+        per_step = np.array([view.step_source.data[p] for p in parts]).T
+        np.testing.assert_allclose(per_step, seconds[:, :, :, rank].values.sum(axis=1) * 1e3)
+        b = step_breakdown(open_trace(synthetic), 7, rank)
+        wall = float(open_trace(synthetic).timing["step_seconds"][7, rank]) * 1e3
+        layers = float(seconds[7, :, :, rank].sum()) * 1e3
+        assert b["wall"] == pytest.approx(wall) and b["outside"] == pytest.approx(wall - layers) and b["outside"] > 0
+        slowest = int(np.argmax(seconds[7, :, :, rank].sum("part").values))
+        assert f"{wall:.3f} ms wall, {layers:.3f} ms in the layers" in view.summary.object
+        assert f"slowest layer: <b>{slowest}</b>" in view.summary.object
+    assert view.rank.visible and (view.selected_layer.left, view.selected_layer.right) == (0.5, 1.5)
+    assert view.cursor.location == 7 and _danger(dash) == {}
 
 
 def test_clicking_a_token_selects_the_step_that_produced_it(synthetic):
@@ -360,7 +398,7 @@ def test_head_grid_sorts_and_a_tile_tap_opens_its_head(synthetic):
     assert att.grid.frames.data["width"][2] == 3 and att.grid.head_at(x + 0.5, 0.05) is None
 
 
-def test_live_dashboard_streams_only_new_steps(tmp_path):
+def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     path = tmp_path / "live"
     spec, writer = _start_live(path, n_steps=10)
     for s in range(3):
@@ -380,7 +418,22 @@ def test_live_dashboard_streams_only_new_steps(tmp_path):
     assert dash.state.step == 5 and growth.data["step"] == list(range(6))
     assert growth.data["total_used"][-1] == (PROMPT + 5) * 64 * spec.n_layers
     assert dash.views["tokens"].strip.tokens[-1] == " g5"       # sampled at step 5, at position P + 5
-    dash.tabs.active = 3                                         # communication, of a 1-rank run
+    timing = dash.views["timing"]
+    dash.tabs.active = 3                                         # time per layer and part
+    assert timing.step_source.data["step"] == list(range(6))
+    ms = np.array([timing.step_source.data[p] for p in spec.timing_parts]).T    # [step, part], summed over layers
+    np.testing.assert_allclose(ms, [_part_seconds(spec, s).sum(axis=0) * 1e3 for s in range(6)])
+    streamed, stream = [], ColumnDataSource.stream
+    monkeypatch.setattr(ColumnDataSource, "stream", lambda src, new, *a, **k: (streamed.append(list(new["step"])),
+                                                                               stream(src, new, *a, **k)))
+    _write_step(writer, spec, 6)
+    writer.flush()
+    dash.tick()
+    assert timing.step_source.data["step"] == list(range(7)) and "step 6" in timing.by_layer.title.text
+    assert [6] in streamed and all(steps == [6] for steps in streamed)     # only the new step is read and sent
+    assert timing.over_steps.y_range.end < _part_seconds(spec, 0).sum() * 1e3     # the prefill is off the scale
+    assert "off the scale: prefill" in timing.scale_note.object
+    dash.tabs.active = 4                                         # communication, of a 1-rank run
     assert "no all-reduce timings" in dash.views["comm"]._note.object
     assert _danger(dash) == {}
     writer.close()

@@ -37,6 +37,7 @@ from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
+from workbench.views.timing import TimingView
 from workbench.views.tokens import TokensView
 from workbench.views.user_probes import UserProbesView
 
@@ -46,6 +47,7 @@ VIEWS: dict[str, tuple[type, str]] = {
     "attention": (AttentionView, "Attention"),
     "kv_cache": (KVCacheView, "KV cache"),
     "activations": (ActivationsView, "Activations"),
+    "timing": (TimingView, "Time"),
     "comm": (CommView, "Communication"),
     "user": (UserProbesView, "Your probes"),
     "run": (RunInfoView, "Run"),

@@ -26,6 +26,7 @@ from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
+from workbench.views.timing import TimingView
 from workbench.views.tokens import TokensView
 from workbench.views.user_probes import UserProbesView
 
@@ -35,8 +36,8 @@ silence(MISSING_RENDERERS, True)
 
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
-TAB_TITLES = {"attention": "Attention", "perceiver": "Perceiver", "kv_cache": "KV cache",
-              "activations": "Activations", "comm": "Communication", "user": "Your probes", "run": "Run"}
+TAB_TITLES = {"attention": "Attention", "perceiver": "Perceiver", "kv_cache": "KV cache", "activations": "Activations",
+              "timing": "Time", "comm": "Communication", "user": "Your probes", "run": "Run"}
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
 
@@ -62,6 +63,7 @@ class Dashboard(pn.viewable.Viewer):
             "attention": AttentionView(self.state),
             "kv_cache": KVCacheView(self.state),
             "activations": ActivationsView(self.state),
+            "timing": TimingView(self.state),
             "comm": CommView(self.state),
             "run": RunInfoView(self.state),
             "perceiver": PerceiverAttentionView(self.state),
@@ -172,7 +174,7 @@ class Dashboard(pn.viewable.Viewer):
     def _set_tabs(self, *events) -> None:
         """The tabs this trace needs: Perceiver maps only for a Perceiver run, user probes only for a
         run that had some."""
-        names = ["attention", "perceiver", "kv_cache", "activations", "comm", "user", "run"]
+        names = ["attention", "perceiver", "kv_cache", "activations", "timing", "comm", "user", "run"]
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:
             names.remove("perceiver")
