@@ -347,7 +347,7 @@ def test_dashboard_views_follow_the_selection(synthetic):
     assert _danger(dash) == {}
 
 
-def test_time_view_shows_each_layers_parts_and_what_is_left_outside_the_layers(synthetic):
+def test_time_view_shows_each_layers_parts_and_what_is_left_outside_the_layers(synthetic, tmp_path):
     dash = Dashboard(synthetic)
     st, view = dash.state, dash.views["timing"]
     dash.tabs.active = dash._tab_views.index("timing")
@@ -362,15 +362,22 @@ def test_time_view_shows_each_layers_parts_and_what_is_left_outside_the_layers(s
         assert bars["layer"] == [0, 1, 2] and view.by_layer.title.text == f"time per layer and part · step 7 · rank {rank}"
         per_step = np.array([view.step_source.data[p] for p in parts]).T
         np.testing.assert_allclose(per_step, seconds[:, :, :, rank].values.sum(axis=1) * 1e3)
-        b = step_breakdown(open_trace(synthetic), 7, rank)
         wall = float(open_trace(synthetic).timing["step_seconds"][7, rank]) * 1e3
         layers = float(seconds[7, :, :, rank].sum()) * 1e3
+        b = step_breakdown(seconds[7, :, :, rank].values * 1e3, wall, parts)
         assert b["wall"] == pytest.approx(wall) and b["outside"] == pytest.approx(wall - layers) and b["outside"] > 0
         slowest = int(np.argmax(seconds[7, :, :, rank].sum("part").values))
         assert f"{wall:.3f} ms wall, {layers:.3f} ms in the layers" in view.summary.object
         assert f"slowest layer: <b>{slowest}</b>" in view.summary.object
     assert view.rank.visible and (view.selected_layer.left, view.selected_layer.right) == (0.5, 1.5)
     assert view.cursor.location == 7 and _danger(dash) == {}
+    one_rank = tmp_path / "one-rank"                                # rank 1 was selected: a 1-rank trace shows rank 0
+    write_synthetic_trace(one_rank, n_steps=5, n_layers=2, n_heads=2, world=1, seed=2)
+    st.open(one_rank)
+    assert not view.rank.visible and view.rank.value == "rank 0" and len(view.step_source.data["step"]) == 5
+    np.testing.assert_allclose(np.array([view.layer_source.data[p] for p in parts]).T,
+                               open_trace(one_rank).timing["seconds"][4, :, :, 0].values * 1e3)
+    assert _danger(dash) == {}
 
 
 def test_clicking_a_token_selects_the_step_that_produced_it(synthetic):

@@ -26,16 +26,14 @@ def wall_ms(trace, start: int, stop: int, rank: int) -> np.ndarray:
     return np.asarray(trace.timing["step_seconds"][start:stop, rank].values, dtype=np.float64) * 1e3
 
 
-def step_breakdown(trace, step: int, rank: int) -> dict | None:
-    """One step of one rank: wall ms, ms in the layers, ms per part (summed over layers), the rest
-    of the step outside the layers, and the slowest layer; None if the step has no part timings."""
-    ms = part_ms(trace, step, step + 1, rank)[0]                     # [layer, part]
+def step_breakdown(ms: np.ndarray, wall: float, parts: list[str]) -> dict | None:
+    """One step of one rank from its part times ``ms`` [layer, part] and wall time (ms): ms in the
+    layers, ms per part (summed over layers), the rest of the step outside the layers, and the
+    slowest layer; None if the step has no part timings."""
     if not np.isfinite(ms).any():
         return None
-    parts = [str(p) for p in trace.timing["part"].values]
     per_layer = np.nansum(ms, axis=1)
     layers = float(per_layer.sum())
-    wall = float(wall_ms(trace, step, step + 1, rank)[0])
     return {"wall": wall, "layers": layers, "outside": wall - layers if np.isfinite(wall) else np.nan,
             "parts": dict(zip(parts, np.nansum(ms, axis=0).tolist())),
             "slowest": int(np.argmax(per_layer)), "slowest_ms": float(per_layer.max())}
@@ -48,7 +46,8 @@ class TimingView(TraceView):
 
     def build(self):
         self.rank = pn.widgets.Select(label="rank", options=["rank 0"], value="rank 0", width=120, visible=False)
-        self.rank.param.watch(lambda e: self._safe_redraw({"rank"}), "value")
+        # (not while _setup sets the options of a newly opened trace: it draws once it is done)
+        self.rank.param.watch(lambda e: self._safe_redraw({"rank"}) if self._ready_for else None, "value")
         self.summary = pn.pane.HTML("", margin=(0, 10), sizing_mode="stretch_width", css_classes=["wb-timing-summary"])
         self.layer_source = ColumnDataSource(data=dict(layer=[]))
         self.by_layer = figure(height=280, width=480, tools="save", x_axis_label="layer", y_axis_label="ms",
@@ -79,6 +78,7 @@ class TimingView(TraceView):
 
     def _setup(self) -> None:
         st = self.state
+        self._ready_for = None
         ds = st.trace.timing
         self._parts = [str(p) for p in ds["part"].values]
         n_ranks = int(ds.sizes["rank"])
@@ -143,7 +143,7 @@ class TimingView(TraceView):
 
     def _scale_to_decode_steps(self) -> None:
         """The y-axis fits the decode steps: the prefill (step 0) takes many times longer, and a rare
-        slow step (the machine busy elsewhere) would flatten the rest; the title says what is cut."""
+        slow step (the machine busy elsewhere) would flatten the rest; a note below says what is cut."""
         tops = np.asarray(self._tops, dtype=np.float64)
         decode = tops[1:] if tops.size > 1 else tops
         if not np.isfinite(decode).any():
@@ -166,7 +166,7 @@ class TimingView(TraceView):
         self.selected_layer.left, self.selected_layer.right = st.layer - 0.5, st.layer + 0.5
         where = f"step {st.step}" + (f" · rank {rank}" if self.rank.visible else "")
         self.by_layer.title.text = f"time per layer and part · {where}"
-        b = step_breakdown(st.trace, st.step, rank)
+        b = step_breakdown(ms, float(wall_ms(st.trace, st.step, st.step + 1, rank)[0]), self._parts)
         if b is None:
             self.summary.object = ""
             self.note("no per-layer timings at this step (recorded without the timing probe)")
