@@ -84,9 +84,9 @@ class CommView(TraceView):
         self.share.add_layout(self.cursors[1])
         self.summary = pn.pane.HTML("", margin=(0, 10))
         self._ready_for = None
-        return pn.Column(self.summary, self.site,
-                         pn.Row(pn.pane.Bokeh(self.over_steps), pn.pane.Bokeh(self.by_layer)),
-                         pn.pane.Bokeh(self.timeline), pn.pane.Bokeh(self.share), sizing_mode="stretch_width")
+        self.plots = pn.Column(self.site, pn.Row(pn.pane.Bokeh(self.over_steps), pn.pane.Bokeh(self.by_layer)),
+                               pn.pane.Bokeh(self.timeline), pn.pane.Bokeh(self.share), sizing_mode="stretch_width")
+        return pn.Column(self.summary, self.plots, sizing_mode="stretch_width")
 
     def _setup(self) -> None:
         st = self.state
@@ -131,8 +131,12 @@ class CommView(TraceView):
         if st.n_steps == 0:
             return
         sec = comm_seconds(st.trace, 0, 1)
-        if not np.isfinite(sec).any() and self._ranks == 1 and st.n_steps > 0:
-            self.note("no all-reduce timings in this trace (tensor-parallel size 1: nothing to reduce)")
+        self.plots.visible = bool(np.isfinite(sec).any()) or self._ranks > 1  # empty plots would only puzzle
+        if not self.plots.visible:
+            self.note("no all-reduce timings in this trace (tensor-parallel size 1: nothing to reduce; "
+                      "the Time tab shows where each step's time goes)")
+            self.summary.object = ""
+            return
         key = (id(st.trace), self.site.value, st.layer)
         if key != self._ready_for:
             self._streamed = 0
