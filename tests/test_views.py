@@ -371,10 +371,12 @@ def test_time_view_shows_each_layers_parts_and_what_is_left_outside_the_layers(s
         assert f"slowest layer: <b>{slowest}</b>" in view.summary.object
     assert view.rank.visible and (view.selected_layer.left, view.selected_layer.right) == (0.5, 1.5)
     assert view.cursor.location == 7 and _danger(dash) == {}
+    assert [item.label.value for item in view.layer_legend.items] == ["attention", "MLP", "norm", "all-reduce"]
     one_rank = tmp_path / "one-rank"                                # rank 1 was selected: a 1-rank trace shows rank 0
     write_synthetic_trace(one_rank, n_steps=5, n_layers=2, n_heads=2, world=1, seed=2)
     st.open(one_rank)
     assert not view.rank.visible and view.rank.value == "rank 0" and len(view.step_source.data["step"]) == 5
+    assert [item.label.value for item in view.layer_legend.items] == ["attention", "MLP", "norm"]   # no all-reduce
     np.testing.assert_allclose(np.array([view.layer_source.data[p] for p in parts]).T,
                                open_trace(one_rank).timing["seconds"][4, :, :, 0].values * 1e3)
     assert _danger(dash) == {}

@@ -100,8 +100,9 @@ class TimingView(TraceView):
         self.steps_hover.renderers = [wall]
         self.steps_hover.tooltips = [("step", "@step"), ("wall ms", "@wall{0.000}"),
                                      *[(PART_LABELS.get(p, p), f"@{p}{{0.000}}") for p in self._parts]]
-        self.layer_legend.items = [LegendItem(label=label, renderers=[r]) for label, r in zip(labels, bars)]
-        self.steps_legend.items = [*(LegendItem(label=label, renderers=[r]) for label, r in zip(labels, areas)),
+        listed = [i for i, p in enumerate(self._parts) if not (p == "comm" and n_ranks == 1)]  # 1 rank: always 0
+        self.layer_legend.items = [LegendItem(label=labels[i], renderers=[bars[i]]) for i in listed]
+        self.steps_legend.items = [*(LegendItem(label=labels[i], renderers=[areas[i]]) for i in listed),
                                    LegendItem(label="step wall time", renderers=[wall])]
         self._streamed = 0
         self._tops: list[float] = []  # per step: the larger of wall time and the parts' sum (ms)
