@@ -191,6 +191,13 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
     # prompt + one token per step (the last step's sample lies past the trace's positions), none faded
     assert page.tokens() == (16 + 39, 0)
     page.shot("attention")
+    first = page.page.locator(".tok.gen").first
+    assert " · p = " in first.get_attribute("title") and not first.get_attribute("style")
+    page.page.locator(".wb-shade input").check()                 # shade tokens by probability
+    page.wait_for(lambda: "rgba(230, 85, 13" in (first.get_attribute("style") or ""), "the tokens to be shaded")
+    page.shot("tokens_shaded")
+    page.page.locator(".wb-shade input").uncheck()
+    page.wait_for(lambda: not first.get_attribute("style"), "the shading to go")
     for tab, figure, shot in (("Perceiver", "perceiver-cross", "perceiver"), ("KV cache", "kv-mass", "kv_cache"),
                               ("Activations", "activations-by-layer", "activations"),
                               ("Time", "timing-layers", "time"), ("Communication", "comm-timeline", "communication"),

@@ -427,6 +427,7 @@ def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     assert dash.state.step == 5 and growth.data["step"] == list(range(6))
     assert growth.data["total_used"][-1] == (PROMPT + 5) * 64 * spec.n_layers
     assert dash.views["tokens"].strip.tokens[-1] == " g5"       # sampled at step 5, at position P + 5
+    assert dash.views["tokens"].strip.probs[PROMPT:] == [0.6] * 6  # each with its sampled probability
     timing = dash.views["timing"]
     dash.tabs.active = 3                                         # time per layer and part
     assert timing.step_source.data["step"] == list(range(6))
@@ -549,6 +550,14 @@ def test_each_sequence_of_a_recorded_batch_shows_its_own_tokens(recorded_batch):
         generated = result.generated[seq]                        # 6, at positions n .. n + 5
         assert len(generated) == 6 and strip.tokens == [tok.token_text(i) for i in ids + generated]
         assert strip.positions == list(range(n + 6)) and strip.n_prompt == n
+        # each generated token carries the probability its step's candidates gave it (prompt: None)
+        cand = open_trace(path).tokens
+        for step, token in enumerate(generated):
+            ids_s = cand["candidate_id"][seq, step].values
+            probs_s = cand["candidate_prob"][seq, step].values
+            expected = float(probs_s[list(ids_s).index(token)]) if token in ids_s else -1.0
+            assert strip.probs[n + step] == pytest.approx(expected, abs=1e-4)
+        assert strip.probs[:n] == [None] * n and not dash.views["tokens"].shade.disabled
         for step in (0, 3):
             st.select_step(step)
             assert strip.selected == n + step and strip.n_visible == n + step + 1

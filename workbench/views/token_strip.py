@@ -22,6 +22,9 @@ class TokenStrip(JSComponent):
     positions = param.List(default=[], doc="absolute position of each token (default: its index)")
     n_prompt = param.Integer(default=0, doc="the first n_prompt tokens are the prompt")
     n_visible = param.Integer(default=0, doc="the first n_visible tokens exist at the selected step")
+    probs = param.List(default=[], doc="per token: the probability it was sampled with (None: prompt; "
+                                       "-1: not among the recorded candidates)")
+    shade = param.Boolean(default=False, doc="shade generated tokens by probability: the less likely, the warmer")
     selected = param.Integer(default=-1, doc="highlighted position (absolute)")
     clicked = param.Integer(default=-1, doc="set by the browser: the position last clicked (absolute)")
 
@@ -58,6 +61,12 @@ class TokenStrip(JSComponent):
         if (pos(i) === model.selected) c += ' sel';
         return c;
       }
+      function prob(i) { const p = model.probs[i]; return p === undefined ? null : p; }
+      function shade(s, i) {
+        const p = prob(i);
+        // warmer the less likely; -1 (not among the candidates) is least likely of all
+        s.style.background = model.shade && p !== null ? `rgba(230, 85, 13, ${(0.08 + 0.72 * (1 - Math.max(p, 0))).toFixed(3)})` : '';
+      }
       function add(from) {
         const toks = model.tokens;
         for (let i = from; i < toks.length; i++) {
@@ -66,7 +75,10 @@ class TokenStrip(JSComponent):
           s.textContent = label(toks[i]);
           s.dataset.pos = p;
           s.className = cls(i);
-          s.title = 'position ' + p + (i < model.n_prompt ? ' (prompt)' : '');
+          const pr = prob(i);
+          s.title = 'position ' + p + (i < model.n_prompt ? ' (prompt)' : '') +
+            (pr === null ? '' : pr < 0 ? ' · not among the recorded candidates' : ' · p = ' + pr.toFixed(3));
+          shade(s, i);
           s.addEventListener('click', () => { model.clicked = p; });
           box.appendChild(s);
           spans.push(s);
@@ -83,18 +95,27 @@ class TokenStrip(JSComponent):
         if (follow) box.scrollTop = box.scrollHeight;
       }
       function restyle() { spans.forEach((s, i) => { s.className = cls(i); }); }
+      function reshade() { spans.forEach((s, i) => shade(s, i)); }
       function reset() { box.innerHTML = ''; spans = []; rebuild(); }
       rebuild();
       model.on('tokens', rebuild);
       model.on(['n_visible', 'selected', 'n_prompt'], restyle);
+      model.on('shade', reshade);
       model.on('msg:custom', (msg) => { if (msg.type === 'reset') reset(); });
     }
     """
 
-    def replace(self, tokens: list[str], n_prompt: int, positions: list[int] | None = None) -> None:
+    def replace(self, tokens: list[str], n_prompt: int, positions: list[int] | None = None,
+                probs: list | None = None) -> None:
         """Show a different token list (another trace or sequence): the browser redraws from scratch."""
         with param.parameterized.batch_call_watchers(self):
             self.n_prompt = n_prompt
             self.positions = list(range(len(tokens)) if positions is None else positions)
+            self.probs = as_sent(probs or [])
             self.tokens = list(tokens)
         self._send_msg({"type": "reset"})
+
+
+def as_sent(probs: list) -> list:
+    """Probabilities as the browser takes them: NaN (not among the candidates) becomes -1."""
+    return [None if p is None else (-1.0 if p != p else round(float(p), 4)) for p in probs]

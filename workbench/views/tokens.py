@@ -16,7 +16,7 @@ from bokeh.models import ColumnDataSource, FactorRange, HoverTool
 from bokeh.plotting import figure
 
 from workbench.views.base import TraceView
-from workbench.views.token_strip import TokenStrip
+from workbench.views.token_strip import TokenStrip, as_sent
 
 
 @dataclass
@@ -33,6 +33,9 @@ class TokenText:
     texts: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     produced: list[int] = field(default_factory=list)  # step that produced each shown token
+    # probability the sampler gave each shown token: None for the prompt, NaN where the token was
+    # not among the recorded candidates (or the sampler was not recorded)
+    probs: list = field(default_factory=list)
     read_to: int = 0             # store positions read so far (padding included)
     vocab: dict[int, str] = field(default_factory=dict)
 
@@ -119,12 +122,16 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
     written = int(np.count_nonzero(produced >= 0)) if produced.size else 0
     # Keep a contiguous written prefix (a position is written once, in order).
     n = written if written == len(produced) or produced.size == 0 else int(np.argmin(produced >= 0))
+    steps = produced[:n]
+    chosen_prob = (np.asarray(ds["chosen_prob"][seq, int(steps.min()):int(steps.max()) + 1].values, dtype=np.float64)
+                   if n else np.zeros(0))
     for k in range(n):
         position = start + k
         if known.prompt_len <= position < known.n_prompt and produced[k] == 0:
             continue  # padding of a shorter prompt: not part of this sequence's text
         known.positions.append(position)
         known.produced.append(int(produced[k]))
+        known.probs.append(None if position < known.prompt_len else float(chosen_prob[produced[k] - steps.min()]))
         known.ids.append(int(ids[k]))
         known.texts.append(texts[k])
         known.vocab.setdefault(int(ids[k]), texts[k])
@@ -151,6 +158,9 @@ class TokensView(TraceView):
         self.text: TokenText | None = None
         self.strip = TokenStrip(sizing_mode="stretch_width", min_height=60)
         self.strip.param.watch(self._on_click, "clicked")
+        self.shade = pn.widgets.Checkbox(label="shade tokens by probability (the warmer, the less likely)",
+                                         value=False, margin=(0, 10), css_classes=["wb-shade"])
+        self.shade.link(self.strip, value="shade")
         self.summary = pn.pane.HTML("", margin=(0, 10), sizing_mode="stretch_width")
         self.cand_source = ColumnDataSource(data=dict(label=[], prob=[], color=[], rank=[]))
         fig = figure(height=240, width=460, y_range=FactorRange(factors=[]), x_range=(0, 1),
@@ -166,7 +176,7 @@ class TokensView(TraceView):
             pn.pane.HTML("<b>Text</b> <span style='color:#6b7688'>— click a token to jump to the step "
                          "that produced it; faded tokens come after the selected step</span>",
                          margin=(0, 10)),
-            self.strip, self.summary, pn.pane.Bokeh(fig), sizing_mode="stretch_width")
+            self.shade, self.strip, self.summary, pn.pane.Bokeh(fig), sizing_mode="stretch_width")
 
     def clear(self) -> None:
         self.text = None
@@ -180,11 +190,16 @@ class TokensView(TraceView):
         self.text = read_token_text(st.trace, st.seq, None if fresh else self.text)
         t = self.text
         if fresh:
-            self.strip.replace(t.texts, t.prompt_len, t.positions)
+            self.strip.replace(t.texts, t.prompt_len, t.positions, t.probs)
+            # Shading needs the sampler's probabilities: a run recorded without them cannot be shaded.
+            self.shade.disabled = not any(p is not None and p == p for p in t.probs)
         elif len(t.texts) != len(self.strip.tokens):
-            # Same prefix: the browser appends the new spans (positions first, the spans read them).
+            # Same prefix: the browser appends the new spans (positions and probabilities first, the
+            # spans read them).
             self.strip.positions = list(t.positions)
+            self.strip.probs = as_sent(t.probs)
             self.strip.tokens = list(t.texts)
+            self.shade.disabled = self.shade.disabled and not any(p is not None and p == p for p in t.probs)
         pos = t.position_of(st.step)
         self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.prompt_len)
         self._show_candidates(pos)
