@@ -449,6 +449,20 @@ def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     writer.close()
 
 
+def test_a_run_recorded_without_the_sampler_offers_no_shading(tmp_path):
+    spec, writer = _start_live(tmp_path / "no-sampler", n_steps=4)
+    for step in range(3):                                        # tokens, but no candidates or probabilities
+        q0, q1 = (0, PROMPT) if step == 0 else (PROMPT + step - 1, PROMPT + step)
+        writer.write_queries(step, q0, q1)
+        writer.write_tokens(step, q1, [[100 + step]], [[f" g{step}"]])
+        writer.end_step(step)
+    writer.flush()
+    tokens = Dashboard(tmp_path / "no-sampler").views["tokens"]
+    assert tokens.strip.tokens[-3:] == [" g0", " g1", " g2"]
+    assert tokens.shade.disabled and tokens.strip.probs == [None] * (PROMPT + 3)
+    writer.close()
+
+
 def test_dashboard_opened_before_the_prefill_shows_the_prompt_once_it_lands(tmp_path):
     path = tmp_path / "early"
     spec, writer = _start_live(path, n_steps=5)

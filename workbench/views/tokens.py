@@ -189,17 +189,18 @@ class TokensView(TraceView):
         fresh = self.text is None or "trace" in changed or "seq" in changed
         self.text = read_token_text(st.trace, st.seq, None if fresh else self.text)
         t = self.text
+        # A run recorded without the sampler has no probabilities: nothing to shade, nothing to claim.
+        sampled = any(p is not None and p == p for p in t.probs)
+        probs = t.probs if sampled else [None] * len(t.probs)
+        self.shade.disabled = not sampled
         if fresh:
-            self.strip.replace(t.texts, t.prompt_len, t.positions, t.probs)
-            # Shading needs the sampler's probabilities: a run recorded without them cannot be shaded.
-            self.shade.disabled = not any(p is not None and p == p for p in t.probs)
+            self.strip.replace(t.texts, t.prompt_len, t.positions, probs)
         elif len(t.texts) != len(self.strip.tokens):
             # Same prefix: the browser appends the new spans (positions and probabilities first, the
             # spans read them).
             self.strip.positions = list(t.positions)
-            self.strip.probs = as_sent(t.probs)
+            self.strip.probs = as_sent(probs)
             self.strip.tokens = list(t.texts)
-            self.shade.disabled = self.shade.disabled and not any(p is not None and p == p for p in t.probs)
         pos = t.position_of(st.step)
         self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.prompt_len)
         self._show_candidates(pos)
