@@ -535,6 +535,13 @@ def coordinate_values(spec: TraceSpec, group: str, array: ArrayLayout) -> np.nda
     return None
 
 
+def initial_values(spec: TraceSpec, group: str, array: ArrayLayout) -> np.ndarray | None:
+    """Values an array holds from creation: the coordinates, and every rank "running"."""
+    if group == "" and array.name == "rank_status":
+        return np.array([STATUS_RUNNING] * spec.world, dtype=object)
+    return coordinate_values(spec, group, array)
+
+
 def nbytes_estimate(spec: TraceSpec) -> int:
     """Uncompressed size of every array at full size (an upper bound for the store)."""
     total = 0

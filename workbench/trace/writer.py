@@ -40,7 +40,7 @@ import numpy as np
 import zarr
 
 from .schema import (FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED,
-                     STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, coordinate_values)
+                     STATUS_RUNNING, STRING, ArrayLayout, TraceSpec, initial_values)
 from .stats import MOMENT_ARRAYS, ActivationStats
 from . import worker_pool
 from .worker import ActivationValues, ChunkFiles, Record, recv_message, send_message
@@ -140,9 +140,7 @@ def create_store(path: str | os.PathLike, spec: TraceSpec,
             array_dir.mkdir(parents=True)
             meta = array_metadata(array, arr_attrs, ZSTD_LEVEL)
             (array_dir / "zarr.json").write_bytes(encode(meta))
-            values = coordinate_values(spec, gname, array)
-            if gname == "" and array.name == "rank_status":
-                values = np.array([STATUS_RUNNING] * spec.world, dtype=object)
+            values = initial_values(spec, gname, array)
             if values is not None:  # encoded as the worker encodes every chunk (zarr's format)
                 chunks = ChunkFiles(array_dir, meta, array.fill)
                 chunks.assign(tuple(slice(0, n) for n in values.shape), values)

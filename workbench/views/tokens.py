@@ -122,8 +122,8 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
     written = int(np.count_nonzero(produced >= 0)) if produced.size else 0
     # Keep a contiguous written prefix (a position is written once, in order).
     n = written if written == len(produced) or produced.size == 0 else int(np.argmin(produced >= 0))
-    steps = produced[:n]
-    chosen_prob = (np.asarray(ds["chosen_prob"][seq, int(steps.min()):int(steps.max()) + 1].values, dtype=np.float64)
+    first_step = int(produced[:n].min()) if n else 0
+    chosen_prob = (np.asarray(ds["chosen_prob"][seq, first_step:int(produced[:n].max()) + 1].values, dtype=np.float64)
                    if n else np.zeros(0))
     for k in range(n):
         position = start + k
@@ -131,7 +131,7 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
             continue  # padding of a shorter prompt: not part of this sequence's text
         known.positions.append(position)
         known.produced.append(int(produced[k]))
-        known.probs.append(None if position < known.prompt_len else float(chosen_prob[produced[k] - steps.min()]))
+        known.probs.append(None if position < known.prompt_len else float(chosen_prob[produced[k] - first_step]))
         known.ids.append(int(ids[k]))
         known.texts.append(texts[k])
         known.vocab.setdefault(int(ids[k]), texts[k])
@@ -189,18 +189,19 @@ class TokensView(TraceView):
         fresh = self.text is None or "trace" in changed or "seq" in changed
         self.text = read_token_text(st.trace, st.seq, None if fresh else self.text)
         t = self.text
-        # A run recorded without the sampler has no probabilities: nothing to shade, nothing to claim.
-        sampled = any(p is not None and p == p for p in t.probs)
-        probs = t.probs if sampled else [None] * len(t.probs)
-        self.shade.disabled = not sampled
-        if fresh:
-            self.strip.replace(t.texts, t.prompt_len, t.positions, probs)
-        elif len(t.texts) != len(self.strip.tokens):
-            # Same prefix: the browser appends the new spans (positions and probabilities first, the
-            # spans read them).
-            self.strip.positions = list(t.positions)
-            self.strip.probs = as_sent(probs)
-            self.strip.tokens = list(t.texts)
+        if fresh or len(t.texts) != len(self.strip.tokens):
+            # A run recorded without the sampler has no probabilities: nothing to shade, nothing to claim.
+            sampled = any(p is not None and p == p for p in t.probs)
+            probs = t.probs if sampled else [None] * len(t.probs)
+            self.shade.disabled = not sampled
+            if fresh:
+                self.strip.replace(t.texts, t.prompt_len, t.positions, probs)
+            else:
+                # Same prefix: the browser appends the new spans (positions and probabilities first,
+                # the spans read them).
+                self.strip.positions = list(t.positions)
+                self.strip.probs = as_sent(probs)
+                self.strip.tokens = list(t.texts)
         pos = t.position_of(st.step)
         self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.prompt_len)
         self._show_candidates(pos)
