@@ -13,6 +13,14 @@ from workbench.runtime.checkpoint import save_llama
 from workbench.runtime.session import RunSpec, run
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace import open_trace
+from workbench.trace.schema import TraceSpec
+from workbench.trace.stats import ActivationStats
+from workbench.trace.synthetic import write_synthetic_trace
+from workbench.trace.writer import TraceWriter
+from workbench.views import compare as compare_view
+from workbench.compare import activation_sums
+from workbench.views.activations import bin_geometry
+from workbench.views.dashboard import Dashboard
 
 PROMPT = "def add(a, b):\n    return"
 SLASHES = PROMPT + "/" * 55  # the paper's meaningless tokens
@@ -30,7 +38,7 @@ def traces(tmp_path_factory):
     for name, prompt, arm in (("base", PROMPT, None), ("slashes", SLASHES, None),
                               ("arm", PROMPT, {"layers": [0]})):
         out[name] = root / f"{name}.zarr"
-        run(RunSpec(model=str(model), prompts=[prompt], max_new_tokens=3, device="cpu", arm=arm,
+        run(RunSpec(model=str(model), prompts=[prompt], max_new_tokens=6, device="cpu", arm=arm,
                     record=str(out[name]), probes=ProbeSelection.parse("activations")))
     return out
 
@@ -94,3 +102,121 @@ def test_table_and_cli(traces, capsys):
 def test_bad_steps_is_an_error(traces):
     with pytest.raises(WorkbenchError, match="unknown step selection"):
         compare_traces(traces["base"], traces["arm"], steps="first")
+
+
+# --------------------------------------------------------------------------- the dashboard's Compare tab
+def _compare_tab(root, name: str):
+    dash = Dashboard(root, name)
+    assert "compare" in dash._tab_views
+    dash.tabs.active = dash._tab_views.index("compare")
+    return dash, dash.views["compare"]
+
+
+def test_compare_tab_shows_both_runs_with_the_numbers_of_compare_traces(traces):
+    root = traces["base"].parent
+    dash, view = _compare_tab(root, "base.zarr")
+    assert "base.zarr" not in view.other.options and {"arm.zarr", "slashes.zarr"} <= set(view.other.options)
+    assert "choose a trace" in view._note.object and not view.plots.visible
+    view.compare_with("arm.zarr")
+    assert view.plots.visible and view._note.object == ""
+    lo, hi = bin_geometry(np.asarray(open_trace(traces["base"]).spec.bin_edges))
+    for steps, site, stat in (("all", "mlp.act.post", "near_zero_fraction"), ("prefill", "mlp.act.pre", "kurtosis"),
+                              ("decode", "mlp.act.post", "std")):
+        view.steps.value, view.site.value, view.stat.value = steps, site, stat
+        ds = compare_traces(traces["base"], traces["arm"], steps=steps)
+        for layer in (0, 1):
+            dash.state.layer = layer
+            for run_label, k in (("a", "a"), ("b", "b")):
+                frac = ds["hist_fraction"].sel(run=run_label, layer=layer, site=site).values
+                keep = frac > 0
+                np.testing.assert_allclose(view.hist_sources[k].data["top"], frac[keep])
+                np.testing.assert_array_equal(view.hist_sources[k].data["left"], lo[keep])
+                np.testing.assert_array_equal(view.hist_sources[k].data["right"], hi[keep])
+                np.testing.assert_allclose(view.layer_sources[k].data["value"],
+                                           ds[stat].sel(run=run_label, site=site).values)
+            assert f"layer {layer} · {site} · {steps} steps" in view.hist.title.text
+        delta = float(ds["delta_near_zero_fraction"].sel(layer=1, site=site))
+        assert f"<td>{delta:+.4f}</td>" in view.table.object        # the table's b - a, per layer
+    # ARM on layer 0 thins out the values near zero after redistribution; layer 1 has no ARM.
+    view.steps.value, view.site.value, view.stat.value = "prefill", "mlp.act.post", "near_zero_fraction"
+    a, b = view.layer_sources["a"].data["value"], view.layer_sources["b"].data["value"]
+    assert b[0] < a[0]
+    assert "ARM off" in view.runs.object and "ARM on layers [0]" in view.runs.object
+    # Where the texts part: the prompt with the slashes differs from the base prompt's end on.
+    view.compare_with("slashes.zarr")
+    ids_a, ids_b = (open_trace(traces[k]).token_ids(0) for k in ("base", "slashes"))
+    first = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y)
+    assert f"the prompts differ from token {first}:" in view.runs.object
+    assert "/" in view.runs.object.split("b <code>")[1][:8]                  # b's token there is a slash
+    # A trace whose histograms do not compare is named as such and draws nothing.
+    write_synthetic_trace(root / "other-model", n_steps=4, n_layers=3, n_heads=2, seed=0)
+    dash._refresh_catalog()
+    view.compare_with("other-model")
+    assert "histograms do not compare" in view._note.object and not view.plots.visible
+    assert dash.views["compare"]._note.alert_type == "warning"
+
+
+def test_a_single_trace_has_no_compare_tab(traces):
+    assert "compare" not in Dashboard(traces["base"])._tab_views
+
+
+def _activation_step(writer: TraceWriter, spec: TraceSpec, step: int, rng) -> np.ndarray:
+    """One step of random activations [layer, site, values] written as the runtime does."""
+    values = rng.standard_normal((spec.n_layers, len(spec.hist_sites), 50)) * (1 + step)
+    writer.write_queries(step, 0 if step == 0 else 3 + step, 4 if step == 0 else 4 + step)
+    writer.write_activations(step, ActivationStats.from_values(values, spec.bin_edges, spec.near_zero_eps, lead_dims=2))
+    writer.end_step(step)
+    return values
+
+
+def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    spec = TraceSpec.for_generation(4, 9, n_seq=1, n_layers=2, n_heads=2)
+    done = TraceWriter(tmp_path / "done", spec, {"prompts": ["done"]})
+    for s in range(10):
+        _activation_step(done, spec, s, rng)
+    done.close()
+    live = TraceWriter(tmp_path / "live", spec, {"prompts": ["live"]}, flush_interval=0.02)
+    written = [_activation_step(live, spec, s, rng) for s in range(3)]
+    live.flush()
+    monkeypatch.setattr(compare_view, "LIVE_SECONDS", 0.0)
+    read = []
+    monkeypatch.setattr(compare_view, "activation_sums",
+                        lambda trace, steps, sites: (read.append((trace.path.name, steps.start, steps.stop)),
+                                                     activation_sums(trace, steps, sites))[1])
+    dash, view = _compare_tab(tmp_path, "live")
+    view.compare_with("done")
+    edges = np.asarray(spec.bin_edges)
+    site = view.site.value
+    s = spec.hist_sites.index(site)
+
+    def reference(values: list[np.ndarray], layer: int) -> np.ndarray:
+        x = np.concatenate([v[layer, s] for v in values])
+        counts = np.bincount(np.searchsorted(edges, x, side="right") - 1, minlength=len(edges) - 1)
+        return counts / x.size
+
+    frac = reference(written, dash.state.layer)
+    np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
+    assert "3 steps, 3 summed (all)" in view.runs.object
+    for before, n in ((3, 6), (6, 8)):
+        for step in range(before, n):
+            written.append(_activation_step(live, spec, step, rng))
+        live.flush()
+        read.clear()
+        dash.tick()
+        frac = reference(written, dash.state.layer)
+        np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
+        assert f"{n} steps, {n} summed (all)" in view.runs.object
+        assert read == [("live", before, n)]                    # only the new steps are read
+    # While the run is live, new steps join the totals at most every LIVE_SECONDS; its end always does.
+    monkeypatch.setattr(compare_view, "LIVE_SECONDS", 600.0)
+    written.append(_activation_step(live, spec, 8, rng))
+    live.flush()
+    read.clear()
+    dash.tick()
+    assert dash.state.n_steps == 9 and read == [] and "8 summed" in view.runs.object
+    live.close()
+    dash.tick()
+    assert dash.state.status == "complete" and read == [("live", 8, 9)] and "9 steps, 9 summed" in view.runs.object
+    frac = reference(written, dash.state.layer)
+    np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])

@@ -44,6 +44,7 @@ def traces(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     write_synthetic_trace(root / "replay", n_steps=40, n_layers=4, n_heads=4, world=2, perceiver=True, seed=3,
                           user_probe=True)
+    write_synthetic_trace(root / "replay-b", n_steps=30, n_layers=4, n_heads=4, seed=5)  # to compare with
     (root / "broken").mkdir()
     (root / "broken" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": '
                                                '{"format": "workbench-trace", "format_version": 1}}')
@@ -212,6 +213,26 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
         page.shot(shot)
     assert page.page.locator("text=tensor-parallel size").count() >= 1
 
+    assert page.errors == []
+
+
+def test_compare_tab_overlays_another_run(server, open_page):
+    page = open_page(server + "?trace=replay")
+    page.tab("Compare")
+    page.wait_for(lambda: "choose a trace" in page.deep_text("wb-note-CompareView"), "the compare tab's prompt to choose")
+    page.select(".wb-compare-other", "broken")                   # a damaged store: said, nothing drawn
+    page.wait_for(lambda: "cannot compare with broken" in page.deep_text("wb-note-CompareView"),
+                  "the note on the broken trace")
+    page.select(".wb-compare-other", "replay-b")
+    page.wait_for(lambda: (page.model_text("compare-hist") or "").startswith("layer 0 · mlp.act.post · all steps"),
+                  "the histograms of both runs")
+    page.wait_for(lambda: "b - a" in page.deep_text("wb-compare-table"), "the table of differences")
+    assert "the prompts differ from token 0" in page.deep_text("wb-compare-runs")
+    assert "40 steps, 40 summed" in page.deep_text("wb-compare-runs")
+    page.select(".wb-layer", "layer 2")                           # follows the selected layer
+    page.wait_for(lambda: (page.model_text("compare-hist") or "").startswith("layer 2 ·"), "layer 2's histograms")
+    page.page.wait_for_timeout(500)
+    page.shot("compare")
     assert page.errors == []
 
 

@@ -40,28 +40,62 @@ def _step_slice(trace: Trace, steps: str) -> slice:
     raise WorkbenchError(f"unknown step selection {steps!r} (choose {', '.join(STEP_CHOICES)})")
 
 
-def _summary(trace: Trace, steps: str, sites: Sequence[str]) -> xr.Dataset:
-    """Histogram fractions and finished statistics over (layer, site) for one trace."""
-    ds = trace.activations.isel(step=_step_slice(trace, steps)).sel(site=list(sites))
+SUM_NAMES = ("value_count", "value_sum", "value_sumsq", "value_sum3", "value_sum4", "near_zero_count", "hist_count")
+
+
+def activation_sums(trace: Trace, steps: slice, sites: Sequence[str]) -> xr.Dataset:
+    """Additive totals over ``steps`` and ranks per (layer, site[, bin]): the counts and power sums
+    (``SUM_NAMES``), ``value_min`` and ``value_max``. Totals of adjacent step ranges merge with
+    `merge_sums`, so a live view adds only the newly committed steps."""
+    ds = trace.activations.isel(step=steps).sel(site=list(sites))
     valid = ds["value_count"] > 0  # unwritten cells hold fill values (-1 / NaN)
     dims = ["step", "rank"]
-    sums = {k: ds[k].where(valid).sum(dims) for k in
-            ("value_count", "value_sum", "value_sumsq", "value_sum3", "value_sum4", "near_zero_count")}
-    hist = ds["hist_count"].where(valid).sum(dims)  # [layer, site, bin]
+    out = xr.Dataset({k: ds[k].where(valid).sum(dims) for k in SUM_NAMES})
+    out["value_min"] = ds["value_min"].where(valid).min(dims)
+    out["value_max"] = ds["value_max"].where(valid).max(dims)
+    return out.drop_vars([c for c in out.coords if c not in ("layer", "site", "bin")])
+
+
+def merge_sums(a: xr.Dataset, b: xr.Dataset) -> xr.Dataset:
+    """The totals of two disjoint step ranges (`activation_sums`) as one."""
+    out = xr.Dataset({k: a[k] + b[k] for k in SUM_NAMES})
+    out["value_min"] = np.fmin(a["value_min"], b["value_min"])
+    out["value_max"] = np.fmax(a["value_max"], b["value_max"])
+    return out
+
+
+def finish_sums(sums: xr.Dataset, edges: Sequence[float]) -> xr.Dataset:
+    """Histogram fractions and finished statistics over (layer, site) from `activation_sums`."""
     count = sums["value_count"]
     fin = finish_moments(count.values, sums["value_sum"].values, sums["value_sumsq"].values,
                          sums["value_sum3"].values, sums["value_sum4"].values)
     out = xr.Dataset({k: count.copy(data=fin[k]) for k in ("mean", "std", "kurtosis")})
     out["count"] = count.astype(np.int64)
-    out["min"] = ds["value_min"].where(valid).min(dims)
-    out["max"] = ds["value_max"].where(valid).max(dims)
+    out["min"] = sums["value_min"]
+    out["max"] = sums["value_max"]
     with np.errstate(divide="ignore", invalid="ignore"):
         out["near_zero_fraction"] = sums["near_zero_count"] / count
-        out["hist_fraction"] = hist / count
-    edges = np.asarray(trace.spec.bin_edges)
-    zero_bin = int(np.searchsorted(edges, 0.0, side="right") - 1)  # the bin [e_i, e_i+1) holding 0
+        out["hist_fraction"] = sums["hist_count"] / count
+    zero_bin = int(np.searchsorted(np.asarray(edges), 0.0, side="right") - 1)  # the bin [e_i, e_i+1) holding 0
     out["zero_bin_fraction"] = out["hist_fraction"].isel(bin=zero_bin, drop=True)
-    return out.drop_vars([c for c in out.coords if c not in ("layer", "site", "bin")])
+    return out
+
+
+def _summary(trace: Trace, steps: str, sites: Sequence[str]) -> xr.Dataset:
+    """Histogram fractions and finished statistics over (layer, site) for one trace."""
+    return finish_sums(activation_sums(trace, _step_slice(trace, steps), sites), trace.spec.bin_edges)
+
+
+def comparable_sites(ta: Trace, tb: Trace) -> list[str]:
+    """The activation sites both traces recorded; refuses traces whose histograms do not compare."""
+    if tuple(ta.spec.bin_edges) != tuple(tb.spec.bin_edges):
+        raise WorkbenchError("the traces use different histogram bin edges, so their histograms do not compare")
+    if ta.spec.n_layers != tb.spec.n_layers:
+        raise WorkbenchError(f"the traces have different layer counts ({ta.spec.n_layers} and {tb.spec.n_layers})")
+    common = [s for s in ta.spec.hist_sites if s in tb.spec.hist_sites]
+    if not common:
+        raise WorkbenchError("the traces recorded no activation site in common")
+    return common
 
 
 def compare_traces(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace", *, steps: str = "all",
@@ -86,11 +120,7 @@ def compare_traces(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace
         WorkbenchError: not traces, different bin edges or layer counts, unknown sites or steps.
     """
     ta, tb = _open(a), _open(b)
-    if tuple(ta.spec.bin_edges) != tuple(tb.spec.bin_edges):
-        raise WorkbenchError("the traces use different histogram bin edges, so their histograms do not compare")
-    if ta.spec.n_layers != tb.spec.n_layers:
-        raise WorkbenchError(f"the traces have different layer counts ({ta.spec.n_layers} and {tb.spec.n_layers})")
-    common = [s for s in ta.spec.hist_sites if s in tb.spec.hist_sites]
+    common = comparable_sites(ta, tb)
     if sites is None:
         sites = common
     missing = [s for s in sites if s not in common]

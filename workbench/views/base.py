@@ -24,7 +24,8 @@ class TraceView(pn.viewable.Viewer):
 
     def __init__(self, state: TraceState | None = None, **params) -> None:
         super().__init__(state=state or TraceState(), **params)
-        self._note = pn.pane.Alert("", alert_type="light", visible=False, margin=(4, 10))
+        self._note = pn.pane.Alert("", alert_type="light", visible=False, margin=(4, 10),
+                                   css_classes=[f"wb-note-{type(self).__name__}"])  # for browser tests
         self._body = self.build()
         self._layout = pn.Column(self._note, self._body, sizing_mode="stretch_width")
         self._pending: set[str] = set()

@@ -22,6 +22,7 @@ from workbench.views.activations import ActivationsView
 from workbench.views.attention import AttentionView
 from workbench.views.catalog import TraceCatalog
 from workbench.views.comm import CommView
+from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
@@ -37,7 +38,7 @@ silence(MISSING_RENDERERS, True)
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
 TAB_TITLES = {"attention": "Attention", "perceiver": "Perceiver", "kv_cache": "KV cache", "activations": "Activations",
-              "timing": "Time", "comm": "Communication", "user": "Your probes", "run": "Run"}
+              "timing": "Time", "comm": "Communication", "user": "Your probes", "compare": "Compare", "run": "Run"}
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
 
@@ -68,6 +69,7 @@ class Dashboard(pn.viewable.Viewer):
             "run": RunInfoView(self.state),
             "perceiver": PerceiverAttentionView(self.state),
             "user": UserProbesView(self.state),
+            "compare": CompareView(self.state),
         }
         self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
         self._tab_views: list[str] = []
@@ -130,6 +132,8 @@ class Dashboard(pn.viewable.Viewer):
         if names != list(self.trace_select.options):
             self.trace_select.options = names
             self._show_selected()
+            self.views["compare"].candidates = {n: self.catalog.resolve(n) for n in names}
+            self._set_tabs()
         self.trace_select.visible = True
 
     # ---------------------------------------------------------------- controls
@@ -173,13 +177,15 @@ class Dashboard(pn.viewable.Viewer):
 
     def _set_tabs(self, *events) -> None:
         """The tabs this trace needs: Perceiver maps only for a Perceiver run, user probes only for a
-        run that had some."""
-        names = ["attention", "perceiver", "kv_cache", "activations", "timing", "comm", "user", "run"]
+        run that had some, Compare only where another trace is served."""
+        names = ["attention", "perceiver", "kv_cache", "activations", "timing", "comm", "user", "compare", "run"]
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:
             names.remove("perceiver")
         if tr is None or not tr.spec.user_arrays:
             names.remove("user")
+        if tr is None or not self.views["compare"].has_candidates:
+            names.remove("compare")
         if names != self._tab_views:
             shown = self._tab_views[self.tabs.active] if self._tab_views else "attention"
             self._tab_views = names

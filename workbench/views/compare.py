@@ -1,0 +1,342 @@
+"""Compare view: the open trace (a) beside another trace (b), e.g. the same prompt with ARM off and
+on, or with and without the paper's meaningless tokens. The selected layer's activation histograms
+of both runs overlaid (shares of values per bin, on the traces' shared fixed edges), a statistic of
+both runs across layers, a table of per-layer statistics and their differences, and where the two
+texts part. Totals are over ranks and the chosen steps (`workbench.compare`), extended with newly
+committed steps while either run is live.
+"""
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+
+import numpy as np
+import panel as pn
+import param
+import xarray as xr
+from bokeh.models import BasicTicker, ColumnDataSource, HoverTool, Legend, LegendItem, Span
+from bokeh.plotting import figure
+
+from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums
+from workbench.errors import WorkbenchError
+from workbench.views.activations import bin_geometry
+from workbench.views.base import TraceView
+from workbench.views.tokens import read_token_text
+
+STATS = {"near_zero_fraction": "near-zero fraction", "zero_bin_fraction": "share in the bin holding 0",
+         "std": "standard deviation", "kurtosis": "excess kurtosis", "mean": "mean", "max": "max"}
+TABLE_STATS = ("near_zero_fraction", "zero_bin_fraction", "std", "kurtosis")
+COLORS = {"a": "#3a6fb0", "b": "#e6550d"}
+NONE = "(choose a trace)"
+LIVE_SECONDS = 2.0  # a live run's new steps are added to its totals at most this often
+
+
+def step_range(steps: str, n_steps: int) -> tuple[int, int]:
+    """Committed steps [start, stop) that ``steps`` ("all", "prefill", "decode") selects."""
+    if steps == "prefill":
+        return 0, min(n_steps, 1)
+    if steps == "decode":
+        return 1, max(n_steps, 1)
+    return 0, n_steps
+
+
+class RunTotals:
+    """Activation totals of one trace over a step selection, extended as its steps commit."""
+
+    def __init__(self, trace, steps: str, sites: list[str]) -> None:
+        self.trace, self.steps, self.sites = trace, steps, sites
+        self.upto = 0  # totals cover committed steps [start, upto)
+        self.sums: xr.Dataset | None = None
+        self.summary: xr.Dataset | None = None
+
+    def update(self) -> bool:
+        """Add steps committed since the last update; True if there were any."""
+        start, stop = step_range(self.steps, int(self.trace.n_steps))
+        first = max(start, self.upto)
+        if stop <= first:
+            return False
+        new = activation_sums(self.trace, slice(first, stop), self.sites)
+        self.sums = new if self.sums is None else merge_sums(self.sums, new)
+        self.upto = stop
+        self.summary = finish_sums(self.sums, self.trace.spec.bin_edges)
+        return True
+
+    @property
+    def n_summed(self) -> int:
+        return self.upto - step_range(self.steps, self.upto)[0] if self.upto else 0
+
+
+def text_divergence(a, b) -> str:
+    """Where two runs' texts (``TokenText`` of one sequence each) first differ, in a sentence."""
+    n = 0
+    for x, y in zip(a.ids, b.ids):
+        if x != y:
+            break
+        n += 1
+    if n == len(a.ids) == len(b.ids):
+        return f"the two texts are the same, {n} tokens"
+    if n == min(len(a.ids), len(b.ids)):
+        longer, shorter = ("a", "b") if len(a.ids) > len(b.ids) else ("b", "a")
+        return (f"the texts agree for all {n} tokens that {shorter} has so far; "
+                f"{longer} has {abs(len(a.ids) - len(b.ids))} more")
+    if n < a.prompt_len or n < b.prompt_len:
+        where = f"the prompts differ from token {n}"
+    else:
+        where = (f"the texts part at token {n} (a's step {a.produced[n]}, b's step {b.produced[n]}), "
+                 f"after {n - max(a.prompt_len, b.prompt_len)} generated tokens in common")
+    return f"{where}: a {_token(a, n)}, b {_token(b, n)}"
+
+
+def _token(text, i: int) -> str:
+    p = text.probs[i]
+    prob = f" (p = {p:.3f})" if p is not None and np.isfinite(p) else ""
+    return f"<code>{html.escape(repr(text.texts[i]))}</code>{prob}"
+
+
+class CompareView(TraceView):
+    """The open trace against another one: histograms, a statistic across layers, a table, the texts."""
+
+    watch_params = ("trace", "layer", "seq", "version")
+    candidates = param.Dict(default={}, doc="traces to compare with: name -> path (the dashboard's catalog)")
+
+    def build(self):
+        self.other = pn.widgets.Select(label="compare with (b)", options=[NONE], value=NONE, width=260,
+                                       css_classes=["wb-compare-other"])
+        self.steps = pn.widgets.Select(label="steps", options=list(STEP_CHOICES), value="all", width=110)
+        self.site = pn.widgets.Select(label="site", options=[], width=170, css_classes=["wb-compare-site"])
+        self.stat = pn.widgets.Select(label="statistic across layers", options={v: k for k, v in STATS.items()},
+                                      value="near_zero_fraction", width=220)
+        self._quiet = False
+        for w, what in ((self.other, "other"), (self.steps, "steps"), (self.site, "site"), (self.stat, "stat")):
+            w.param.watch(lambda e, what=what: None if self._quiet else self._safe_redraw({what}), "value")
+        self.param.watch(lambda e: self._list_candidates(), "candidates")
+        self.runs = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-runs"])
+        self.hist_sources = {k: ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[])) for k in COLORS}
+        self.hist = figure(height=300, width=620, y_axis_type="log", tools="pan,wheel_zoom,box_zoom,reset,save",
+                           x_axis_label="activation value", y_axis_label="share of values",
+                           name="compare-hist")
+        self.layer_sources = {k: ColumnDataSource(data=dict(layer=[], value=[])) for k in COLORS}
+        self.by_layer = figure(height=300, width=460, tools="pan,wheel_zoom,reset,save", x_axis_label="layer",
+                               name="compare-layers")
+        self.by_layer.xaxis.ticker = BasicTicker(min_interval=1)
+        self.layer_cursor = Span(location=0, dimension="height", line_color="#e0a100", line_width=2)
+        self.by_layer.add_layout(self.layer_cursor)
+        items = {"hist": [], "layers": []}
+        for k, color in COLORS.items():
+            quad = self.hist.quad(left="left", right="right", top="top", bottom="bottom", source=self.hist_sources[k],
+                                  fill_color=color, fill_alpha=0.3, line_color=color)
+            line = self.by_layer.line("layer", "value", source=self.layer_sources[k], color=color, line_width=2,
+                                      line_dash="solid" if k == "a" else "dashed")
+            self.by_layer.scatter("layer", "value", source=self.layer_sources[k], color=color, size=6)
+            items["hist"].append(LegendItem(label=k, renderers=[quad]))
+            items["layers"].append(LegendItem(label=k, renderers=[line]))
+        for fig, key in ((self.hist, "hist"), (self.by_layer, "layers")):
+            fig.add_layout(Legend(items=items[key], orientation="horizontal", location="top_left",
+                                  click_policy="hide", label_text_font_size="10px", margin=0, padding=4), "above")
+        self.hist.add_tools(HoverTool(tooltips=[("bin", "[@left{0.000}, @right{0.000})"), ("share", "@top{0.0000}")]))
+        self.by_layer.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("value", "@value{0.0000}")]))
+        self.table = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-table"])
+        self.plots = pn.Column(self.runs, pn.Row(pn.pane.Bokeh(self.hist), pn.pane.Bokeh(self.by_layer)), self.table,
+                               sizing_mode="stretch_width", visible=False)
+        self._b = None  # the other trace, opened here
+        self._b_path: Path | None = None
+        self._totals: dict[str, RunTotals] = {}
+        self._summed_at = 0.0
+        self._text_b, self._text_b_key = None, None
+        return pn.Column(pn.Row(self.other, self.steps, self.site, self.stat), self.plots,
+                         sizing_mode="stretch_width")
+
+    # ---------------------------------------------------------------- choosing b
+    def _list_candidates(self) -> None:
+        """The other traces, without the open one; keeps the chosen one while it is listed."""
+        mine = Path(self.state.path).resolve() if self.state.path else None
+        names = [n for n, p in self.candidates.items() if Path(p).resolve() != mine]
+        options = [NONE, *names]
+        if options != list(self.other.options):
+            self._quiet = True
+            try:
+                value = self.other.value if self.other.value in names else NONE
+                self.other.param.update(options=options, value=value)
+            finally:
+                self._quiet = False
+            if value == NONE and self._b is not None:
+                self._safe_redraw({"other"})
+
+    @property
+    def has_candidates(self) -> bool:
+        """True if there is another trace to compare with."""
+        return len(self.other.options) > 1
+
+    def compare_with(self, name: str) -> None:
+        """Choose trace ``name`` (a key of ``candidates``) as b."""
+        if name not in self.candidates:
+            raise WorkbenchError(f"no trace {name!r} to compare with (traces: {', '.join(self.candidates) or 'none'})")
+        self.other.value = name
+
+    def _open_b(self) -> bool:
+        """Open (or keep) the chosen trace b; False with a note when there is none to show."""
+        from workbench.trace.reader import open_trace
+        name = self.other.value
+        if name == NONE or name not in self.candidates:
+            self._b, self._b_path = None, None
+            if self.has_candidates:
+                self.note("choose a trace to compare the open one (a) with (b)")
+            else:
+                self.note("no other trace to compare with: serve a directory of traces (workbench serve runs/)")
+            return False
+        path = Path(self.candidates[name]).resolve()
+        if self._b is None or path != self._b_path:
+            self._b, self._b_path, self._totals = None, path, {}
+            try:
+                self._b = open_trace(path)
+            except Exception as e:  # damaged, foreign, or not written yet: say so, keep the page
+                self._b_path = None
+                self.note(f"cannot compare with {name}: {e}", "warning")
+                return False
+        elif self._b.status == "running":
+            self._b.refresh()
+        return True
+
+    # ---------------------------------------------------------------- drawing
+    def clear(self) -> None:
+        self.plots.visible = False
+
+    def redraw(self, changed: set[str]) -> None:
+        st = self.state
+        if "trace" in changed:
+            self._totals = {}
+            self._list_candidates()
+        if not self._open_b() or st.n_steps == 0:
+            self.plots.visible = False
+            return
+        a, b = st.trace, self._b
+        if (changed == {"version"} and "a" in self._totals and "running" in (st.status, b.status)
+                and time.monotonic() - self._summed_at < LIVE_SECONDS):
+            return  # a live run: its new steps join the totals at the next beat after LIVE_SECONDS
+        try:
+            sites = comparable_sites(a, b)
+        except WorkbenchError as e:
+            self.note(f"{e}: choose another trace", "warning")
+            self.plots.visible = False
+            return
+        if list(self.site.options) != sites:
+            self._quiet = True
+            try:
+                self.site.param.update(options=sites, value=self.site.value if self.site.value in sites else
+                                       ("mlp.act.post" if "mlp.act.post" in sites else sites[0]))
+            finally:
+                self._quiet = False
+        if not self._sum(a, b, sites):
+            self.plots.visible = False
+            return
+        self.plots.visible = True
+        self._draw_runs(a, b)
+        self._draw_hist()
+        self._draw_layers()
+        self._draw_table()
+
+    def _sum(self, a, b, sites: list[str]) -> bool:
+        """Bring both runs' totals up to their committed steps; False (with a note) if one has none."""
+        key = (id(a), id(b), self.steps.value, tuple(sites))
+        if self._totals.get("key") != key:
+            self._totals = {"key": key, "a": RunTotals(a, self.steps.value, sites),
+                            "b": RunTotals(b, self.steps.value, sites)}
+        for k in ("a", "b"):
+            self._totals[k].update()
+        self._summed_at = time.monotonic()
+        missing = [k for k in ("a", "b") if self._totals[k].summary is None]
+        if missing:
+            self.note(f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no "
+                      f"{self.steps.value} steps committed yet")
+            return False
+        return True
+
+    def _summary(self, k: str) -> xr.Dataset:
+        return self._totals[k].summary
+
+    def _draw_runs(self, a, b) -> None:
+        st = self.state
+        lines = []
+        for k, tr in (("a", a), ("b", b)):
+            meta = tr.metadata
+            prompts = list(meta.get("prompts") or [])
+            prompt = repr(prompts[min(st.seq, len(prompts) - 1)]) if prompts else "?"
+            if len(prompt) > 70:
+                prompt = prompt[:67] + "..."
+            arm = meta.get("arm")
+            arm_text = f"ARM on layers {list(arm.get('layers', []))}" if arm else "ARM off"
+            name = self._name_of(Path(tr.path)) if k == "a" else self.other.value
+            lines.append(f"<span style='color:{COLORS[k]};font-weight:700'>{k}</span> "
+                         f"<b>{html.escape(name)}</b> · {html.escape(prompt)} · {arm_text} · "
+                         f"{tr.n_steps} steps, {self._totals[k].n_summed} summed ({self.steps.value})")
+        seq_b = min(st.seq, b.spec.n_seq - 1)
+        self._text_b = read_token_text(b, seq_b, self._text_b if self._text_b is not None
+                                       and self._text_b_key == (id(b), seq_b) else None)
+        self._text_b_key = (id(b), seq_b)
+        text = text_divergence(read_token_text(a, st.seq), self._text_b)
+        seq = f"sequence {st.seq}: " if a.spec.n_seq > 1 or b.spec.n_seq > 1 else ""
+        lines.append(f"<span style='color:#5c677a'>{seq}{text}</span>")
+        self.runs.object = "<div style='font-size:13px;line-height:1.6'>" + "<br>".join(lines) + "</div>"
+
+    def _name_of(self, path: Path) -> str:
+        for name, p in self.candidates.items():
+            if Path(p).resolve() == path.resolve():
+                return name
+        return path.name
+
+    def _draw_hist(self) -> None:
+        st = self.state
+        site = self.site.value
+        edges = np.asarray(self.state.trace.spec.bin_edges, dtype=np.float64)
+        lo, hi = bin_geometry(edges)
+        fracs = {k: np.nan_to_num(self._summary(k)["hist_fraction"].sel(layer=st.layer, site=site).values)
+                 for k in COLORS}
+        positive = np.concatenate([f[f > 0] for f in fracs.values()])
+        floor = float(positive.min()) / 2 if positive.size else 1e-6
+        for k, f in fracs.items():
+            keep = f > 0
+            self.hist_sources[k].data = dict(left=lo[keep].tolist(), right=hi[keep].tolist(), top=f[keep].tolist(),
+                                             bottom=[floor] * int(keep.sum()))
+        self.hist.title.text = (f"layer {st.layer} · {site} · {self.steps.value} steps · share of values per bin "
+                                f"(outer bins catch the tails)")
+
+    def _draw_layers(self) -> None:
+        st = self.state
+        stat, site = self.stat.value, self.site.value
+        for k in COLORS:
+            values = self._summary(k)[stat].sel(site=site)
+            self.layer_sources[k].data = dict(layer=[int(v) for v in values["layer"].values],
+                                              value=[float(v) if np.isfinite(v) else float("nan")
+                                                     for v in values.values])
+        self.by_layer.title.text = f"{STATS[stat]} across layers · {site}"
+        self.layer_cursor.location = st.layer
+
+    def _draw_table(self) -> None:
+        st = self.state
+        site = self.site.value
+        sa, sb = self._summary("a").sel(site=site), self._summary("b").sel(site=site)
+        head = "".join(f"<th colspan='3'>{html.escape(STATS[s])}</th>" for s in TABLE_STATS)
+        sub = "".join(f"<th style='color:{COLORS['a']}'>a</th><th style='color:{COLORS['b']}'>b</th><th>b - a</th>"
+                      for _ in TABLE_STATS)
+        rows = []
+        for layer in sa["layer"].values:
+            cells = []
+            for s in TABLE_STATS:
+                va, vb = float(sa[s].sel(layer=layer)), float(sb[s].sel(layer=layer))
+                cells += [_num(va), _num(vb), _num(vb - va, signed=True)]
+            style = " style='background:#fff4d6'" if int(layer) == st.layer else ""
+            rows.append(f"<tr{style}><td>{int(layer)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        self.table.object = (
+            "<style>.wb-cmp td,.wb-cmp th{padding:1px 8px;text-align:right;font-size:12px}"
+            ".wb-cmp th{color:#24415f;font-weight:600}</style>"
+            f"<div style='font-size:12px;color:#5c677a'>{html.escape(site)}, per layer (selected layer shaded); "
+            "near-zero counts |x| &lt; the eps each run recorded with (ARM's own where it ran), so compare it "
+            "across runs only where both used the same eps</div>"
+            f"<table class='wb-cmp'><tr><th>layer</th>{head}</tr><tr><th></th>{sub}</tr>{''.join(rows)}</table>")
+
+
+def _num(x: float, signed: bool = False) -> str:
+    if not np.isfinite(x):
+        return "-"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
