@@ -321,6 +321,14 @@ arm_widget = TraceWidget(paths["arm"], views=["activations"])
 arm_widget
 '''),
     md('''
+The two runs side by side in the dashboard's Compare view: both runs' histograms of the selected layer
+overlaid, a statistic across layers, and a table of the differences (b - a) per layer:
+'''),
+    code('''
+compare_widget = TraceWidget(paths["plain"], views=["compare"], compare_with=[paths["arm"], paths["slashes"]])
+compare_widget
+'''),
+    md('''
 And the three runs overlaid (share of layer 0's `mlp.act.post` values per bin, around zero):
 '''),
     code('''

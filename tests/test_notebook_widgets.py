@@ -132,6 +132,27 @@ def test_an_open_trace_and_the_dashboard(trace_path):
     assert dash.state.n_steps == STEPS and dash.ipywidget is not None
 
 
+def test_compare_with_another_run(trace_path, model_dir, tmp_path):
+    """TraceWidget(a, compare_with=b) shows the Compare view of a against b, layer by layer."""
+    from workbench.compare import compare_traces
+    arm = tmp_path / "arm.zarr"
+    run(RunSpec(model=str(model_dir), prompts=["hello world", "abc def"], max_new_tokens=STEPS, record=str(arm),
+                device="cpu", arm={"layers": [0]}))
+    assert "compare" not in TraceWidget(trace_path).views          # nothing to compare with
+    w = TraceWidget(trace_path, compare_with=arm)
+    view = w.views["compare"]
+    assert view.other.value == "arm.zarr" and notes(w) == {}
+    ds = compare_traces(trace_path, arm)
+    for layer in (0, 1):
+        w.controls["layer"].value = layer
+        frac = ds["hist_fraction"].sel(run="b", layer=layer, site="mlp.act.post").values
+        np.testing.assert_allclose(view.hist_sources["b"].data["top"], frac[frac > 0])
+    np.testing.assert_allclose(view.layer_sources["a"].data["value"],
+                               ds["near_zero_fraction"].sel(run="a", site="mlp.act.post").values)
+    w.controls["seq"].value = 1                                     # the text line follows the sequence
+    assert "sequence 1:" in view.runs.object
+
+
 def test_live_run_is_followed_as_it_grows(model_dir, tmp_path):
     """The widget shows a run part-way through, however fast the machine generates.
 

@@ -33,6 +33,7 @@ from workbench.errors import WorkbenchError
 from workbench.views.activations import ActivationsView
 from workbench.views.attention import AttentionView
 from workbench.views.comm import CommView
+from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
@@ -50,6 +51,7 @@ VIEWS: dict[str, tuple[type, str]] = {
     "timing": (TimingView, "Time"),
     "comm": (CommView, "Communication"),
     "user": (UserProbesView, "Your probes"),
+    "compare": (CompareView, "Compare"),
     "run": (RunInfoView, "Run"),
     "perceiver": (PerceiverAttentionView, "Perceiver AR"),
 }
@@ -118,8 +120,11 @@ class TraceWidget:
             exist yet (a live run): the widget waits for it while following.
         views: which views to show, from ``VIEWS`` (default: all, tokens above tabs of the others;
             "perceiver" only when the trace has Perceiver cross-attention, "attention" only when it
-            has self-attention maps, "user" only when it has user probes).
+            has self-attention maps, "user" only when it has user probes, "compare" only with
+            ``compare_with``).
         state: share a ``TraceState`` with other widgets (default: a new one).
+        compare_with: other trace paths for the "compare" view, keyed by their file names; the
+            first is compared at once (e.g. the same prompt with ARM on).
 
     Attributes:
         state: the ``TraceState`` every view watches (set ``state.layer = 2`` and the controls follow).
@@ -128,7 +133,8 @@ class TraceWidget:
         widget: the ipywidgets ``VBox`` shown in the cell.
     """
 
-    def __init__(self, trace: Any, views: Iterable[str] | None = None, state: TraceState | None = None) -> None:
+    def __init__(self, trace: Any, views: Iterable[str] | None = None, state: TraceState | None = None,
+                 compare_with: str | Path | Iterable[str | Path] | None = None) -> None:
         names = list(views) if views is not None else list(VIEWS)
         unknown = [v for v in names if v not in VIEWS]
         if unknown or not names:
@@ -148,7 +154,14 @@ class TraceWidget:
                 names.remove("attention")
             if not trace_now.spec.user_arrays:
                 names.remove("user")
+            if compare_with is None:
+                names.remove("compare")
         self.views = {name: VIEWS[name][0](self.state) for name in names}
+        if compare_with is not None and "compare" in self.views:
+            others = [compare_with] if isinstance(compare_with, (str, Path)) else list(compare_with)
+            self.views["compare"].candidates = {Path(p).name: Path(p) for p in others}
+            if others:
+                self.views["compare"].compare_with(Path(others[0]).name)
         self._syncing = False
         self._task: asyncio.Task | None = None
         self._bokeh: ipw.Widget | None = None
