@@ -199,7 +199,8 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
     page.shot("tokens_shaded")
     page.page.locator(".wb-shade input").uncheck()
     page.wait_for(lambda: not first.get_attribute("style"), "the shading to go")
-    for tab, figure, shot in (("Perceiver", "perceiver-cross", "perceiver"), ("KV cache", "kv-mass", "kv_cache"),
+    for tab, figure, shot in (("Heads", "heads-matrix", "heads"), ("Perceiver", "perceiver-cross", "perceiver"),
+                              ("KV cache", "kv-mass", "kv_cache"),
                               ("Activations", "activations-by-layer", "activations"),
                               ("Time", "timing-layers", "time"), ("Communication", "comm-timeline", "communication"),
                               ("Your probes", "user-step", "your_probes"), ("Run", None, "run")):
@@ -267,7 +268,8 @@ def test_replay_slider_and_player_move_every_view(server, open_page):
     page.wait_for(lambda: page.tokens() == (16 + 39, 39 - (step + 1)), f"tokens sampled after step {step} to fade")
     # every view shows that step (hidden tabs catch up when they are shown)
     titles = {}
-    for tab, names in (("Attention", ("attention-main",)), ("Perceiver", ("perceiver-cross",)), ("KV cache", ("kv-mass",)),
+    for tab, names in (("Attention", ("attention-main",)), ("Heads", ("heads-matrix",)),
+                       ("Perceiver", ("perceiver-cross",)), ("KV cache", ("kv-mass",)),
                        ("Activations", ("activations-hist", "activations-by-layer")), ("Time", ("timing-layers",)),
                        ("Communication", ("comm-layers", "comm-timeline"))):
         page.tab(tab)

@@ -273,7 +273,7 @@ def test_your_probes_tab_shows_the_recorded_values(recorded, model_dir, tmp_path
     path, _ = recorded
     dash = Dashboard(path)
     st = dash.state
-    assert dash._tab_views == ["attention", "kv_cache", "activations", "timing", "comm", "user", "run"]
+    assert dash._tab_views == ["attention", "heads", "kv_cache", "activations", "timing", "comm", "user", "run"]
     dash.tabs.active = dash._tab_views.index("user")
     view = dash.views["user"]
     assert list(view.probe.options) == ["resid_rms", "act_positive", "top_token", "first_three"]

@@ -316,8 +316,9 @@ def test_dashboard_views_follow_the_selection(synthetic):
     st.head = 3
     assert att.main.figure.title.text.startswith("layer 2 · head 3")
     assert not np.array_equal(after_layer, att.main.source.data["image"][0], equal_nan=True)
-    assert dash._tab_views == ["attention", "perceiver", "kv_cache", "activations", "timing", "comm", "run"]
-    dash.tabs.active = 1                                         # the trace has Perceiver cross-attention
+    assert dash._tab_views == ["attention", "heads", "perceiver", "kv_cache", "activations", "timing", "comm",
+                               "run"]
+    dash.tabs.active = dash._tab_views.index("perceiver")                                         # the trace has Perceiver cross-attention
     assert "step 19" in dash.views["perceiver"].cross.figure.title.text
     dash.tabs.active = 0
     assert len(att.grid.images.data["image"]) == 4
@@ -328,7 +329,7 @@ def test_dashboard_views_follow_the_selection(synthetic):
     assert att.main.source.data["dh"] == [16 + 3]
     kv = dash.views["kv_cache"]
     assert not kv.active and kv._pending and kv.cursor.location != 3   # a hidden tab waits...
-    dash.tabs.active = 2
+    dash.tabs.active = dash._tab_views.index("kv_cache")
     assert kv.active and kv.cursor.location == 3                 # ...and catches up when shown
     assert len(kv.growth_source.data["step"]) == 20
     ticker = kv.growth.yaxis[0].ticker                           # bytes tick at powers of two: 32 KiB, 64 KiB
@@ -336,13 +337,13 @@ def test_dashboard_views_follow_the_selection(synthetic):
     kv.metric.value = "tokens"
     assert kv.growth.yaxis[0].ticker.min_interval == 1 and kv.growth.yaxis[0].axis_label == "tokens"
     kv.metric.value = "bytes"
-    dash.tabs.active = 3
+    dash.tabs.active = dash._tab_views.index("activations")
     assert "step 3" in dash.views["activations"].by_layer.title.text
-    dash.tabs.active = 4
+    dash.tabs.active = dash._tab_views.index("timing")
     assert "step 3" in dash.views["timing"].by_layer.title.text
-    dash.tabs.active = 5
+    dash.tabs.active = dash._tab_views.index("comm")
     assert "step 3" in dash.views["comm"].timeline.title.text and dash.views["comm"].plots.visible
-    dash.tabs.active = 1
+    dash.tabs.active = dash._tab_views.index("perceiver")
     assert "step 3" in dash.views["perceiver"].cross.figure.title.text
     assert _danger(dash) == {}
 
@@ -407,6 +408,48 @@ def test_head_grid_sorts_and_a_tile_tap_opens_its_head(synthetic):
     assert att.grid.frames.data["width"][2] == 3 and att.grid.head_at(x + 0.5, 0.05) is None
 
 
+def _reference_entropy(trace, layer: int, head: int, step: int) -> float:
+    """Mean over query rows of the row's entropy in bits, straight from the recorded map."""
+    m = np.nan_to_num(np.asarray(trace.attention_map(0, layer, head, step=step), dtype=np.float64))
+    n = trace.queries_upto(0, step)
+    return float(np.mean([-sum(w * np.log2(w) for w in row if w > 0) for row in m[:n, :n]]))
+
+
+def test_heads_view_scores_every_head_and_a_click_opens_it(synthetic):
+    from bokeh.events import Tap
+
+    from workbench.analysis import head_scores_from_trace
+    tr = open_trace(synthetic)
+    dash = Dashboard(synthetic)
+    assert dash._tab_views[:2] == ["attention", "heads"]
+    dash.tabs.active = 1
+    heads = dash.views["heads"]
+
+    def shown() -> np.ndarray:
+        return np.array(heads.source.data["value"]).reshape(3, 4)   # [layer, head]
+
+    # previous-token scores of every layer and head, as the analysis module computes them independently
+    np.testing.assert_allclose(shown(), head_scores_from_trace(tr, "previous_token"), rtol=1e-6)
+    assert "step 19" in heads.figure.title.text
+    dash.state.select_step(5)
+    assert "step 5" in heads.figure.title.text
+    np.testing.assert_allclose(shown(), head_scores_from_trace(tr, "previous_token", step=5), rtol=1e-6)
+    heads.score.value = "entropy"
+    np.testing.assert_allclose(shown(), [[_reference_entropy(tr, lay, h, 5) for h in range(4)] for lay in range(3)],
+                               rtol=1e-5)
+    low = np.unravel_index(np.argmin(shown()), (3, 4))
+    assert f"lowest: layer {low[0]} head {low[1]} " in heads.note_rows.object
+    # the attention view's grid sorts by entropy with the most focused head first
+    dash.views["attention"].sort.value = "entropy"
+    order = dash.views["attention"].grid.heads
+    assert [shown()[dash.state.layer, h] for h in order] == sorted(shown()[dash.state.layer])
+    # a click on a cell selects its layer and head and opens the Attention tab
+    heads._tapped(Tap(model=heads.figure, x=2.2, y=1.1))
+    assert (dash.state.layer, dash.state.head) == (1, 2) and dash.tabs.active == 0
+    assert heads.selected.data == {"layer": [1], "head": [2]}
+    assert _danger(dash) == {}
+
+
 def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     path = tmp_path / "live"
     spec, writer = _start_live(path, n_steps=10)
@@ -414,7 +457,7 @@ def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
         _write_step(writer, spec, s)
     writer.flush()
     dash = Dashboard(path)
-    dash.tabs.active = 1                                         # show the KV cache tab
+    dash.tabs.active = dash._tab_views.index("kv_cache")
     kv = dash.views["kv_cache"]
     growth = kv.growth_source
     assert growth.data["step"] == [0, 1, 2]
@@ -429,7 +472,7 @@ def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     assert dash.views["tokens"].strip.tokens[-1] == " g5"       # sampled at step 5, at position P + 5
     assert dash.views["tokens"].strip.probs[PROMPT:] == [0.6] * 6  # each with its sampled probability
     timing = dash.views["timing"]
-    dash.tabs.active = 3                                         # time per layer and part
+    dash.tabs.active = dash._tab_views.index("timing")            # time per layer and part
     assert timing.step_source.data["step"] == list(range(6))
     ms = np.array([timing.step_source.data[p] for p in spec.timing_parts]).T    # [step, part], summed over layers
     np.testing.assert_allclose(ms, [_part_seconds(spec, s).sum(axis=0) * 1e3 for s in range(6)])
@@ -443,7 +486,7 @@ def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     assert [6] in streamed and all(steps == [6] for steps in streamed)     # only the new step is read and sent
     assert timing.over_steps.y_range.end < _part_seconds(spec, 0).sum() * 1e3     # the prefill is off the scale
     assert "off the scale: prefill" in timing.scale_note.object
-    dash.tabs.active = 4                                         # communication, of a 1-rank run
+    dash.tabs.active = dash._tab_views.index("comm")              # communication, of a 1-rank run
     assert "no all-reduce timings" in dash.views["comm"]._note.object and not dash.views["comm"].plots.visible
     assert _danger(dash) == {}
     writer.close()

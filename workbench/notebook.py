@@ -35,6 +35,7 @@ from workbench.views.attention import AttentionView
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
+from workbench.views.heads import HeadsView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
@@ -46,6 +47,7 @@ from workbench.views.user_probes import UserProbesView
 VIEWS: dict[str, tuple[type, str]] = {
     "tokens": (TokensView, "Tokens"),
     "attention": (AttentionView, "Attention"),
+    "heads": (HeadsView, "Heads"),
     "kv_cache": (KVCacheView, "KV cache"),
     "activations": (ActivationsView, "Activations"),
     "timing": (TimingView, "Time"),
@@ -152,6 +154,7 @@ class TraceWidget:
                 names.remove("perceiver")
             if not trace_now.spec.attention_layers:
                 names.remove("attention")
+                names.remove("heads")
             if not trace_now.spec.user_arrays:
                 names.remove("user")
             if compare_with is None:

@@ -25,6 +25,7 @@ SCORES = {
     "induction": "induction score",
     "sink": "first-token (sink) score",
     "self": "self (diagonal) score",
+    "entropy": "entropy (bits; low: focused)",
 }
 
 
@@ -79,7 +80,8 @@ def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> di
 
     previous: mean weight on the previous position; sink: mean weight on position 0; self: on the
     diagonal; induction: mean weight on the token after an earlier occurrence of the current token
-    (averaged over rows that have such an occurrence). NaN (future) cells count as 0.
+    (averaged over rows that have such an occurrence); entropy: mean over rows of -sum w log2 w, in
+    bits (0: all weight on one key). NaN (future) cells count as 0.
     """
     w = np.nan_to_num(maps, nan=0.0)
     n_heads, n_rows, n_keys = w.shape
@@ -90,6 +92,9 @@ def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> di
     out["sink"] = w[:, :, 0].mean(axis=1) if n_keys else np.zeros(n_heads)
     in_range = rows < n_keys
     out["self"] = w[:, r[in_range], rows[in_range]].mean(axis=1) if in_range.any() else np.zeros(n_heads)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bits = np.where(w > 0, -w * np.log2(w), 0.0).sum(axis=2)  # [head, row]
+    out["entropy"] = bits.mean(axis=1) if n_rows else np.zeros(n_heads)
     ids = np.asarray(token_ids)[:n_keys]
     if ids.size == n_keys and n_keys > 1 and n_rows:
         cur = ids[np.minimum(rows, n_keys - 1)]
@@ -248,8 +253,8 @@ class AttentionView(TraceView):
         scores = head_scores(maps, np.searchsorted(keys, rows), np.asarray(text.ids[:len(keys)]))
         order = list(range(len(heads)))
         key = self.sort.value
-        if key != "head":
-            order.sort(key=lambda i: -float(scores[key][i]))
+        if key != "head":  # highest first; for entropy the most focused (lowest) first
+            order.sort(key=lambda i: float(scores[key][i]) * (1 if key == "entropy" else -1))
         titles = [f"head {heads[i]}" + ("" if key == "head" else f" · {scores[key][i]:.2f}") for i in order]
         self.grid.show([maps[i] for i in order], [heads[i] for i in order], titles, st.head)
         self.scores = {k: {heads[i]: float(v[i]) for i in range(len(heads))} for k, v in scores.items()}

@@ -24,6 +24,7 @@ from workbench.views.catalog import TraceCatalog
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
+from workbench.views.heads import HeadsView
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
@@ -37,7 +38,7 @@ silence(MISSING_RENDERERS, True)
 
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
-TAB_TITLES = {"attention": "Attention", "perceiver": "Perceiver", "kv_cache": "KV cache", "activations": "Activations",
+TAB_TITLES = {"attention": "Attention", "heads": "Heads", "perceiver": "Perceiver", "kv_cache": "KV cache", "activations": "Activations",
               "timing": "Time", "comm": "Communication", "user": "Your probes", "compare": "Compare", "run": "Run"}
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
@@ -62,6 +63,7 @@ class Dashboard(pn.viewable.Viewer):
         self.views = {
             "tokens": TokensView(self.state),
             "attention": AttentionView(self.state),
+            "heads": HeadsView(self.state),
             "kv_cache": KVCacheView(self.state),
             "activations": ActivationsView(self.state),
             "timing": TimingView(self.state),
@@ -71,6 +73,7 @@ class Dashboard(pn.viewable.Viewer):
             "user": UserProbesView(self.state),
             "compare": CompareView(self.state),
         }
+        self.views["heads"].on_pick = lambda: setattr(self.tabs, "active", self._tab_views.index("attention"))
         self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
         self._tab_views: list[str] = []
         self._set_tabs()
@@ -176,12 +179,15 @@ class Dashboard(pn.viewable.Viewer):
             sizing_mode="stretch_width")
 
     def _set_tabs(self, *events) -> None:
-        """The tabs this trace needs: Perceiver maps only for a Perceiver run, user probes only for a
-        run that had some, Compare only where another trace is served."""
-        names = ["attention", "perceiver", "kv_cache", "activations", "timing", "comm", "user", "compare", "run"]
+        """The tabs this trace needs: Heads only for a run with attention maps, Perceiver maps only for
+        a Perceiver run, user probes only for a run that had some, Compare only where another trace is
+        served."""
+        names = ["attention", "heads", "perceiver", "kv_cache", "activations", "timing", "comm", "user", "compare", "run"]
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:
             names.remove("perceiver")
+        if tr is None or not tr.spec.attention_layers:
+            names.remove("heads")
         if tr is None or not tr.spec.user_arrays:
             names.remove("user")
         if tr is None or not self.views["compare"].has_candidates:

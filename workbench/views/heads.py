@@ -1,0 +1,151 @@
+"""Heads view: every recorded head of every layer at once, coloured by a score computed from the
+recorded maps (previous-token, induction, first-token sink, self, entropy), so the heads that do
+something recognisable stand out across the whole model. Click a cell to select that layer and head
+(the Attention tab then shows it).
+
+Scores are those of the attention view's head grid (``attention.head_scores``), over the latest
+``GRID_ROWS`` query rows up to the selected step of the selected sequence. Reading every layer's
+maps costs a layer switch per layer, so the view computes only while it is shown, and while a run
+is live at most every ``LIVE_SECONDS``.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import panel as pn
+from bokeh.events import Tap
+from bokeh.models import ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d
+from bokeh.plotting import figure
+
+from workbench.views.attention import GRID_ROWS, SCORES, head_scores, layer_maps
+from workbench.views.base import TraceView
+from workbench.views.tokens import SequenceText
+
+HEAD_SCORES = {k: v for k, v in SCORES.items() if k != "head"}
+PALETTE = "Viridis256"
+LIVE_SECONDS = 2.0
+
+
+def all_head_scores(trace, seq: int, step: int, text) -> tuple[dict[str, np.ndarray], list[int], list[int], tuple]:
+    """Scores [layer, head] of every recorded layer and head (``HEAD_SCORES``), the recorded layers
+    and heads, and the (first, last) query rows they use; ``text`` is the sequence's TokenText."""
+    ds = trace.attention
+    layers = [int(v) for v in ds["layer"].values]
+    heads = [int(v) for v in ds["head"].values]
+    out = {k: np.full((len(layers), len(heads)), np.nan) for k in HEAD_SCORES}
+    rows_used = (0, -1)
+    positions = np.asarray(text.positions)
+    ids = np.asarray(text.ids)
+    for li, layer in enumerate(layers):
+        maps, rows, keys = layer_maps(trace, seq, layer, step, GRID_ROWS, positions=positions)
+        if not len(rows):
+            continue
+        scores = head_scores(maps, np.searchsorted(keys, rows), ids[:len(keys)])
+        for k in HEAD_SCORES:
+            out[k][li] = scores[k]
+        rows_used = (int(rows[0]), int(rows[-1]))
+    return out, layers, heads, rows_used
+
+
+class HeadsView(TraceView):
+    """A layer x head matrix of one head score; a click opens that head."""
+
+    watch_params = ("trace", "step", "seq", "layer", "head", "version")
+
+    def build(self):
+        self.score = pn.widgets.Select(label="colour heads by", options={v: k for k, v in HEAD_SCORES.items()},
+                                       value="previous", width=240, css_classes=["wb-heads-score"])
+        self.score.param.watch(lambda e: self._safe_redraw({"score"}), "value")
+        self.source = ColumnDataSource(name="heads-source", data=dict(layer=[], head=[], value=[], label=[], ink=[]))
+        self.selected = ColumnDataSource(data=dict(layer=[], head=[]))
+        self.mapper = LinearColorMapper(palette=PALETTE, low=0, high=1, nan_color="#eef0f4")
+        self.figure = figure(height=320, width=560, tools="tap,save", toolbar_location="right", name="heads-matrix",
+                             title="head scores", x_axis_label="head", y_axis_label="layer",
+                             x_range=Range1d(-0.5, 0.5), y_range=Range1d(0.5, -0.5))
+        self.figure.rect(x="head", y="layer", width=0.95, height=0.95, source=self.source,
+                         fill_color={"field": "value", "transform": self.mapper}, line_color=None)
+        self.figure.text(x="head", y="layer", text="label", source=self.source, text_align="center",
+                         text_baseline="middle", text_font_size="10px", text_color="ink")
+        self.figure.rect(x="head", y="layer", width=0.95, height=0.95, source=self.selected, fill_alpha=0,
+                         line_color="#e0a100", line_width=3)
+        self.figure.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("head", "@head"), ("score", "@value{0.000}")]))
+        self.figure.add_layout(ColorBar(color_mapper=self.mapper, width=10), "right")
+        self.figure.grid.visible = False
+        self.figure.xaxis.ticker = FixedTicker(ticks=[])  # whole heads and layers only (set per trace)
+        self.figure.yaxis.ticker = FixedTicker(ticks=[])
+        self.figure.on_event(Tap, self._tapped)
+        self.note_rows = pn.pane.HTML("", margin=(0, 10), css_classes=["wb-heads-note"])
+        self._key: tuple | None = None
+        self._computed_at = 0.0
+        self._scores: dict[str, np.ndarray] = {}
+        self._layers: list[int] = []
+        self._heads: list[int] = []
+        self._text = SequenceText()
+        self.on_pick = None  # called after a click selected a head (the dashboard opens the Attention tab)
+        return pn.Column(pn.Row(self.score), pn.pane.Bokeh(self.figure), self.note_rows, sizing_mode="stretch_width")
+
+    def redraw(self, changed: set[str]) -> None:
+        st = self.state
+        if st.n_steps == 0 or getattr(st.trace, "attention", None) is None or not st.trace.spec.attention_layers:
+            self.note("this trace has no attention maps")
+            return
+        key = (id(st.trace), st.seq, st.step, st.n_steps)
+        if key != self._key:
+            live = st.status == "running"
+            if not (live and self._key is not None and changed <= {"step", "version", "layer", "head"}
+                    and time.monotonic() - self._computed_at < LIVE_SECONDS):
+                text = self._text.read(st.trace, st.seq)
+                self._scores, self._layers, self._heads, rows = all_head_scores(st.trace, st.seq, st.step, text)
+                self._key, self._computed_at, self._rows = key, time.monotonic(), rows
+                self._shown_step = st.step
+        self._draw()
+
+    def _draw(self) -> None:
+        st = self.state
+        if not self._scores:
+            return
+        values = self._scores[self.score.value]
+        layers, heads = self._layers, self._heads
+        grid_l, grid_h = np.meshgrid(np.arange(len(layers)), np.arange(len(heads)), indexing="ij")
+        flat = values.ravel()
+        small = len(layers) * len(heads) <= 256  # room for the numbers in the cells
+        finite = flat[np.isfinite(flat)]
+        low = float(finite.min()) if finite.size else 0.0
+        high = float(max(finite.max(), low + 1e-6)) if finite.size else 1.0
+        self.mapper.update(low=low, high=high)
+        self.source.data = dict(layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
+                                value=[float(v) if np.isfinite(v) else float("nan") for v in flat],
+                                label=[f"{v:.2f}" if small and np.isfinite(v) else "" for v in flat],
+                                # dark numbers on the bright end of the palette, light ones on the dark end
+                                ink=["#1d1d1d" if np.isfinite(v) and (v - low) / (high - low) > 0.6 else "#ffffff"
+                                     for v in flat])
+        shown = st.layer in layers and st.head in heads
+        self.selected.data = dict(layer=[st.layer] if shown else [], head=[st.head] if shown else [])
+        self.figure.x_range.update(start=min(heads) - 0.5, end=max(heads) + 0.5)
+        self.figure.y_range.update(start=max(layers) + 0.5, end=min(layers) - 0.5)
+        if list(self.figure.xaxis.ticker.ticks) != heads or list(self.figure.yaxis.ticker.ticks) != layers:
+            self.figure.xaxis.ticker = FixedTicker(ticks=heads)
+            self.figure.yaxis.ticker = FixedTicker(ticks=layers)
+        self.figure.width = max(360, min(1100, 56 * len(heads) + 160))
+        self.figure.height = max(240, min(900, 44 * len(layers) + 110))
+        best = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf))), values.shape)
+        name = HEAD_SCORES[self.score.value]
+        self.figure.title.text = f"{name} of every head · step {self._shown_step}"
+        first, last = self._rows
+        lowest = "lowest" if self.score.value == "entropy" else "highest"
+        pick = (np.unravel_index(int(np.nanargmin(np.where(np.isfinite(values), values, np.inf))), values.shape)
+                if self.score.value == "entropy" else best)
+        self.note_rows.object = (
+            f"<span style='font-size:12px;color:#6b7688'>{lowest}: layer {layers[pick[0]]} head {heads[pick[1]]} "
+            f"({values[pick]:.3f}) · scores use query rows {first}–{last} of sequence {st.seq} (the latest "
+            f"{last - first + 1}); click a cell to select that head</span>")
+
+    def _tapped(self, event) -> None:
+        if not self._layers or event.x is None or event.y is None:
+            return
+        head, layer = int(round(event.x)), int(round(event.y))
+        if layer in self._layers and head in self._heads:
+            self.state.param.update(layer=layer, head=head)
+            if self.on_pick is not None:
+                self.on_pick()
