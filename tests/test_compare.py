@@ -156,8 +156,14 @@ def test_compare_tab_shows_both_runs_with_the_numbers_of_compare_traces(traces):
     assert dash.views["compare"]._note.alert_type == "warning"
 
 
-def test_a_single_trace_has_no_compare_tab(traces):
+def test_a_single_trace_has_no_compare_tab(traces, tmp_path):
     assert "compare" not in Dashboard(traces["base"])._tab_views
+    write_synthetic_trace(tmp_path / "only", n_steps=3, n_layers=2, n_heads=2)   # alone in its directory
+    dash = Dashboard(tmp_path)
+    assert dash.state.trace is not None and "compare" not in dash._tab_views
+    write_synthetic_trace(tmp_path / "second", n_steps=3, n_layers=2, n_heads=2)  # another one appears
+    dash._refresh_catalog()
+    assert "compare" in dash._tab_views and list(dash.views["compare"].other.options)[1:] == ["second"]
 
 
 def _activation_step(writer: TraceWriter, spec: TraceSpec, step: int, rng) -> np.ndarray:

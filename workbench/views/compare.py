@@ -110,7 +110,7 @@ class CompareView(TraceView):
         self._quiet = False
         for w, what in ((self.other, "other"), (self.steps, "steps"), (self.site, "site"), (self.stat, "stat")):
             w.param.watch(lambda e, what=what: None if self._quiet else self._safe_redraw({what}), "value")
-        self.param.watch(lambda e: self._list_candidates(), "candidates")
+        self.param.watch(lambda e: self.list_candidates(), "candidates")
         self.runs = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-runs"])
         self.hist_sources = {k: ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[])) for k in COLORS}
         self.hist = figure(height=300, width=620, y_axis_type="log", tools="pan,wheel_zoom,box_zoom,reset,save",
@@ -141,14 +141,14 @@ class CompareView(TraceView):
                                sizing_mode="stretch_width", visible=False)
         self._b = None  # the other trace, opened here
         self._b_path: Path | None = None
-        self._totals: dict[str, RunTotals] = {}
+        self._totals: dict = {}  # "key": what they were summed for, "a" / "b": RunTotals
         self._summed_at = 0.0
         self._text_b, self._text_b_key = None, None
         return pn.Column(pn.Row(self.other, self.steps, self.site, self.stat), self.plots,
                          sizing_mode="stretch_width")
 
     # ---------------------------------------------------------------- choosing b
-    def _list_candidates(self) -> None:
+    def list_candidates(self) -> None:
         """The other traces, without the open one; keeps the chosen one while it is listed."""
         mine = Path(self.state.path).resolve() if self.state.path else None
         names = [n for n, p in self.candidates.items() if Path(p).resolve() != mine]
@@ -206,7 +206,7 @@ class CompareView(TraceView):
         st = self.state
         if "trace" in changed:
             self._totals = {}
-            self._list_candidates()
+            self.list_candidates()
         if not self._open_b() or st.n_steps == 0:
             self.plots.visible = False
             return

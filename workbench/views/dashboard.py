@@ -38,8 +38,9 @@ silence(MISSING_RENDERERS, True)
 
 TICK_MS = 300          # live refresh and replay clock
 CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
-TAB_TITLES = {"attention": "Attention", "heads": "Heads", "perceiver": "Perceiver", "kv_cache": "KV cache", "activations": "Activations",
-              "timing": "Time", "comm": "Communication", "user": "Your probes", "compare": "Compare", "run": "Run"}
+TAB_TITLES = {"attention": "Attention", "heads": "Heads", "perceiver": "Perceiver", "kv_cache": "KV cache",
+              "activations": "Activations", "timing": "Time", "comm": "Communication", "user": "Your probes",
+              "compare": "Compare", "run": "Run"}
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
 
@@ -182,7 +183,7 @@ class Dashboard(pn.viewable.Viewer):
         """The tabs this trace needs: Heads only for a run with attention maps, Perceiver maps only for
         a Perceiver run, user probes only for a run that had some, Compare only where another trace is
         served."""
-        names = ["attention", "heads", "perceiver", "kv_cache", "activations", "timing", "comm", "user", "compare", "run"]
+        names = list(TAB_TITLES)
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:
             names.remove("perceiver")
@@ -190,6 +191,7 @@ class Dashboard(pn.viewable.Viewer):
             names.remove("heads")
         if tr is None or not tr.spec.user_arrays:
             names.remove("user")
+        self.views["compare"].list_candidates()  # without the trace just opened
         if tr is None or not self.views["compare"].has_candidates:
             names.remove("compare")
         if names != self._tab_views:
