@@ -300,6 +300,27 @@ def test_clicking_a_token_selects_its_step(server, open_page):
     assert page.errors == []
 
 
+def test_keyboard_shortcuts_step_and_switch_layer_and_head(server, open_page):
+    page = open_page(server + "?trace=replay")
+
+    def title_has(text: str) -> bool:
+        return text in (page.model_text("attention-main") or "")
+
+    page.page.locator(".wb-step").click(position={"x": 1, "y": 1})   # focus on the page, not on a field
+    for key, expected in (("ArrowLeft", "head 0 · step 38"), ("Shift+ArrowLeft", "head 0 · step 28"),
+                          ("Home", "head 0 · step 0"), ("ArrowRight", "head 0 · step 1"), ("End", "head 0 · step 39"),
+                          ("ArrowDown", "layer 1 · head 0"), ("]", "layer 1 · head 1")):
+        page.page.keyboard.press(key)
+        page.wait_for(lambda expected=expected: title_has(expected), f"{key} to show {expected}")
+    page.select(".wb-layer", "layer 3")                                # typing into a select changes only the select
+    page.wait_for(lambda: title_has("layer 3 · head 1 · step 39"), "layer 3 from the select")
+    page.page.locator(".wb-layer select").press("ArrowUp")
+    page.wait_for(lambda: title_has("layer 2 · head 1"), "the select's own arrow key")
+    page.page.wait_for_timeout(500)
+    assert title_has("layer 2 · head 1 · step 39")                      # the step did not move with it
+    assert page.errors == []
+
+
 def test_refused_and_broken_traces_show_an_error_in_the_page(server, open_page, traces):
     for query, expected in (("../../etc", "outside the served directory"),
                             ("broken", "missing spec")):

@@ -383,6 +383,42 @@ def test_time_view_shows_each_layers_parts_and_what_is_left_outside_the_layers(s
     assert _danger(dash) == {}
 
 
+def test_keyboard_shortcuts_move_the_selection(synthetic):
+    dash = Dashboard(synthetic)
+    st = dash.state
+    assert st.step == 19
+    presses = iter(range(1, 100))
+
+    def press(key: str, shift: bool = False) -> None:   # as the page's listener reports a key
+        dash.keys.press = f"{'S-' if shift else ''}{key}|{next(presses)}"
+
+    press("ArrowLeft")
+    assert st.step == 18
+    press("ArrowLeft", shift=True)
+    assert st.step == 8
+    press("ArrowLeft", shift=True)
+    assert st.step == 0                                          # clamped at the first step
+    press("ArrowRight")
+    assert st.step == 1
+    press("End")
+    assert st.step == 19
+    press("Home")
+    assert st.step == 0
+    press(" ")
+    assert st.playing
+    press(" ")
+    assert not st.playing
+    press("ArrowDown"), press("ArrowDown"), press("ArrowDown")
+    assert st.layer == 2                                         # 3 layers: clamped at the last
+    press("ArrowUp")
+    assert st.layer == 1
+    press("]"), press("]")
+    assert st.head == 2
+    press("[")
+    assert st.head == 1
+    assert dash.views["attention"].main.figure.title.text.startswith("layer 1 · head 1 · step 0")
+
+
 def test_clicking_a_token_selects_the_step_that_produced_it(synthetic):
     dash = Dashboard(synthetic)
     strip = dash.views["tokens"].strip

@@ -25,6 +25,8 @@ from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
 from workbench.views.heads import HeadsView
+from workbench.views.keys import HELP as KEYS_HELP
+from workbench.views.keys import KeyListener
 from workbench.views.kv_cache import KVCacheView
 from workbench.views.run_info import RunInfoView, status_badge
 from workbench.views.state import TraceState
@@ -169,6 +171,8 @@ class Dashboard(pn.viewable.Viewer):
                                              css_classes=["wb-head"])
         for w, name in ((self.seq_select, "seq"), (self.layer_select, "layer"), (self.head_select, "head")):
             w.param.watch(lambda e, name=name: setattr(st, name, int(e.new)), "value")
+        self.keys = KeyListener(width=0, height=0, margin=0)
+        self.keys.param.watch(lambda e: self.on_key(*self.keys.key()), "press")
         self.sidebar = pn.Column(
             self.trace_select, self.status, self.error,
             pn.Row(self.play, self.prev_step, self.next_step), self.step_slider,
@@ -176,7 +180,8 @@ class Dashboard(pn.viewable.Viewer):
             pn.layout.Divider(), self.seq_select, self.layer_select, self.head_select,
             pn.pane.HTML("<div style='color:#6b7688;font-size:12px'>Every view follows the selected step, "
                          "sequence, layer and head. Click a token to jump to its step; click a head "
-                         "thumbnail to open it.</div>"),
+                         f"thumbnail to open it.<br>{KEYS_HELP}.</div>"),
+            self.keys,
             sizing_mode="stretch_width")
 
     def _set_tabs(self, *events) -> None:
@@ -205,6 +210,25 @@ class Dashboard(pn.viewable.Viewer):
         # Only the tokens strip and the visible tab redraw on every step; hidden tabs catch up when shown.
         for name in TAB_TITLES:
             self.views[name].active = name in self._tab_views and self._tab_views.index(name) == self.tabs.active
+
+    def on_key(self, key: str, shift: bool = False) -> None:
+        """A keyboard shortcut (views/keys.py): step, play, layer or head."""
+        st = self.state
+        if st.trace is None:
+            return
+        if key in ("ArrowLeft", "ArrowRight", "Home"):
+            st.playing = False
+            by = (10 if shift else 1) * (1 if key == "ArrowRight" else -1)
+            st.select_step(0 if key == "Home" else st.step + by)
+        elif key == "End":
+            st.playing = False
+            st.select_step(st.n_steps - 1)  # while live, this follows the newest step again
+        elif key == " ":
+            st.toggle_play()
+        elif key in ("ArrowUp", "ArrowDown"):
+            st.layer = min(max(st.layer + (1 if key == "ArrowDown" else -1), 0), st.n_layers - 1)
+        elif key in ("[", "]"):
+            st.head = min(max(st.head + (1 if key == "]" else -1), 0), st.n_heads - 1)
 
     def _slider_moved(self, event) -> None:
         if event.new is not None and event.new != self.state.step:
