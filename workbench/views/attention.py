@@ -92,9 +92,9 @@ def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> di
     out["sink"] = w[:, :, 0].mean(axis=1) if n_keys else np.zeros(n_heads)
     in_range = rows < n_keys
     out["self"] = w[:, r[in_range], rows[in_range]].mean(axis=1) if in_range.any() else np.zeros(n_heads)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bits = np.where(w > 0, -w * np.log2(w), 0.0).sum(axis=2)  # [head, row]
-    out["entropy"] = bits.mean(axis=1) if n_rows else np.zeros(n_heads)
+    logs = np.zeros_like(w)
+    np.log2(w, out=logs, where=w > 0)  # 0 log 0 = 0
+    out["entropy"] = -(w * logs).sum(axis=2).mean(axis=1) if n_rows else np.zeros(n_heads)
     ids = np.asarray(token_ids)[:n_keys]
     if ids.size == n_keys and n_keys > 1 and n_rows:
         cur = ids[np.minimum(rows, n_keys - 1)]
