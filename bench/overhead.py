@@ -13,7 +13,8 @@ cancels; the middle half of those per-repeat ratios shows how much the repeats d
 trace size per step, the writer's throughput (raw bytes its worker process encodes per second
 of its own work) and share of a core, the time to drain the queue at the end, and the cost of
 hook points nobody listens to. Warns when the two no-probes runs disagree by more than 3% between
-repeats: on a busy machine every ratio is that uncertain.
+repeats: on a busy machine every ratio is that uncertain. Ends with whether this run met each goal
+(light >= 0.95, everything >= 0.75 of the no-probes rate; idle hook points under 1% of a step).
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
@@ -40,6 +41,9 @@ from workbench.trace.writer import TraceWriter
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 # Above this spread of the two no-probes runs' ratio a run warns (most runs here: 0.3-2.8%).
 NOISY_SPREAD = 0.03
+# The issue's goals: decode rate with probes over the rate without, and idle hook points' share of a step.
+GOALS = {"light": 0.95, "everything": 0.75}
+IDLE_HOOKS_GOAL = 0.01
 
 
 def default_model():
@@ -187,6 +191,11 @@ def main() -> None:
     checks, ns, share = hook_point_cost(model, 1.0 / plain * args.batch)
     print(f"hook points with no listener: {checks} guard checks per forward, {ns:.0f} ns each, "
           f"{share * 100:.2f}% of a decode step")
+    verdicts = [f"{kind} {float(np.median(ratios[kind])):.3f} {'>=' if np.median(ratios[kind]) >= goal else '<'} {goal}"
+                f" {'met' if np.median(ratios[kind]) >= goal else 'NOT met'}" for kind, goal in GOALS.items()]
+    verdicts.append(f"idle hooks {share * 100:.2f}% {'<' if share < IDLE_HOOKS_GOAL else '>='} {IDLE_HOOKS_GOAL:.0%}"
+                    f" {'met' if share < IDLE_HOOKS_GOAL else 'NOT met'}")
+    print("goals in this run: " + "; ".join(verdicts))
 
 
 if __name__ == "__main__":
