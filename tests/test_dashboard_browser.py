@@ -321,6 +321,17 @@ def test_keyboard_shortcuts_step_and_switch_layer_and_head(server, open_page):
     assert page.errors == []
 
 
+def test_a_link_opens_the_page_at_its_step_layer_head_and_tab(server, open_page):
+    page = open_page(server + "?trace=replay&tab=heads&step=10&layer=2&head=3")
+    assert "layer 2 · head 3 · step 10" in page.model_text("attention-main")
+    page.wait_for(lambda: "step 10" in (page.model_text("heads-matrix") or ""), "the Heads tab at step 10")
+    link = page.page.locator(".wb-link a")
+    assert link.get_attribute("href") == "?trace=replay&tab=heads&step=10&seq=0&layer=2&head=3"
+    page.page.keyboard.press("ArrowRight")
+    page.wait_for(lambda: "step=11" in (link.get_attribute("href") or ""), "the link to follow the step")
+    assert page.errors == []
+
+
 def test_refused_and_broken_traces_show_an_error_in_the_page(server, open_page, traces):
     for query, expected in (("../../etc", "outside the served directory"),
                             ("broken", "missing spec")):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -417,6 +418,26 @@ def test_keyboard_shortcuts_move_the_selection(synthetic):
     press("[")
     assert st.head == 1
     assert dash.views["attention"].main.figure.title.text.startswith("layer 1 · head 1 · step 0")
+
+
+def test_a_link_reopens_the_view_it_was_taken_from(synthetic, tmp_path):
+    root = tmp_path / "served"
+    shutil.copytree(synthetic, root / "s")                       # a directory of traces: links name the trace
+    dash = Dashboard(root, "s")
+    dash.apply_query({"step": "4", "layer": "2", "head": "3", "tab": "kv cache"})
+    st = dash.state
+    assert (st.step, st.layer, st.head) == (4, 2, 3) and dash._tab_views[dash.tabs.active] == "kv_cache"
+    query = dash.link_query()
+    assert query == "?trace=s&tab=kv+cache&step=4&seq=0&layer=2&head=3" and query.replace("&", "&amp;") in dash.link.object
+    again = Dashboard(root)                                      # a new page opened with that link
+    again.select("s")
+    again.apply_query(dict(pair.split("=") for pair in query[1:].replace("+", " ").split("&")))
+    assert (again.state.step, again.state.layer, again.state.head) == (4, 2, 3)
+    assert again._tab_views[again.tabs.active] == "kv_cache"
+    # numbers out of range are clamped, anything else is ignored
+    dash.apply_query({"step": "999", "layer": "-4", "head": "x", "tab": "nope"})
+    assert (st.step, st.layer, st.head) == (19, 0, 3) and dash._tab_views[dash.tabs.active] == "kv_cache"
+    assert Dashboard(synthetic).link_query().startswith("?tab=attention&step=19")   # one trace served: no name
 
 
 def test_clicking_a_token_selects_the_step_that_produced_it(synthetic):

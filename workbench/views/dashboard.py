@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import panel as pn
 import param
@@ -43,6 +44,7 @@ CATALOG_EVERY = 10     # ticks between re-listing a directory of traces
 TAB_TITLES = {"attention": "Attention", "heads": "Heads", "perceiver": "Perceiver", "kv_cache": "KV cache",
               "activations": "Activations", "timing": "Time", "comm": "Communication", "user": "Your probes",
               "compare": "Compare", "run": "Run"}
+LINK_PARAMS = ("step", "seq", "layer", "head")  # with trace and tab: what a link to the page restores
 SPEEDS = {"1 step": 1, "2 steps": 2, "5 steps": 5, "10 steps": 10, "25 steps": 25}
 
 
@@ -84,6 +86,8 @@ class Dashboard(pn.viewable.Viewer):
         self.state.param.watch(self._set_tabs, "trace")
         self.state.param.watch(self._sync_controls, ["trace", "n_steps", "step", "playing", "status", "error",
                                                      "layer", "head", "seq", "follow"])
+        self.state.param.watch(self._update_link, ["path", "step", "seq", "layer", "head"])
+        self.tabs.param.watch(self._update_link, "active")
         self._requested = trace or ""
         self._refresh_catalog()
         self.select(trace if trace is not None else self._default_name())
@@ -171,6 +175,7 @@ class Dashboard(pn.viewable.Viewer):
                                              css_classes=["wb-head"])
         for w, name in ((self.seq_select, "seq"), (self.layer_select, "layer"), (self.head_select, "head")):
             w.param.watch(lambda e, name=name: setattr(st, name, int(e.new)), "value")
+        self.link = pn.pane.HTML("", margin=(0, 10), css_classes=["wb-link"])
         self.keys = KeyListener(width=0, height=0, margin=0)
         self.keys.param.watch(lambda e: self.on_key(*self.keys.key()), "press")
         self.sidebar = pn.Column(
@@ -181,7 +186,7 @@ class Dashboard(pn.viewable.Viewer):
             pn.pane.HTML("<div style='color:#6b7688;font-size:12px'>Every view follows the selected step, "
                          "sequence, layer and head. Click a token to jump to its step; click a head "
                          f"thumbnail to open it.<br>{KEYS_HELP}.</div>"),
-            self.keys,
+            self.link, self.keys,
             sizing_mode="stretch_width")
 
     def _set_tabs(self, *events) -> None:
@@ -210,6 +215,51 @@ class Dashboard(pn.viewable.Viewer):
         # Only the tokens strip and the visible tab redraw on every step; hidden tabs catch up when shown.
         for name in TAB_TITLES:
             self.views[name].active = name in self._tab_views and self._tab_views.index(name) == self.tabs.active
+
+    # ---------------------------------------------------------------- links
+    def link_query(self) -> str:
+        """The query string that reopens this view: trace, tab, step, sequence, layer and head."""
+        st = self.state
+        if st.trace is None:
+            return ""
+        query = {}
+        if not self.catalog.single:
+            try:
+                query["trace"] = Path(st.path).resolve().relative_to(self.catalog.root).as_posix()
+            except ValueError:
+                return ""
+        if self._tab_views:
+            query["tab"] = TAB_TITLES[self._tab_views[self.tabs.active]].lower()
+        query.update({k: getattr(st, k) for k in LINK_PARAMS})
+        return "?" + urlencode(query)
+
+    def apply_query(self, args: dict[str, str]) -> None:
+        """Select what a link names (``link_query``); values that are not numbers are ignored, numbers
+        out of range are clamped. The trace itself is opened first (``select``)."""
+        st = self.state
+        if st.trace is None:
+            return
+        nums = {}
+        for k in LINK_PARAMS:
+            try:
+                nums[k] = int(args[k])
+            except (KeyError, ValueError):
+                pass
+        for k, n in (("seq", st.n_seqs), ("layer", st.n_layers), ("head", st.n_heads)):
+            if k in nums:
+                setattr(st, k, min(max(nums[k], 0), n - 1))
+        if "step" in nums:
+            st.playing = False
+            st.select_step(nums["step"])
+        titles = {TAB_TITLES[n].lower(): i for i, n in enumerate(self._tab_views)}
+        if args.get("tab", "").lower() in titles:
+            self.tabs.active = titles[args["tab"].lower()]
+
+    def _update_link(self, *events) -> None:
+        query = self.link_query()
+        self.link.object = (f"<a href='{html.escape(query)}' style='font-size:12px'>link to this view</a> "
+                            "<span style='font-size:12px;color:#6b7688'>(trace, tab, step, layer, head)</span>"
+                            if query else "")
 
     def on_key(self, key: str, shift: bool = False) -> None:
         """A keyboard shortcut (views/keys.py): step, play, layer or head."""
@@ -305,10 +355,11 @@ class Dashboard(pn.viewable.Viewer):
 
     def template(self) -> pn.template.BaseTemplate:
         """The served page (a Bootstrap template: no resources from the internet)."""
-        query = pn.state.session_args.get("trace") if pn.state.curdoc else None
-        if query:
-            self._requested = query[0].decode("utf-8", "replace")
+        args = {k: v[0].decode("utf-8", "replace") for k, v in pn.state.session_args.items() if v} if pn.state.curdoc else {}
+        if args.get("trace"):
+            self._requested = args["trace"]
             self.select(self._requested)
+        self.apply_query(args)
         pn.state.onload(self.start_clock)
         return pn.template.BootstrapTemplate(
             title="workbench · trace dashboard", header_background="#24415f", sidebar_width=310,
