@@ -1,5 +1,6 @@
 """compare_traces / `workbench compare` on real recorded runs (the paper's experiment in miniature)."""
 import numpy as np
+import xarray as xr
 import pytest
 import torch
 
@@ -226,3 +227,22 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
     assert dash.state.status == "complete" and read == [("live", 8, 9)] and "9 steps, 9 summed" in view.runs.object
     frac = reference(written, dash.state.layer)
     np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
+
+
+def test_compare_tab_quotes_both_runs_decode_step_times(tmp_path, traces):
+    write_synthetic_trace(tmp_path / "tp2", n_steps=12, n_layers=3, n_heads=4, world=2, seed=1)
+    write_synthetic_trace(tmp_path / "tp1", n_steps=9, n_layers=3, n_heads=4, world=1, seed=2)
+    dash, view = _compare_tab(tmp_path, "tp2")
+    view.compare_with("tp1")
+
+    def reference(name: str) -> float:   # the slowest rank of each decode step, median over steps
+        seconds = xr.open_zarr(tmp_path / name, group="timing", consolidated=False)["step_seconds"].values
+        return float(np.median(seconds[1:].max(axis=1))) * 1e3
+
+    a, b = reference("tp2"), reference("tp1")
+    assert f"median decode step: a {a:.3f} ms, b {b:.3f} ms (b / a = {b / a:.2f})" in view.runs.object
+    assert "TP 2 (" in view.runs.object.split("<br>")[0] and "TP" not in view.runs.object.split("<br>")[1]
+    # runs recorded without the timing probe quote no times
+    dash, view = _compare_tab(traces["base"].parent, "base.zarr")
+    view.compare_with("arm.zarr")
+    assert "median decode step" not in view.runs.object

@@ -67,6 +67,17 @@ class RunTotals:
         return self.upto - step_range(self.steps, self.upto)[0] if self.upto else 0
 
 
+def median_decode_ms(trace) -> float:
+    """Median wall time of the committed decode steps in ms, a step lasting as long as its slowest
+    rank; NaN if the run recorded no timings."""
+    n = int(trace.n_steps)
+    if n < 2:
+        return float("nan")
+    seconds = np.asarray(trace.timing["step_seconds"][1:n].values, dtype=np.float64)  # [step, rank]
+    seconds = seconds[np.isfinite(seconds).any(axis=1)]
+    return float(np.median(np.nanmax(seconds, axis=1))) * 1e3 if len(seconds) else float("nan")
+
+
 def text_divergence(a, b) -> str:
     """Where two runs' texts (``TokenText`` of one sequence each) first differ, in a sentence."""
     n = 0
@@ -266,10 +277,16 @@ class CompareView(TraceView):
                 prompt = prompt[:67] + "..."
             arm = meta.get("arm")
             arm_text = f"ARM on layers {list(arm.get('layers', []))}" if arm else "ARM off"
+            tp = (f" · TP {tr.spec.world} ({html.escape(str(meta.get('tp_algorithm', 'allreduce')))})"
+                  if tr.spec.world > 1 else "")
             name = self._name_of(Path(tr.path)) if k == "a" else self.other.value
             lines.append(f"<span style='color:{COLORS[k]};font-weight:700'>{k}</span> "
-                         f"<b>{html.escape(name)}</b> · {html.escape(prompt)} · {arm_text} · "
+                         f"<b>{html.escape(name)}</b> · {html.escape(prompt)} · {arm_text}{tp} · "
                          f"{tr.n_steps} steps, {self._totals[k].n_summed} summed ({self.steps.value})")
+        ms = {k: median_decode_ms(tr) for k, tr in (("a", a), ("b", b))}
+        if all(np.isfinite(v) for v in ms.values()):
+            lines.append(f"<span style='color:#5c677a'>median decode step: a {ms['a']:.3f} ms, b {ms['b']:.3f} ms "
+                         f"(b / a = {ms['b'] / ms['a']:.2f})</span>")
         seq_b = min(st.seq, b.spec.n_seq - 1)
         self._text_b = read_token_text(b, seq_b, self._text_b if self._text_b is not None
                                        and self._text_b_key == (id(b), seq_b) else None)
