@@ -528,6 +528,7 @@ def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     assert growth.data["total_used"][-1] == (PROMPT + 5) * 64 * spec.n_layers
     assert dash.views["tokens"].strip.tokens[-1] == " g5"       # sampled at step 5, at position P + 5
     assert dash.views["tokens"].strip.probs[PROMPT:] == [0.6] * 6  # each with its sampled probability
+    np.testing.assert_allclose(dash.views["tokens"].prob_source.data["chosen"], [0.6] * 6, rtol=1e-6)
     timing = dash.views["timing"]
     dash.tabs.active = dash._tab_views.index("timing")            # time per layer and part
     assert timing.step_source.data["step"] == list(range(6))
@@ -560,7 +561,24 @@ def test_a_run_recorded_without_the_sampler_offers_no_shading(tmp_path):
     tokens = Dashboard(tmp_path / "no-sampler").views["tokens"]
     assert tokens.strip.tokens[-3:] == [" g0", " g1", " g2"]
     assert tokens.shade.disabled and tokens.strip.probs == [None] * (PROMPT + 3)
+    assert not tokens.prob_fig.visible and tokens.prob_source.data["step"] == []
     writer.close()
+
+
+def test_the_sampled_probability_of_every_step_and_a_click_on_one(synthetic):
+    import zarr
+    from bokeh.events import Tap
+    dash = Dashboard(synthetic)
+    tokens = dash.views["tokens"]
+    raw = zarr.open_group(str(synthetic), mode="r")["tokens"]
+    data = tokens.prob_source.data
+    assert data["step"] == list(range(20)) and tokens.prob_fig.visible
+    np.testing.assert_allclose(data["chosen"], raw["chosen_prob"][0, :20], rtol=1e-6)
+    np.testing.assert_allclose(data["top"], raw["candidate_prob"][0, :20, 0], rtol=1e-6)
+    assert all(c <= t + 1e-6 for c, t in zip(data["chosen"], data["top"]))   # top is the most likely one
+    assert tokens.prob_cursor.location == 19
+    tokens._on_tap_step(Tap(model=tokens.prob_fig, x=6.3, y=0.5))
+    assert dash.state.step == 6 and tokens.prob_cursor.location == 6
 
 
 def test_dashboard_opened_before_the_prefill_shows_the_prompt_once_it_lands(tmp_path):

@@ -1,5 +1,6 @@
-"""Tokens view: prompt and generated text as it grows, click a token to select its step, and the
-sampler's top-k candidates at the selected step.
+"""Tokens view: prompt and generated text as it grows, click a token to select its step, the
+sampler's top-k candidates at the selected step, and the sampled token's probability at every step
+(where the model was unsure; click to select that step).
 
 The text is read once and then extended with only the newly committed positions. Candidate token
 texts come from the trace itself (every id that appears in the text), since a trace carries no
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import panel as pn
-from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+from bokeh.events import Tap
+from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d, Span
 from bokeh.plotting import figure
 
 from workbench.views.base import TraceView
@@ -139,6 +141,15 @@ def read_token_text(trace, seq: int, known: TokenText | None = None) -> TokenTex
     return known
 
 
+def read_step_probabilities(trace, seq: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """For steps [start, stop): the probability of the sampled token (NaN: not among the recorded
+    candidates, or not recorded) and that of the most likely candidate."""
+    ds = trace.tokens
+    chosen = np.asarray(ds["chosen_prob"][seq, start:stop].values, dtype=np.float64)
+    top = np.asarray(ds["candidate_prob"][seq, start:stop, 0].values, dtype=np.float64)
+    return chosen, top
+
+
 def read_candidates(trace, seq: int, step: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k candidate ids and probabilities at ``step`` (most probable first) and the chosen id."""
     ds = trace.tokens
@@ -172,16 +183,39 @@ class TokensView(TraceView):
         fig.ygrid.visible = False
         fig.y_range.factors = []
         self.cand_fig = fig
+        # Where the model was unsure, across the whole run: a click selects that step.
+        self.prob_source = ColumnDataSource(data=dict(step=[], chosen=[], top=[]))
+        pf = figure(height=240, width=620, tools="tap,xpan,xwheel_zoom,reset", toolbar_location="right",
+                    title="probability of the sampled token at each step (click a step to select it)",
+                    name="tokens-probs", x_axis_label="step", y_axis_label="probability", y_range=Range1d(0, 1.05),
+                    x_range=Range1d(-0.5, 0.5))
+        top = pf.line("step", "top", source=self.prob_source, color="#9aa5b1", line_width=1.5,
+                      legend_label="most likely candidate")
+        pf.scatter("step", "chosen", source=self.prob_source, color="#e6550d", size=4, legend_label="sampled token")
+        pf.add_tools(HoverTool(renderers=[top], mode="vline", tooltips=[("step", "@step"), ("sampled p", "@chosen{0.000}"),
+                                                                       ("most likely p", "@top{0.000}")]))
+        legend = pf.legend[0]
+        legend.update(orientation="horizontal", label_text_font_size="10px", margin=0, padding=4)
+        pf.add_layout(legend, "above")  # outside the plot: probabilities fill all of it
+        self.prob_cursor = Span(location=0, dimension="height", line_color="#e0a100", line_width=2)
+        pf.add_layout(self.prob_cursor)
+        pf.on_event(Tap, self._on_tap_step)
+        self.prob_fig = pf
+        self._probs_key: tuple | None = None
+        self._probs_read = 0
         return pn.Column(
             pn.pane.HTML("<b>Text</b> <span style='color:#6b7688'>— click a token to jump to the step "
                          "that produced it; faded tokens come after the selected step</span>",
                          margin=(0, 10)),
-            self.shade, self.strip, self.summary, pn.pane.Bokeh(fig), sizing_mode="stretch_width")
+            self.shade, self.strip, self.summary, pn.Row(pn.pane.Bokeh(fig), pn.pane.Bokeh(pf)),
+            sizing_mode="stretch_width")
 
     def clear(self) -> None:
         self.text = None
         self.strip.replace([], 0)
         self.cand_source.data = dict(label=[], prob=[], color=[], rank=[])
+        self.prob_source.data = dict(step=[], chosen=[], top=[])
+        self._probs_key, self._probs_read = None, 0
         self.summary.object = ""
 
     def redraw(self, changed: set[str]) -> None:
@@ -205,6 +239,29 @@ class TokensView(TraceView):
         pos = t.position_of(st.step)
         self.strip.param.update(n_visible=t.visible(st.step), selected=pos, n_prompt=t.prompt_len)
         self._show_candidates(pos)
+        self._show_probabilities(sampled=not self.shade.disabled)
+
+    def _show_probabilities(self, sampled: bool) -> None:
+        """The probabilities of every committed step, streaming only the new ones."""
+        st = self.state
+        self.prob_fig.visible = sampled
+        key = (id(st.trace), st.seq)
+        if key != self._probs_key:
+            self.prob_source.data = dict(step=[], chosen=[], top=[])
+            self._probs_key, self._probs_read = key, 0
+        if sampled and st.n_steps > self._probs_read:
+            chosen, top = read_step_probabilities(st.trace, st.seq, self._probs_read, st.n_steps)
+            self.prob_source.stream(dict(step=list(range(self._probs_read, st.n_steps)), chosen=_json(chosen),
+                                         top=_json(top)))
+            x = self.prob_fig.x_range
+            if self._probs_read == 0 or x.end == self._probs_read - 0.5:  # not zoomed in: show every step
+                x.update(start=-0.5, end=st.n_steps - 0.5)
+            self._probs_read = st.n_steps
+        self.prob_cursor.location = st.step
+
+    def _on_tap_step(self, event) -> None:
+        if event.x is not None and self.state.trace is not None:
+            self.state.select_step(int(round(event.x)))
 
     def _show_candidates(self, pos: int) -> None:
         st, t = self.state, self.text
@@ -231,6 +288,11 @@ class TokensView(TraceView):
         if self.text is None or event.new < 0:
             return
         self.state.select_step(self.text.step_of(event.new))
+
+
+def _json(a: np.ndarray) -> list[float]:
+    """NaN-safe floats for Bokeh (NaN: no point drawn)."""
+    return [float(x) if np.isfinite(x) else float("nan") for x in a]
 
 
 def _visible(text: str) -> str:
