@@ -507,6 +507,31 @@ def test_heads_view_scores_every_head_and_a_click_opens_it(synthetic):
     assert _danger(dash) == {}
 
 
+def test_heads_tab_follows_a_live_run_at_most_every_few_seconds(tmp_path, monkeypatch):
+    from workbench.views import heads as heads_view
+    spec, writer = _start_live(tmp_path / "live", n_steps=10)
+    for s in range(3):
+        _write_step(writer, spec, s)
+    writer.flush()
+    dash = Dashboard(tmp_path / "live")
+    dash.tabs.active = dash._tab_views.index("heads")
+    heads = dash.views["heads"]
+    assert "step 2" in heads.figure.title.text
+    monkeypatch.setattr(heads_view, "LIVE_SECONDS", 600.0)
+    _write_step(writer, spec, 3)
+    writer.flush()
+    dash.tick()
+    assert dash.state.step == 3 and "step 2" in heads.figure.title.text     # following: not yet recomputed
+    dash.state.select_step(1)                                               # a step the user picks: at once
+    assert "step 1" in heads.figure.title.text
+    # uniform causal attention (the live writer's): every row's entropy is log2 of its keys
+    heads.score.value = "entropy"
+    n = PROMPT + 1                                                          # queries up to step 1
+    expected = np.mean([np.log2(q + 1) for q in range(n)])
+    np.testing.assert_allclose(heads.source.data["value"], expected, rtol=1e-3)   # maps stored as float16
+    writer.close()
+
+
 def test_live_dashboard_streams_only_new_steps(tmp_path, monkeypatch):
     path = tmp_path / "live"
     spec, writer = _start_live(path, n_steps=10)

@@ -5,8 +5,8 @@ something recognisable stand out across the whole model. Click a cell to select 
 
 Scores are those of the attention view's head grid (``attention.head_scores``), over the latest
 ``GRID_ROWS`` query rows up to the selected step of the selected sequence. Reading every layer's
-maps costs a layer switch per layer, so the view computes only while it is shown, and while a run
-is live at most every ``LIVE_SECONDS``.
+maps costs a layer switch per layer, so the view computes only while it is shown, and while it
+follows a live run at most every ``LIVE_SECONDS``.
 """
 from __future__ import annotations
 
@@ -87,13 +87,15 @@ class HeadsView(TraceView):
 
     def redraw(self, changed: set[str]) -> None:
         st = self.state
-        if st.n_steps == 0 or getattr(st.trace, "attention", None) is None or not st.trace.spec.attention_layers:
+        if getattr(st.trace, "attention", None) is None or not st.trace.spec.attention_layers:
             self.note("this trace has no attention maps")
+            return
+        if st.n_steps == 0:
             return
         key = (id(st.trace), st.seq, st.step, st.n_steps)
         if key != self._key:
-            live = st.status == "running"
-            if not (live and self._key is not None and changed <= {"step", "version", "layer", "head"}
+            following = st.status == "running" and st.follow  # a step the user picks is drawn at once
+            if not (following and self._key is not None and changed <= {"step", "version", "layer", "head"}
                     and time.monotonic() - self._computed_at < LIVE_SECONDS):
                 text = self._text.read(st.trace, st.seq)
                 self._scores, self._layers, self._heads, rows = all_head_scores(st.trace, st.seq, st.step, text)
