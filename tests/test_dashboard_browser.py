@@ -220,7 +220,8 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
 def test_compare_tab_overlays_another_run(server, open_page):
     page = open_page(server + "?trace=replay")
     page.tab("Compare")
-    page.wait_for(lambda: "choose a trace" in page.deep_text("wb-note-CompareView"), "the compare tab's prompt to choose")
+    page.wait_for(lambda: "choose a trace" in page.deep_text("wb-note-CompareView"),
+                  "the compare tab's prompt to choose")
     page.select(".wb-compare-other", "broken")                   # a damaged store: said, nothing drawn
     page.wait_for(lambda: "cannot compare with broken" in page.deep_text("wb-note-CompareView"),
                   "the note on the broken trace")
@@ -308,8 +309,8 @@ def test_keyboard_shortcuts_step_and_switch_layer_and_head(server, open_page):
 
     page.page.locator(".wb-step").click(position={"x": 1, "y": 1})   # focus on the page, not on a field
     for key, expected in (("ArrowLeft", "head 0 · step 38"), ("Shift+ArrowLeft", "head 0 · step 28"),
-                          ("Home", "head 0 · step 0"), ("ArrowRight", "head 0 · step 1"), ("End", "head 0 · step 39"),
-                          ("ArrowDown", "layer 1 · head 0"), ("]", "layer 1 · head 1")):
+                          ("Home", "head 0 · step 0"), ("ArrowRight", "head 0 · step 1"),
+                          ("End", "head 0 · step 39"), ("ArrowDown", "layer 1 · head 0"), ("]", "layer 1 · head 1")):
         page.page.keyboard.press(key)
         page.wait_for(lambda expected=expected: title_has(expected), f"{key} to show {expected}")
     page.select(".wb-layer", "layer 3")                                # typing into a select changes only the select

@@ -355,7 +355,8 @@ class Dashboard(pn.viewable.Viewer):
 
     def template(self) -> pn.template.BaseTemplate:
         """The served page (a Bootstrap template: no resources from the internet)."""
-        args = {k: v[0].decode("utf-8", "replace") for k, v in pn.state.session_args.items() if v} if pn.state.curdoc else {}
+        session = pn.state.session_args if pn.state.curdoc else {}
+        args = {k: v[0].decode("utf-8", "replace") for k, v in session.items() if v}
         if args.get("trace"):
             self._requested = args["trace"]
             self.select(self._requested)
