@@ -19,6 +19,7 @@ from workbench.trace.stats import ActivationStats
 from workbench.trace.synthetic import write_synthetic_trace
 from workbench.trace.writer import TraceWriter
 from workbench.views import compare as compare_view
+from workbench.analysis import head_scores_from_trace
 from workbench.compare import activation_sums
 from workbench.views.activations import bin_geometry
 from workbench.views.dashboard import Dashboard
@@ -158,7 +159,12 @@ def test_compare_tab_shows_both_runs_with_the_numbers_of_compare_traces(traces):
 
 
 def test_a_single_trace_has_no_compare_tab(traces, tmp_path):
-    assert "compare" not in Dashboard(traces["base"])._tab_views
+    dash = Dashboard(traces["base"])
+    assert "compare" not in dash._tab_views
+    # recorded without the attention probe: no empty Attention or Heads tab (the arrays exist, unwritten)
+    assert dash._tab_views[:2] == ["kv_cache", "activations"] and dash.tabs.active == 0
+    from workbench.notebook import TraceWidget
+    assert "attention" not in TraceWidget(traces["base"]).views and "heads" not in TraceWidget(traces["base"]).views
     write_synthetic_trace(tmp_path / "only", n_steps=3, n_layers=2, n_heads=2)   # alone in its directory
     dash = Dashboard(tmp_path)
     assert dash.state.trace is not None and "compare" not in dash._tab_views
@@ -229,7 +235,7 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
     np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
 
 
-def test_compare_tab_quotes_both_runs_decode_step_times(tmp_path, traces):
+def test_compare_tab_quotes_step_times_and_head_score_changes(tmp_path, traces):
     write_synthetic_trace(tmp_path / "tp2", n_steps=12, n_layers=3, n_heads=4, world=2, seed=1)
     write_synthetic_trace(tmp_path / "tp1", n_steps=9, n_layers=3, n_heads=4, world=1, seed=2)
     dash, view = _compare_tab(tmp_path, "tp2")
@@ -242,7 +248,16 @@ def test_compare_tab_quotes_both_runs_decode_step_times(tmp_path, traces):
     a, b = reference("tp2"), reference("tp1")
     assert f"median decode step: a {a:.3f} ms, b {b:.3f} ms (b / a = {b / a:.2f})" in view.runs.object
     assert "TP 2 (" in view.runs.object.split("<br>")[0] and "TP" not in view.runs.object.split("<br>")[1]
+    # every head's previous-token score, b - a, as the analysis module computes it from each trace
+    view.head_score.value = "previous"
+    delta = head_scores_from_trace(open_trace(tmp_path / "tp1"), "previous_token") - \
+        head_scores_from_trace(open_trace(tmp_path / "tp2"), "previous_token")
+    np.testing.assert_allclose(np.reshape(view.head_source.data["delta"], (3, 4)), delta, rtol=1e-5, atol=1e-7)
+    worst = np.unravel_index(np.argmax(np.abs(delta)), delta.shape)
+    assert f"largest change: layer {worst[0]} head {worst[1]}," in view.heads_note.object
+    assert view.heads_pane.visible
     # runs recorded without the timing probe quote no times
     dash, view = _compare_tab(traces["base"].parent, "base.zarr")
     view.compare_with("arm.zarr")
     assert "median decode step" not in view.runs.object
+    assert "attention maps are not recorded in both runs" in view.heads_note.object and not view.heads_pane.visible

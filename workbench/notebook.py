@@ -31,7 +31,7 @@ import ipywidgets as ipw
 import panel as pn
 from workbench.errors import WorkbenchError
 from workbench.views.activations import ActivationsView
-from workbench.views.attention import AttentionView
+from workbench.views.attention import AttentionView, has_attention_maps
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
@@ -152,7 +152,7 @@ class TraceWidget:
         if views is None and trace_now is not None:   # by default, only the views this trace has data for
             if trace_now.cross_attention is None:
                 names.remove("perceiver")
-            if not trace_now.spec.attention_layers:
+            if not has_attention_maps(trace_now):
                 names.remove("attention")
                 names.remove("heads")
             if not trace_now.spec.user_arrays:

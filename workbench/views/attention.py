@@ -29,6 +29,15 @@ SCORES = {
 }
 
 
+def has_attention_maps(trace) -> bool:
+    """True if the run recorded self-attention maps: a trace always holds the arrays, but a run whose
+    probes left out "attention" (``--probes light``) never wrote them."""
+    probes = (trace.metadata.get("probes") or {}).get("probes")
+    if probes is not None and "attention" not in probes:
+        return False
+    return bool(trace.spec.attention_layers) and getattr(trace, "attention", None) is not None
+
+
 def query_range(trace, seq: int, step: int) -> tuple[int, int]:
     """Query positions [start, stop) processed at ``step``."""
     ds = trace.tokens
@@ -222,8 +231,10 @@ class AttentionView(TraceView):
     # ---------------------------------------------------------------- drawing
     def redraw(self, changed: set[str]) -> None:
         st = self.state
-        if st.n_steps == 0 or getattr(st.trace, "attention", None) is None:
-            self.note("this trace has no attention maps yet")
+        if not has_attention_maps(st.trace):
+            self.note("this run recorded no attention maps (its probes left them out)")
+            return
+        if st.n_steps == 0:
             return
         text = self._text.read(st.trace, st.seq)  # the sequence's own positions: padding left out
         m = attention_map(st.trace, st.seq, st.layer, st.head, st.step)

@@ -1,8 +1,8 @@
 """Compare view: the open trace (a) beside another trace (b), e.g. the same prompt with ARM off and
 on, or with and without the paper's meaningless tokens. The selected layer's activation histograms
 of both runs overlaid (shares of values per bin, on the traces' shared fixed edges), a statistic of
-both runs across layers, a table of per-layer statistics and their differences, and where the two
-texts part. Totals are over ranks and the chosen steps (`workbench.compare`), extended with newly
+both runs across layers, a table of per-layer statistics and their differences, where the two
+texts part, and how every head's attention scores changed (b - a) where both runs recorded maps. Totals are over ranks and the chosen steps (`workbench.compare`), extended with newly
 committed steps while either run is live.
 """
 from __future__ import annotations
@@ -15,13 +15,16 @@ import numpy as np
 import panel as pn
 import param
 import xarray as xr
-from bokeh.models import BasicTicker, ColumnDataSource, HoverTool, Legend, LegendItem, Span
+from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, FixedTicker, HoverTool, Legend, LegendItem,
+                          LinearColorMapper, Range1d, Span)
 from bokeh.plotting import figure
 
 from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums
 from workbench.errors import WorkbenchError
 from workbench.views.activations import bin_geometry
+from workbench.views.attention import has_attention_maps
 from workbench.views.base import TraceView
+from workbench.views.heads import HEAD_SCORES, all_head_scores
 from workbench.views.tokens import read_token_text
 
 STATS = {"near_zero_fraction": "near-zero fraction", "zero_bin_fraction": "share in the bin holding 0",
@@ -148,7 +151,9 @@ class CompareView(TraceView):
         self.hist.add_tools(HoverTool(tooltips=[("bin", "[@left{0.000}, @right{0.000})"), ("share", "@top{0.0000}")]))
         self.by_layer.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("value", "@value{0.0000}")]))
         self.table = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-table"])
+        self._build_heads()
         self.plots = pn.Column(self.runs, pn.Row(pn.pane.Bokeh(self.hist), pn.pane.Bokeh(self.by_layer)), self.table,
+                               pn.Row(self.head_score), self.heads_note, self.heads_pane,
                                sizing_mode="stretch_width", visible=False)
         self._b = None  # the other trace, opened here
         self._b_path: Path | None = None
@@ -157,6 +162,28 @@ class CompareView(TraceView):
         self._text_b, self._text_b_key = None, None
         return pn.Column(pn.Row(self.other, self.steps, self.site, self.stat), self.plots,
                          sizing_mode="stretch_width")
+
+    def _build_heads(self) -> None:
+        """A layer x head matrix of b - a for one head score (views/heads.py), diverging colours."""
+        self.head_score = pn.widgets.Select(label="head score, b - a", options={v: k for k, v in HEAD_SCORES.items()},
+                                            value="sink", width=240)
+        self.head_score.param.watch(lambda e: self._safe_redraw({"head_score"}), "value")
+        self.heads_note = pn.pane.HTML("", margin=(0, 10), css_classes=["wb-compare-heads-note"])
+        self.head_source = ColumnDataSource(data=dict(layer=[], head=[], a=[], b=[], delta=[], label=[]))
+        self.head_mapper = LinearColorMapper(palette="RdBu11", low=-1, high=1, nan_color="#eef0f4")
+        fig = figure(height=280, width=520, tools="save", name="compare-heads", title="head scores, b - a",
+                     x_axis_label="head", y_axis_label="layer", x_range=Range1d(-0.5, 0.5), y_range=Range1d(0.5, -0.5))
+        fig.rect(x="head", y="layer", width=0.95, height=0.95, source=self.head_source,
+                 fill_color={"field": "delta", "transform": self.head_mapper}, line_color=None)
+        fig.text(x="head", y="layer", text="label", source=self.head_source, text_align="center",
+                 text_baseline="middle", text_font_size="10px", text_color="#1d1d1d")
+        fig.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("head", "@head"), ("a", "@a{0.000}"),
+                                          ("b", "@b{0.000}"), ("b - a", "@delta{+0.000}")]))
+        fig.add_layout(ColorBar(color_mapper=self.head_mapper, width=10), "right")
+        fig.grid.visible = False
+        self.heads_fig = fig
+        self.heads_pane = pn.pane.Bokeh(fig)
+        self._head_scores: dict = {}
 
     # ---------------------------------------------------------------- choosing b
     def list_candidates(self) -> None:
@@ -246,6 +273,7 @@ class CompareView(TraceView):
         self._draw_hist()
         self._draw_layers()
         self._draw_table()
+        self._draw_heads(a, b)
 
     def _sum(self, a, b, sites: list[str]) -> bool:
         """Bring both runs' totals up to their committed steps; False (with a note) if one has none."""
@@ -351,6 +379,57 @@ class CompareView(TraceView):
             "near-zero counts |x| &lt; the eps each run recorded with (ARM's own where it ran), so compare it "
             "across runs only where both used the same eps</div>"
             f"<table class='wb-cmp'><tr><th>layer</th>{head}</tr><tr><th></th>{sub}</tr>{''.join(rows)}</table>")
+
+
+    def _scores_of(self, k: str, trace, seq: int) -> tuple | None:
+        """Head scores of every recorded head after the trace's last committed step (cached per step)."""
+        key = (id(trace), int(trace.n_steps), seq)
+        cached = self._head_scores.get(k)
+        if cached is None or cached[0] != key:
+            if not has_attention_maps(trace) or trace.n_steps == 0:
+                self._head_scores[k] = (key, None)
+            else:
+                text = read_token_text(trace, seq)
+                self._head_scores[k] = (key, all_head_scores(trace, seq, int(trace.n_steps) - 1, text))
+        return self._head_scores[k][1]
+
+    def _draw_heads(self, a, b) -> None:
+        st = self.state
+        sa = self._scores_of("a", a, st.seq)
+        sb = self._scores_of("b", b, min(st.seq, b.spec.n_seq - 1))
+        shown = sa is not None and sb is not None and sa[1:3] == sb[1:3]
+        self.heads_pane.visible = self.head_score.visible = shown
+        if not shown:
+            self.heads_note.object = ("<span style='font-size:12px;color:#6b7688'>head scores: "
+                                      + ("the runs recorded different layers or heads" if sa and sb else
+                                         "attention maps are not recorded in both runs") + "</span>")
+            return
+        score = self.head_score.value
+        va, vb = sa[0][score], sb[0][score]
+        layers, heads = sa[1], sa[2]
+        delta = vb - va
+        grid_l, grid_h = np.meshgrid(np.arange(len(layers)), np.arange(len(heads)), indexing="ij")
+        finite = np.abs(delta[np.isfinite(delta)])
+        top = float(max(finite.max(), 1e-6)) if finite.size else 1.0
+        self.head_mapper.update(low=-top, high=top)
+        small = delta.size <= 256
+        self.head_source.data = dict(
+            layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
+            a=[float(v) for v in va.ravel()], b=[float(v) for v in vb.ravel()],
+            delta=[float(v) if np.isfinite(v) else float("nan") for v in delta.ravel()],
+            label=[f"{v:+.2f}" if small and np.isfinite(v) else "" for v in delta.ravel()])
+        fig = self.heads_fig
+        fig.x_range.update(start=min(heads) - 0.5, end=max(heads) + 0.5)
+        fig.y_range.update(start=max(layers) + 0.5, end=min(layers) - 0.5)
+        fig.xaxis.ticker, fig.yaxis.ticker = FixedTicker(ticks=heads), FixedTicker(ticks=layers)
+        fig.width = max(360, min(1100, 56 * len(heads) + 160))
+        fig.height = max(240, min(900, 44 * len(layers) + 110))
+        fig.title.text = f"{HEAD_SCORES[score]}, b - a, after each run's last step"
+        where = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(delta), np.abs(delta), -1))), delta.shape)
+        self.heads_note.object = (
+            f"<span style='font-size:12px;color:#6b7688'>largest change: layer {layers[where[0]]} head "
+            f"{heads[where[1]]}, {va[where]:.3f} → {vb[where]:.3f} ({delta[where]:+.3f}); scores over each run's "
+            f"latest 256 query rows (red: higher in b, blue: lower)</span>")
 
 
 def _num(x: float, signed: bool = False) -> str:

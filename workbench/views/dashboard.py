@@ -20,7 +20,7 @@ from bokeh.core.validation.warnings import MISSING_RENDERERS
 
 from workbench.errors import WorkbenchError
 from workbench.views.activations import ActivationsView
-from workbench.views.attention import AttentionView
+from workbench.views.attention import AttentionView, has_attention_maps
 from workbench.views.catalog import TraceCatalog
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
@@ -79,6 +79,7 @@ class Dashboard(pn.viewable.Viewer):
             "compare": CompareView(self.state),
         }
         self.views["heads"].on_pick = lambda: setattr(self.tabs, "active", self._tab_views.index("attention"))
+        # (the Heads tab is shown only with the Attention tab)
         self.tabs = pn.Tabs(dynamic=False, sizing_mode="stretch_width")
         self._tab_views: list[str] = []
         self._set_tabs()
@@ -190,14 +191,16 @@ class Dashboard(pn.viewable.Viewer):
             sizing_mode="stretch_width")
 
     def _set_tabs(self, *events) -> None:
-        """The tabs this trace needs: Heads only for a run with attention maps, Perceiver maps only for
-        a Perceiver run, user probes only for a run that had some, Compare only where another trace is
+        """The tabs this trace needs: Attention and Heads only for a run that recorded attention maps
+        (Attention also while no trace is open), Perceiver maps only for a Perceiver run, user probes only for a run that had some, Compare only where another trace is
         served."""
         names = list(TAB_TITLES)
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:
             names.remove("perceiver")
-        if tr is None or not tr.spec.attention_layers:
+        if tr is not None and not has_attention_maps(tr):  # e.g. --probes light: no empty heatmaps
+            names.remove("attention")
+        if tr is None or not has_attention_maps(tr):
             names.remove("heads")
         if tr is None or not tr.spec.user_arrays:
             names.remove("user")

@@ -18,7 +18,7 @@ from bokeh.events import Tap
 from bokeh.models import ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d
 from bokeh.plotting import figure
 
-from workbench.views.attention import GRID_ROWS, SCORES, head_scores, layer_maps
+from workbench.views.attention import GRID_ROWS, SCORES, has_attention_maps, head_scores, layer_maps
 from workbench.views.base import TraceView
 from workbench.views.tokens import SequenceText
 
@@ -87,8 +87,8 @@ class HeadsView(TraceView):
 
     def redraw(self, changed: set[str]) -> None:
         st = self.state
-        if getattr(st.trace, "attention", None) is None or not st.trace.spec.attention_layers:
-            self.note("this trace has no attention maps")
+        if not has_attention_maps(st.trace):
+            self.note("this run recorded no attention maps (its probes left them out)")
             return
         if st.n_steps == 0:
             return
