@@ -235,6 +235,12 @@ def test_compare_tab_overlays_another_run(server, open_page):
     page.wait_for(lambda: (page.model_text("compare-hist") or "").startswith("layer 2 ·"), "layer 2's histograms")
     page.page.wait_for_timeout(500)
     page.shot("compare")
+    # how each head's sink score changed, below the table (the page scrolls inside its main area)
+    assert "largest change: layer" in page.deep_text("wb-compare-heads-note")
+    assert (page.model_text("compare-heads") or "").startswith("first-token (sink) score, b - a")
+    page.page.locator(".wb-compare-heads-note").scroll_into_view_if_needed()
+    page.page.wait_for_timeout(300)
+    page.page.screenshot(path=str(SHOTS / "compare_heads.png"))
     assert page.errors == []
 
 

@@ -153,7 +153,7 @@ class CompareView(TraceView):
         self.table = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-table"])
         self._build_heads()
         self.plots = pn.Column(self.runs, pn.Row(pn.pane.Bokeh(self.hist), pn.pane.Bokeh(self.by_layer)), self.table,
-                               pn.Row(self.head_score), self.heads_note, self.heads_pane,
+                               pn.Row(self.head_score), self.heads_pane, self.heads_note,
                                sizing_mode="stretch_width", visible=False)
         self._b = None  # the other trace, opened here
         self._b_path: Path | None = None
@@ -169,14 +169,14 @@ class CompareView(TraceView):
                                             value="sink", width=240)
         self.head_score.param.watch(lambda e: self._safe_redraw({"head_score"}), "value")
         self.heads_note = pn.pane.HTML("", margin=(0, 10), css_classes=["wb-compare-heads-note"])
-        self.head_source = ColumnDataSource(data=dict(layer=[], head=[], a=[], b=[], delta=[], label=[]))
+        self.head_source = ColumnDataSource(data=dict(layer=[], head=[], a=[], b=[], delta=[], label=[], ink=[]))
         self.head_mapper = LinearColorMapper(palette="RdBu11", low=-1, high=1, nan_color="#eef0f4")
         fig = figure(height=280, width=520, tools="save", name="compare-heads", title="head scores, b - a",
                      x_axis_label="head", y_axis_label="layer", x_range=Range1d(-0.5, 0.5), y_range=Range1d(0.5, -0.5))
         fig.rect(x="head", y="layer", width=0.95, height=0.95, source=self.head_source,
                  fill_color={"field": "delta", "transform": self.head_mapper}, line_color=None)
         fig.text(x="head", y="layer", text="label", source=self.head_source, text_align="center",
-                 text_baseline="middle", text_font_size="10px", text_color="#1d1d1d")
+                 text_baseline="middle", text_font_size="10px", text_color="ink")
         fig.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("head", "@head"), ("a", "@a{0.000}"),
                                           ("b", "@b{0.000}"), ("b - a", "@delta{+0.000}")]))
         fig.add_layout(ColorBar(color_mapper=self.head_mapper, width=10), "right")
@@ -417,7 +417,8 @@ class CompareView(TraceView):
             layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
             a=[float(v) for v in va.ravel()], b=[float(v) for v in vb.ravel()],
             delta=[float(v) if np.isfinite(v) else float("nan") for v in delta.ravel()],
-            label=[f"{v:+.2f}" if small and np.isfinite(v) else "" for v in delta.ravel()])
+            label=[f"{v:+.2f}" if small and np.isfinite(v) else "" for v in delta.ravel()],
+            ink=["#ffffff" if np.isfinite(v) and abs(v) > 0.6 * top else "#1d1d1d" for v in delta.ravel()])  # dark ends
         fig = self.heads_fig
         fig.x_range.update(start=min(heads) - 0.5, end=max(heads) + 0.5)
         fig.y_range.update(start=max(layers) + 0.5, end=min(layers) - 0.5)
