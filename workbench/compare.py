@@ -25,19 +25,25 @@ def _open(run: "str | os.PathLike | Trace") -> Trace:
     return run if isinstance(run, Trace) else open_trace(run)
 
 
+def step_range(steps: str, n_steps: int) -> tuple[int, int]:
+    """Committed steps [start, stop) that ``steps`` ("all", "prefill", "decode") selects (empty
+    when none is committed yet)."""
+    if steps == "prefill":
+        return 0, min(n_steps, 1)
+    if steps == "decode":
+        return 1, max(n_steps, 1)
+    return 0, n_steps
+
+
 def _step_slice(trace: Trace, steps: str) -> slice:
     n = trace.n_steps
     if n == 0:
         raise WorkbenchError(f"{trace.path}: no committed step to compare")
-    if steps == "all":
-        return slice(0, n)
-    if steps == "prefill":
-        return slice(0, 1)
-    if steps == "decode":
-        if n < 2:
-            raise WorkbenchError(f"{trace.path}: no decode step committed (only the prefill)")
-        return slice(1, n)
-    raise WorkbenchError(f"unknown step selection {steps!r} (choose {', '.join(STEP_CHOICES)})")
+    if steps not in STEP_CHOICES:
+        raise WorkbenchError(f"unknown step selection {steps!r} (choose {', '.join(STEP_CHOICES)})")
+    if steps == "decode" and n < 2:
+        raise WorkbenchError(f"{trace.path}: no decode step committed (only the prefill)")
+    return slice(*step_range(steps, n))
 
 
 SUM_NAMES = ("value_count", "value_sum", "value_sumsq", "value_sum3", "value_sum4", "near_zero_count", "hist_count")

@@ -2,8 +2,9 @@
 on, or with and without the paper's meaningless tokens. The selected layer's activation histograms
 of both runs overlaid (shares of values per bin, on the traces' shared fixed edges), a statistic of
 both runs across layers, a table of per-layer statistics and their differences, where the two
-texts part, and how every head's attention scores changed (b - a) where both runs recorded maps. Totals are over ranks and the chosen steps (`workbench.compare`), extended with newly
-committed steps while either run is live.
+texts part, and how every head's attention scores changed (b - a) where both runs recorded maps.
+Totals are over ranks and the chosen steps (`workbench.compare`), extended with newly committed
+steps while either run is live.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, FixedTicker, 
                           LinearColorMapper, Range1d, Span)
 from bokeh.plotting import figure
 
-from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums
+from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums, step_range
 from workbench.errors import WorkbenchError
 from workbench.views.activations import bin_geometry
 from workbench.views.attention import has_attention_maps
@@ -35,15 +36,6 @@ NONE = "(choose a trace)"
 LIVE_SECONDS = 2.0  # a live run's new steps are added to its totals at most this often
 
 
-def step_range(steps: str, n_steps: int) -> tuple[int, int]:
-    """Committed steps [start, stop) that ``steps`` ("all", "prefill", "decode") selects."""
-    if steps == "prefill":
-        return 0, min(n_steps, 1)
-    if steps == "decode":
-        return 1, max(n_steps, 1)
-    return 0, n_steps
-
-
 class RunTotals:
     """Activation totals of one trace over a step selection, extended as its steps commit."""
 
@@ -53,17 +45,16 @@ class RunTotals:
         self.sums: xr.Dataset | None = None
         self.summary: xr.Dataset | None = None
 
-    def update(self) -> bool:
-        """Add steps committed since the last update; True if there were any."""
+    def update(self) -> None:
+        """Add the steps committed since the last update."""
         start, stop = step_range(self.steps, int(self.trace.n_steps))
         first = max(start, self.upto)
         if stop <= first:
-            return False
+            return
         new = activation_sums(self.trace, slice(first, stop), self.sites)
         self.sums = new if self.sums is None else merge_sums(self.sums, new)
         self.upto = stop
         self.summary = finish_sums(self.sums, self.trace.spec.bin_edges)
-        return True
 
     @property
     def n_summed(self) -> int:
@@ -209,7 +200,8 @@ class CompareView(TraceView):
     def compare_with(self, name: str) -> None:
         """Choose trace ``name`` (a key of ``candidates``) as b."""
         if name not in self.candidates:
-            raise WorkbenchError(f"no trace {name!r} to compare with (traces: {', '.join(self.candidates) or 'none'})")
+            known = ", ".join(self.candidates) or "none"
+            raise WorkbenchError(f"no trace {name!r} to compare with (traces: {known})")
         self.other.value = name
 
     def _open_b(self) -> bool:
@@ -225,7 +217,7 @@ class CompareView(TraceView):
             return False
         path = Path(self.candidates[name]).resolve()
         if self._b is None or path != self._b_path:
-            self._b, self._b_path, self._totals = None, path, {}
+            self._b, self._b_path = None, path
             try:
                 self._b = open_trace(path)
             except Exception as e:  # damaged, foreign, or not written yet: say so, keep the page
@@ -243,7 +235,6 @@ class CompareView(TraceView):
     def redraw(self, changed: set[str]) -> None:
         st = self.state
         if "trace" in changed:
-            self._totals = {}
             self.list_candidates()
         if not self._open_b() or st.n_steps == 0:
             self.plots.visible = False

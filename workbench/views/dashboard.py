@@ -192,8 +192,8 @@ class Dashboard(pn.viewable.Viewer):
 
     def _set_tabs(self, *events) -> None:
         """The tabs this trace needs: Attention and Heads only for a run that recorded attention maps
-        (Attention also while no trace is open), Perceiver maps only for a Perceiver run, user probes only for a run that had some, Compare only where another trace is
-        served."""
+        (Attention also while no trace is open), Perceiver maps only for a Perceiver run, user probes
+        only for a run that had some, Compare only where another trace is served."""
         names = list(TAB_TITLES)
         tr = self.state.trace
         if tr is None or getattr(tr, "cross_attention", None) is None:

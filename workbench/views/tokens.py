@@ -192,8 +192,8 @@ class TokensView(TraceView):
         top = pf.line("step", "top", source=self.prob_source, color="#9aa5b1", line_width=1.5,
                       legend_label="most likely candidate")
         pf.scatter("step", "chosen", source=self.prob_source, color="#e6550d", size=4, legend_label="sampled token")
-        pf.add_tools(HoverTool(renderers=[top], mode="vline",
-                               tooltips=[("step", "@step"), ("sampled p", "@chosen{0.000}"), ("most likely p", "@top{0.000}")]))
+        tips = [("step", "@step"), ("sampled p", "@chosen{0.000}"), ("most likely p", "@top{0.000}")]
+        pf.add_tools(HoverTool(renderers=[top], mode="vline", tooltips=tips))
         legend = pf.legend[0]
         legend.update(orientation="horizontal", label_text_font_size="10px", margin=0, padding=4)
         pf.add_layout(legend, "above")  # outside the plot: probabilities fill all of it
