@@ -105,6 +105,18 @@ print("strongest previous-token head:", best)
 widget.state.layer, widget.state.head = best["layer"], best["head"]
 '''),
     md('''
+The same scores for every head at once, as the dashboard's Heads tab shows them (choose another
+score: induction, first-token sink, self, entropy). It shares the widget's state, so a click on a
+cell opens that head in the widget above:
+'''),
+    code('''
+heads = TraceWidget(trace, views=["heads"], state=widget.state)
+shown = np.reshape(heads.views["heads"].source.data["value"], prev.shape)
+# the same numbers as head_scores_from_trace (the trace has fewer than the 256 query rows the tab scores)
+assert np.allclose(shown, prev, atol=1e-6)
+heads
+'''),
+    md('''
 ## The KV cache
 
 Each decode step appends one key/value per layer to a paged cache (blocks of 16 tokens), so the
