@@ -235,6 +235,31 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
     np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
 
 
+def test_a_live_run_chosen_as_b_is_followed_while_a_is_finished(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    spec = TraceSpec.for_generation(4, 9, n_seq=1, n_layers=2, n_heads=2)
+    done = TraceWriter(tmp_path / "done", spec, {"prompts": ["done"]})
+    for s in range(10):
+        _activation_step(done, spec, s, rng)
+    done.close()
+    live = TraceWriter(tmp_path / "live", spec, {"prompts": ["live"]}, flush_interval=0.02)
+    for s in range(2):
+        _activation_step(live, spec, s, rng)
+    live.flush()
+    monkeypatch.setattr(compare_view, "LIVE_SECONDS", 0.0)
+    dash, view = _compare_tab(tmp_path, "done")                   # a is finished; b is the live run
+    view.compare_with("live")
+    assert "b</span> <b>live</b>" in view.runs.object and "2 steps, 2 summed" in view.runs.object
+    for s in range(2, 5):
+        _activation_step(live, spec, s, rng)
+    live.flush()
+    dash.tick()                                                  # a has nothing new: b's steps still show
+    assert "5 steps, 5 summed" in view.runs.object
+    live.close()
+    dash.tick()
+    assert view._b.status == "complete" and "5 steps, 5 summed" in view.runs.object
+
+
 def test_compare_tab_quotes_step_times_and_head_score_changes(tmp_path, traces):
     write_synthetic_trace(tmp_path / "tp2", n_steps=12, n_layers=3, n_heads=4, world=2, seed=1)
     write_synthetic_trace(tmp_path / "tp1", n_steps=9, n_layers=3, n_heads=4, world=1, seed=2)

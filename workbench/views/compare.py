@@ -228,6 +228,16 @@ class CompareView(TraceView):
             self._b.refresh()
         return True
 
+    def tick(self) -> None:
+        """A clock beat (the dashboard's): a live b's new steps redraw the tab even when a is done."""
+        b = self._b
+        if not self.active or b is None or b.status != "running":
+            return
+        n = int(b.n_steps)
+        b.refresh()
+        if int(b.n_steps) != n or b.status != "running":
+            self._safe_redraw({"version"})
+
     # ---------------------------------------------------------------- drawing
     def clear(self) -> None:
         self.plots.visible = False

@@ -335,6 +335,7 @@ class Dashboard(pn.viewable.Viewer):
         t0 = time.monotonic()
         try:
             self.state.tick()
+            self.views["compare"].tick()  # the other run of the Compare tab may be live too
         except Exception as e:  # never let the clock die
             self.state.error = f"{type(e).__name__}: {e}"
         took = time.monotonic() - t0
