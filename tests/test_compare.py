@@ -182,16 +182,23 @@ def _activation_step(writer: TraceWriter, spec: TraceSpec, step: int, rng) -> np
     return values
 
 
-def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
+def _finished_and_live(root, rng, live_steps: int) -> tuple[TraceSpec, TraceWriter, list[np.ndarray]]:
+    """A finished trace "done" (10 steps) and a live one, "live", with its first ``live_steps``
+    steps committed: its writer and the values it wrote."""
     spec = TraceSpec.for_generation(4, 9, n_seq=1, n_layers=2, n_heads=2)
-    done = TraceWriter(tmp_path / "done", spec, {"prompts": ["done"]})
+    done = TraceWriter(root / "done", spec, {"prompts": ["done"]})
     for s in range(10):
         _activation_step(done, spec, s, rng)
     done.close()
-    live = TraceWriter(tmp_path / "live", spec, {"prompts": ["live"]}, flush_interval=0.02)
-    written = [_activation_step(live, spec, s, rng) for s in range(3)]
+    live = TraceWriter(root / "live", spec, {"prompts": ["live"]}, flush_interval=0.02)
+    written = [_activation_step(live, spec, s, rng) for s in range(live_steps)]
     live.flush()
+    return spec, live, written
+
+
+def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    spec, live, written = _finished_and_live(tmp_path, rng, 3)
     monkeypatch.setattr(compare_view, "LIVE_SECONDS", 0.0)
     read = []
     monkeypatch.setattr(compare_view, "activation_sums",
@@ -237,15 +244,7 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
 
 def test_a_live_run_chosen_as_b_is_followed_while_a_is_finished(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
-    spec = TraceSpec.for_generation(4, 9, n_seq=1, n_layers=2, n_heads=2)
-    done = TraceWriter(tmp_path / "done", spec, {"prompts": ["done"]})
-    for s in range(10):
-        _activation_step(done, spec, s, rng)
-    done.close()
-    live = TraceWriter(tmp_path / "live", spec, {"prompts": ["live"]}, flush_interval=0.02)
-    for s in range(2):
-        _activation_step(live, spec, s, rng)
-    live.flush()
+    spec, live, _ = _finished_and_live(tmp_path, rng, 2)
     monkeypatch.setattr(compare_view, "LIVE_SECONDS", 0.0)
     dash, view = _compare_tab(tmp_path, "done")                   # a is finished; b is the live run
     view.compare_with("live")
