@@ -258,6 +258,35 @@ def test_unaligned_token_writes_merge_with_stored_data(tmp_path):
     assert tr.n_positions == 6
 
 
+def test_the_last_rank_to_finish_sets_the_traces_status(tmp_path, monkeypatch):
+    """Two ranks finishing at once: rank 0 reads the statuses while rank 1 is still running, and
+    rank 1 finishes before rank 0 has written what it saw. The trace must still say complete."""
+    import time
+
+    import zarr
+
+    from workbench.trace import writer as writer_module
+    path = tmp_path / "t.zarr"
+    w0 = TraceWriter(path, small_spec(world=2), {})
+    w1 = TraceWriter.open(path, 1)
+    real, rank0_has_read = writer_module.aggregate_status, threading.Event()
+
+    def slow_for_rank0(statuses, errors):
+        out = real(statuses, errors)
+        if threading.current_thread().name == "rank0":
+            rank0_has_read.set()
+            time.sleep(0.3)  # rank 1 finishes meanwhile
+        return out
+    monkeypatch.setattr(writer_module, "aggregate_status", slow_for_rank0)
+    t0 = threading.Thread(target=w0.close, name="rank0")
+    t0.start()
+    assert rank0_has_read.wait(10)
+    w1.close()
+    t0.join()
+    root = zarr.open_group(str(path), mode="r")
+    assert root.attrs["status"] == "complete" and open_trace(path).status == "complete"
+
+
 def test_status_failed_and_context_manager(tmp_path):
     spec = small_spec(world=1)
     with pytest.raises(RuntimeError):

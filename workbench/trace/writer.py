@@ -23,6 +23,7 @@ Typical use on one rank::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -883,15 +884,33 @@ class TraceWriter:
             raise TraceWriterError(f"unknown status {status!r}")
         def array(name: str) -> zarr.Array:
             return zarr.open_array(store=str(self.path), path=name, mode="r+")
-        array("rank_status")[self.rank] = status
-        array("rank_error")[self.rank] = message
-        statuses = np.asarray(array("rank_status")[:], dtype=object)
-        errors = np.asarray(array("rank_error")[:], dtype=object)
-        overall, error = aggregate_status(list(statuses), list(errors))
-        if overall == STATUS_RUNNING and self.rank != 0:
-            return  # the last rank to finish (or any failing rank) sets the root attributes
-        root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-        root.attrs.update({"status": overall, "error": error, "updated": _now()})
+        with self._status_lock():
+            array("rank_status")[self.rank] = status
+            array("rank_error")[self.rank] = message
+            statuses = np.asarray(array("rank_status")[:], dtype=object)
+            errors = np.asarray(array("rank_error")[:], dtype=object)
+            overall, error = aggregate_status(list(statuses), list(errors))
+            if overall == STATUS_RUNNING and self.rank != 0:
+                return  # the last rank to finish (or any failing rank) sets the root attributes
+            root = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            root.attrs.update({"status": overall, "error": error, "updated": _now()})
+
+    @contextlib.contextmanager
+    def _status_lock(self):
+        """Ranks of one machine set their status one at a time, so the last to finish sees every
+        rank's status and its root status is written last. (The lock is on a file no write ever
+        replaces; where flock is missing, ranks go unserialized as before.)"""
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        with open(self.path / "rank_status" / "zarr.json", "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def aggregate_status(statuses: Sequence[str], errors: Sequence[str]) -> tuple[str, str]:
