@@ -38,6 +38,16 @@ def has_attention_maps(trace) -> bool:
     return bool(trace.spec.attention_layers) and getattr(trace, "attention", None) is not None
 
 
+def maps_to_draw(view) -> bool:
+    """True if ``view``'s trace has attention maps and a committed step; if the run recorded none,
+    the view's note says so."""
+    st = view.state
+    if not has_attention_maps(st.trace):
+        view.note("this run recorded no attention maps (its probes left them out)")
+        return False
+    return st.n_steps > 0
+
+
 def query_range(trace, seq: int, step: int) -> tuple[int, int]:
     """Query positions [start, stop) processed at ``step``."""
     ds = trace.tokens
@@ -227,14 +237,10 @@ class AttentionView(TraceView):
                              pn.pane.Bokeh(self.grid.figure), self.score_note)),
             sizing_mode="stretch_width")
 
-    # ---------------------------------------------------------------- data
     # ---------------------------------------------------------------- drawing
     def redraw(self, changed: set[str]) -> None:
         st = self.state
-        if not has_attention_maps(st.trace):
-            self.note("this run recorded no attention maps (its probes left them out)")
-            return
-        if st.n_steps == 0:
+        if not maps_to_draw(self):
             return
         text = self._text.read(st.trace, st.seq)  # the sequence's own positions: padding left out
         m = attention_map(st.trace, st.seq, st.layer, st.head, st.step)

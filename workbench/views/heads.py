@@ -18,7 +18,7 @@ from bokeh.events import Tap
 from bokeh.models import ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d
 from bokeh.plotting import figure
 
-from workbench.views.attention import GRID_ROWS, SCORES, has_attention_maps, head_scores, layer_maps
+from workbench.views.attention import GRID_ROWS, SCORES, head_scores, layer_maps, maps_to_draw
 from workbench.views.base import TraceView
 from workbench.views.tokens import SequenceText
 
@@ -87,10 +87,7 @@ class HeadsView(TraceView):
 
     def redraw(self, changed: set[str]) -> None:
         st = self.state
-        if not has_attention_maps(st.trace):
-            self.note("this run recorded no attention maps (its probes left them out)")
-            return
-        if st.n_steps == 0:
+        if not maps_to_draw(self):
             return
         key = (id(st.trace), st.seq, st.step, st.n_steps)
         if key != self._key:
