@@ -158,6 +158,21 @@ def test_compare_tab_shows_both_runs_with_the_numbers_of_compare_traces(traces):
     assert dash.views["compare"]._note.alert_type == "warning"
 
 
+def test_a_link_to_the_compare_tab_names_the_other_run(traces):
+    from urllib.parse import parse_qsl
+    root = traces["base"].parent
+    dash, view = _compare_tab(root, "base.zarr")
+    assert "compare=" not in dash.link_query()                    # nothing chosen yet
+    view.compare_with("arm.zarr")
+    query = dash.link_query()
+    assert "trace=base.zarr" in query and "tab=compare" in query and "compare=arm.zarr" in query
+    assert query.replace("&", "&amp;") in dash.link.object
+    again = Dashboard(root, "base.zarr")                          # a new page opened with that link
+    again.apply_query(dict(parse_qsl(query[1:])))
+    assert again._tab_views[again.tabs.active] == "compare" and again.views["compare"].other.value == "arm.zarr"
+    assert again.views["compare"].plots.visible
+
+
 def test_a_single_trace_has_no_compare_tab(traces, tmp_path):
     dash = Dashboard(traces["base"])
     assert "compare" not in dash._tab_views

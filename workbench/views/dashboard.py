@@ -89,6 +89,7 @@ class Dashboard(pn.viewable.Viewer):
                                                      "layer", "head", "seq", "follow"])
         self.state.param.watch(self._update_link, ["path", "step", "seq", "layer", "head"])
         self.tabs.param.watch(self._update_link, "active")
+        self.views["compare"].other.param.watch(self._update_link, "value")
         self._requested = trace or ""
         self._refresh_catalog()
         self.select(trace if trace is not None else self._default_name())
@@ -221,7 +222,8 @@ class Dashboard(pn.viewable.Viewer):
 
     # ---------------------------------------------------------------- links
     def link_query(self) -> str:
-        """The query string that reopens this view: trace, tab, step, sequence, layer and head."""
+        """The query string that reopens this view: trace, tab, step, sequence, layer, head, and the
+        Compare tab's other trace once one is chosen."""
         st = self.state
         if st.trace is None:
             return ""
@@ -234,6 +236,9 @@ class Dashboard(pn.viewable.Viewer):
         if self._tab_views:
             query["tab"] = TAB_TITLES[self._tab_views[self.tabs.active]].lower()
         query.update({k: getattr(st, k) for k in LINK_PARAMS})
+        other = self.views["compare"].other.value
+        if other in self.views["compare"].candidates:
+            query["compare"] = other  # the Compare tab's b
         return "?" + urlencode(query)
 
     def apply_query(self, args: dict[str, str]) -> None:
@@ -254,6 +259,8 @@ class Dashboard(pn.viewable.Viewer):
         if "step" in nums:
             st.playing = False
             st.select_step(nums["step"])
+        if args.get("compare") in self.views["compare"].candidates:
+            self.views["compare"].compare_with(args["compare"])
         titles = {TAB_TITLES[n].lower(): i for i, n in enumerate(self._tab_views)}
         if args.get("tab", "").lower() in titles:
             self.tabs.active = titles[args["tab"].lower()]
