@@ -14,7 +14,7 @@ from bokeh.palettes import Dark2_8
 from bokeh.plotting import figure
 
 from workbench.trace.stats import finish_moments
-from workbench.views.base import TraceView
+from workbench.views.base import TraceView, finite_floats
 
 STATS = {"std": "standard deviation", "kurtosis": "excess kurtosis", "max": "max |value|",
          "near_zero_fraction": "near-zero fraction"}
@@ -200,14 +200,14 @@ class ActivationsView(TraceView):
         step = min(st.step, values.shape[0] - 1)
         for i, src in enumerate(self._layer_sources):
             col = values[step, :, i]
-            src.data = dict(layer=list(range(len(col))), value=_json(col))
+            src.data = dict(layer=list(range(len(col))), value=finite_floats(col))
         if "layer" in changed or "trace" in changed or "stat" in changed or self._streamed == 0:
             for i, src in enumerate(self._step_sources):
-                src.data = dict(step=list(range(values.shape[0])), value=_json(values[:, st.layer, i]))
+                src.data = dict(step=list(range(values.shape[0])), value=finite_floats(values[:, st.layer, i]))
         elif values.shape[0] > self._streamed:
             for i, src in enumerate(self._step_sources):
                 src.stream(dict(step=list(range(self._streamed, values.shape[0])),
-                                value=_json(values[self._streamed:, st.layer, i])))
+                                value=finite_floats(values[self._streamed:, st.layer, i])))
         self._streamed = values.shape[0]
         label = STATS[self.stat.value]
         self.by_layer.title.text = f"{label} across layers · step {st.step}"
@@ -215,7 +215,3 @@ class ActivationsView(TraceView):
         self.step_cursor.location = st.step
         self.layer_cursor.location = st.layer
 
-
-def _json(a: np.ndarray) -> list:
-    """NaN-safe list for Bokeh (NaN draws as a gap)."""
-    return [float(x) if np.isfinite(x) else float("nan") for x in np.asarray(a, dtype=np.float64)]

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import panel as pn
 import param
 
 from workbench.views.state import TraceState
+
+
+def finite_floats(a) -> list[float]:
+    """Floats for a Bokeh data source; NaN (drawn as a gap) for anything not finite."""
+    return [float(x) if np.isfinite(x) else float("nan") for x in np.asarray(a, dtype=np.float64).ravel()]
 
 
 class TraceView(pn.viewable.Viewer):

@@ -16,7 +16,7 @@ import numpy as np
 import panel as pn
 import param
 import xarray as xr
-from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, FixedTicker, HoverTool, Legend, LegendItem,
+from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, HoverTool, Legend, LegendItem,
                           LinearColorMapper, Range1d, Span)
 from bokeh.plotting import figure
 
@@ -24,9 +24,9 @@ from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, f
 from workbench.errors import WorkbenchError
 from workbench.views.activations import bin_geometry
 from workbench.views.attention import has_attention_maps
-from workbench.views.base import TraceView
-from workbench.views.heads import HEAD_SCORES, all_head_scores
-from workbench.views.tokens import read_token_text
+from workbench.views.base import TraceView, finite_floats
+from workbench.views.heads import HEAD_SCORES, all_head_scores, fit_head_matrix
+from workbench.views.tokens import SequenceText
 
 STATS = {"near_zero_fraction": "near-zero fraction", "zero_bin_fraction": "share in the bin holding 0",
          "std": "standard deviation", "kurtosis": "excess kurtosis", "mean": "mean", "max": "max"}
@@ -150,7 +150,7 @@ class CompareView(TraceView):
         self._b_path: Path | None = None
         self._totals: dict = {}  # "key": what they were summed for, "a" / "b": RunTotals
         self._summed_at = 0.0
-        self._text_b, self._text_b_key = None, None
+        self._texts = {k: SequenceText() for k in COLORS}  # each run's text, read incrementally
         return pn.Column(pn.Row(self.other, self.steps, self.site, self.stat), self.plots,
                          sizing_mode="stretch_width")
 
@@ -270,11 +270,12 @@ class CompareView(TraceView):
             self.plots.visible = False
             return
         self.plots.visible = True
-        self._draw_runs(a, b)
+        if changed != {"layer"}:  # the layer moves only the histograms, the cursor and the table's shading
+            self._draw_runs(a, b)
+            self._draw_heads(a, b)
         self._draw_hist()
         self._draw_layers()
         self._draw_table()
-        self._draw_heads(a, b)
 
     def _sum(self, a, b, sites: list[str]) -> bool:
         """Bring both runs' totals up to their committed steps; False (with a note) if one has none."""
@@ -316,14 +317,14 @@ class CompareView(TraceView):
         if all(np.isfinite(v) for v in ms.values()):
             lines.append(f"<span style='color:#5c677a'>median decode step: a {ms['a']:.3f} ms, b {ms['b']:.3f} ms "
                          f"(b / a = {ms['b'] / ms['a']:.2f})</span>")
-        seq_b = min(st.seq, b.spec.n_seq - 1)
-        self._text_b = read_token_text(b, seq_b, self._text_b if self._text_b is not None
-                                       and self._text_b_key == (id(b), seq_b) else None)
-        self._text_b_key = (id(b), seq_b)
-        text = text_divergence(read_token_text(a, st.seq), self._text_b)
+        text = text_divergence(self._text("a", a), self._text("b", b))
         seq = f"sequence {st.seq}: " if a.spec.n_seq > 1 or b.spec.n_seq > 1 else ""
         lines.append(f"<span style='color:#5c677a'>{seq}{text}</span>")
         self.runs.object = "<div style='font-size:13px;line-height:1.6'>" + "<br>".join(lines) + "</div>"
+
+    def _text(self, k: str, trace):
+        """Run ``k``'s text of the selected sequence (b's last one if it has fewer)."""
+        return self._texts[k].read(trace, min(self.state.seq, trace.spec.n_seq - 1))
 
     def _name_of(self, path: Path) -> str:
         for name, p in self.candidates.items():
@@ -353,8 +354,7 @@ class CompareView(TraceView):
         for k in COLORS:
             values = self._summary(k)[stat].sel(site=site)
             self.layer_sources[k].data = dict(layer=[int(v) for v in values["layer"].values],
-                                              value=[float(v) if np.isfinite(v) else float("nan")
-                                                     for v in values.values])
+                                              value=finite_floats(values.values))
         self.by_layer.title.text = f"{STATS[stat]} across layers · {site}"
         self.layer_cursor.location = st.layer
 
@@ -382,22 +382,20 @@ class CompareView(TraceView):
             f"<table class='wb-cmp'><tr><th>layer</th>{head}</tr><tr><th></th>{sub}</tr>{''.join(rows)}</table>")
 
 
-    def _scores_of(self, k: str, trace, seq: int) -> tuple | None:
+    def _scores_of(self, k: str, trace) -> tuple | None:
         """Head scores of every recorded head after the trace's last committed step (cached per step)."""
+        seq = min(self.state.seq, trace.spec.n_seq - 1)
         key = (id(trace), int(trace.n_steps), seq)
         cached = self._head_scores.get(k)
         if cached is None or cached[0] != key:
-            if not has_attention_maps(trace) or trace.n_steps == 0:
-                self._head_scores[k] = (key, None)
-            else:
-                text = read_token_text(trace, seq)
-                self._head_scores[k] = (key, all_head_scores(trace, seq, int(trace.n_steps) - 1, text))
+            scores = None
+            if has_attention_maps(trace) and trace.n_steps > 0:
+                scores = all_head_scores(trace, seq, int(trace.n_steps) - 1, self._text(k, trace))
+            self._head_scores[k] = (key, scores)
         return self._head_scores[k][1]
 
     def _draw_heads(self, a, b) -> None:
-        st = self.state
-        sa = self._scores_of("a", a, st.seq)
-        sb = self._scores_of("b", b, min(st.seq, b.spec.n_seq - 1))
+        sa, sb = self._scores_of("a", a), self._scores_of("b", b)
         shown = sa is not None and sb is not None and sa[1:3] == sb[1:3]
         self.heads_pane.visible = self.head_score.visible = shown
         if not shown:
@@ -417,16 +415,11 @@ class CompareView(TraceView):
         self.head_source.data = dict(
             layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
             a=[float(v) for v in va.ravel()], b=[float(v) for v in vb.ravel()],
-            delta=[float(v) if np.isfinite(v) else float("nan") for v in delta.ravel()],
+            delta=finite_floats(delta),
             label=[f"{v:+.2f}" if small and np.isfinite(v) else "" for v in delta.ravel()],
             ink=["#ffffff" if np.isfinite(v) and abs(v) > 0.6 * top else "#1d1d1d" for v in delta.ravel()])  # dark ends
-        fig = self.heads_fig
-        fig.x_range.update(start=min(heads) - 0.5, end=max(heads) + 0.5)
-        fig.y_range.update(start=max(layers) + 0.5, end=min(layers) - 0.5)
-        fig.xaxis.ticker, fig.yaxis.ticker = FixedTicker(ticks=heads), FixedTicker(ticks=layers)
-        fig.width = max(360, min(1100, 56 * len(heads) + 160))
-        fig.height = max(240, min(900, 44 * len(layers) + 110))
-        fig.title.text = f"{HEAD_SCORES[score]}, b - a, after each run's last step"
+        fit_head_matrix(self.heads_fig, layers, heads)
+        self.heads_fig.title.text = f"{HEAD_SCORES[score]}, b - a, after each run's last step"
         where = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(delta), np.abs(delta), -1))), delta.shape)
         self.heads_note.object = (
             f"<span style='font-size:12px;color:#6b7688'>largest change: layer {layers[where[0]]} head "

@@ -253,9 +253,7 @@ class Dashboard(pn.viewable.Viewer):
                 nums[k] = int(args[k])
             except (KeyError, ValueError):
                 pass
-        for k, n in (("seq", st.n_seqs), ("layer", st.n_layers), ("head", st.n_heads)):
-            if k in nums:
-                setattr(st, k, min(max(nums[k], 0), n - 1))
+        st.choose(**{k: nums[k] for k in ("seq", "layer", "head") if k in nums})
         if "step" in nums:
             st.playing = False
             st.select_step(nums["step"])
@@ -286,9 +284,9 @@ class Dashboard(pn.viewable.Viewer):
         elif key == " ":
             st.toggle_play()
         elif key in ("ArrowUp", "ArrowDown"):
-            st.layer = min(max(st.layer + (1 if key == "ArrowDown" else -1), 0), st.n_layers - 1)
+            st.choose(layer=st.layer + (1 if key == "ArrowDown" else -1))
         elif key in ("[", "]"):
-            st.head = min(max(st.head + (1 if key == "]" else -1), 0), st.n_heads - 1)
+            st.choose(head=st.head + (1 if key == "]" else -1))
 
     def _slider_moved(self, event) -> None:
         if event.new is not None and event.new != self.state.step:

@@ -19,7 +19,7 @@ from bokeh.models import ColorBar, ColumnDataSource, FixedTicker, HoverTool, Lin
 from bokeh.plotting import figure
 
 from workbench.views.attention import GRID_ROWS, SCORES, head_scores, layer_maps, maps_to_draw
-from workbench.views.base import TraceView
+from workbench.views.base import TraceView, finite_floats
 from workbench.views.tokens import SequenceText
 
 HEAD_SCORES = {k: v for k, v in SCORES.items() if k != "head"}
@@ -46,6 +46,16 @@ def all_head_scores(trace, seq: int, step: int, text) -> tuple[dict[str, np.ndar
             out[k][li] = scores[k]
         rows_used = (int(rows[0]), int(rows[-1]))
     return out, layers, heads, rows_used
+
+
+def fit_head_matrix(fig, layers: list[int], heads: list[int]) -> None:
+    """Size a layer x head matrix figure to its cells, with a tick per recorded layer and head."""
+    fig.x_range.update(start=min(heads) - 0.5, end=max(heads) + 0.5)
+    fig.y_range.update(start=max(layers) + 0.5, end=min(layers) - 0.5)  # layer 0 at the top
+    if getattr(fig.xaxis.ticker, "ticks", None) != heads or getattr(fig.yaxis.ticker, "ticks", None) != layers:
+        fig.xaxis.ticker, fig.yaxis.ticker = FixedTicker(ticks=heads), FixedTicker(ticks=layers)
+    fig.width = max(360, min(1100, 56 * len(heads) + 160))
+    fig.height = max(240, min(900, 44 * len(layers) + 110))
 
 
 class HeadsView(TraceView):
@@ -114,27 +124,20 @@ class HeadsView(TraceView):
         high = float(max(finite.max(), low + 1e-6)) if finite.size else 1.0
         self.mapper.update(low=low, high=high)
         self.source.data = dict(layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
-                                value=[float(v) if np.isfinite(v) else float("nan") for v in flat],
+                                value=finite_floats(flat),
                                 label=[f"{v:.2f}" if small and np.isfinite(v) else "" for v in flat],
                                 # dark numbers on the bright end of the palette, light ones on the dark end
                                 ink=["#1d1d1d" if np.isfinite(v) and (v - low) / (high - low) > 0.6 else "#ffffff"
                                      for v in flat])
         shown = st.layer in layers and st.head in heads
         self.selected.data = dict(layer=[st.layer] if shown else [], head=[st.head] if shown else [])
-        self.figure.x_range.update(start=min(heads) - 0.5, end=max(heads) + 0.5)
-        self.figure.y_range.update(start=max(layers) + 0.5, end=min(layers) - 0.5)
-        if list(self.figure.xaxis.ticker.ticks) != heads or list(self.figure.yaxis.ticker.ticks) != layers:
-            self.figure.xaxis.ticker = FixedTicker(ticks=heads)
-            self.figure.yaxis.ticker = FixedTicker(ticks=layers)
-        self.figure.width = max(360, min(1100, 56 * len(heads) + 160))
-        self.figure.height = max(240, min(900, 44 * len(layers) + 110))
-        best = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(values), values, -np.inf))), values.shape)
+        fit_head_matrix(self.figure, layers, heads)
         name = HEAD_SCORES[self.score.value]
         self.figure.title.text = f"{name} of every head · step {self._shown_step}"
         first, last = self._rows
-        lowest = "lowest" if self.score.value == "entropy" else "highest"
-        pick = (np.unravel_index(int(np.nanargmin(np.where(np.isfinite(values), values, np.inf))), values.shape)
-                if self.score.value == "entropy" else best)
+        sign = -1 if self.score.value == "entropy" else 1  # for entropy the most focused head stands out
+        lowest = "lowest" if sign < 0 else "highest"
+        pick = np.unravel_index(int(np.argmax(np.where(np.isfinite(values), sign * values, -np.inf))), values.shape)
         self.note_rows.object = (
             f"<span style='font-size:12px;color:#6b7688'>{lowest}: layer {layers[pick[0]]} head {heads[pick[1]]} "
             f"({values[pick]:.3f}) · scores use query rows {first}–{last} of sequence {st.seq} (the latest "

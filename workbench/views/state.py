@@ -89,6 +89,11 @@ class TraceState(param.Parameterized):
             self.follow = self.status == "running" and step == last
             self.step = step
 
+    def choose(self, **indices: int) -> None:
+        """Select a ``seq``, ``layer`` and/or ``head``, each clamped into the trace's range."""
+        sizes = {"seq": self.n_seqs, "layer": self.n_layers, "head": self.n_heads}
+        self.param.update(**{k: min(max(int(v), 0), sizes[k] - 1) for k, v in indices.items()})
+
     @param.depends("seq", "layer", "head", watch=True)
     def _clamp(self) -> None:
         # Bounds follow the trace's shape; a stale selection from another trace is pulled back in.

@@ -17,7 +17,7 @@ from bokeh.events import Tap
 from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d, Span
 from bokeh.plotting import figure
 
-from workbench.views.base import TraceView
+from workbench.views.base import TraceView, finite_floats
 from workbench.views.token_strip import TokenStrip, as_sent
 
 
@@ -251,8 +251,8 @@ class TokensView(TraceView):
             self._probs_key, self._probs_read = key, 0
         if sampled and st.n_steps > self._probs_read:
             chosen, top = read_step_probabilities(st.trace, st.seq, self._probs_read, st.n_steps)
-            self.prob_source.stream(dict(step=list(range(self._probs_read, st.n_steps)), chosen=_json(chosen),
-                                         top=_json(top)))
+            self.prob_source.stream(dict(step=list(range(self._probs_read, st.n_steps)), chosen=finite_floats(chosen),
+                                         top=finite_floats(top)))
             x = self.prob_fig.x_range
             if self._probs_read == 0 or x.end == self._probs_read - 0.5:  # not zoomed in: show every step
                 x.update(start=-0.5, end=st.n_steps - 0.5)
@@ -288,11 +288,6 @@ class TokensView(TraceView):
         if self.text is None or event.new < 0:
             return
         self.state.select_step(self.text.step_of(event.new))
-
-
-def _json(a: np.ndarray) -> list[float]:
-    """NaN-safe floats for Bokeh (NaN: no point drawn)."""
-    return [float(x) if np.isfinite(x) else float("nan") for x in a]
 
 
 def _visible(text: str) -> str:
