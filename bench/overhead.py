@@ -13,9 +13,12 @@ cancels; the middle half of those per-repeat ratios shows how much the repeats d
 trace size per step, the writer's throughput (raw bytes its worker process encodes per second
 of its own work) and share of a core, the time to drain the queue at the end, and the cost of
 hook points nobody listens to. Warns when the two no-probes runs disagree by more than 3% between
-repeats: on a busy machine every ratio is that uncertain. Ends with whether this run met each goal
+repeats: on a busy machine every ratio is that uncertain. So it also prints where light's cost
+goes on the generating thread, as shares that such load cancels from: the recorder's per-step
+callback over the decode time of the same steps (column "callback"), and what taps and part
+clocks add inside the forward pass, from steps with and without them taken alternately. Ends with whether this run met each goal
 (light >= 0.95, everything >= 0.75 of the no-probes rate; idle hook points under 1% of a step).
-Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 9] [--batch 1] [--model 18m]
+Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 15] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from workbench.models.activation_taps import attach_activation_taps, detach_activation_taps
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
+from workbench.models.part_clock import attach_part_clock, detach_part_clock
 from workbench.probes.recorder import Recorder, trace_spec_for
 from workbench.probes.recording import a_core_left_for_the_writer
 from workbench.probes.selection import ProbeSelection
@@ -90,15 +95,24 @@ def run_once(model, tok, prompts, new_tokens, probes: str | None, workdir: Path)
     spec = trace_spec_for(model, sel, len(prompts), max(len(p) for p in prompts), new_tokens)
     writer = TraceWriter(path, spec, {"bench": True})
     recorder = Recorder(model, writer, sel, tok.token_text, prompts).attach()
+    in_callback = [0]  # ns the recorder's per-step callback took on the generating thread, decode steps
+
+    def on_step(event):
+        t0 = time.perf_counter_ns()
+        recorder.on_step(event)
+        if event.step > 0:
+            in_callback[0] += time.perf_counter_ns() - t0
+
     with a_core_left_for_the_writer(model):
         try:
-            rate = decode_rate(model, prompts, new_tokens, recorder.on_step)
+            rate = decode_rate(model, prompts, new_tokens, on_step)
         finally:
             recorder.detach()
     t0 = time.perf_counter()
     writer.close()
     drain = time.perf_counter() - t0
-    return rate, (writer.writer_stats(), dir_bytes(path), drain)
+    decode_seconds = (new_tokens - 1) * len(prompts) / rate
+    return rate, (writer.writer_stats(), dir_bytes(path), drain, in_callback[0] / 1e9 / decode_seconds)
 
 
 def plain_with_fewer_threads(model, tok, prompts, new_tokens, probes, workdir):
@@ -119,10 +133,45 @@ def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:
     return checks, per_check * 1e9, checks * per_check / step_seconds
 
 
+def forward_probe_cost(model, prompts, new_tokens, repeats) -> tuple[float, float]:
+    """Time the light probes add inside the forward pass (activation taps and part clocks), per
+    decode step: us and share of a step. Taps and clocks are attached on every other step of the
+    same generations and each probed step is paired with the plain one after it, so load that drifts over
+    milliseconds cancels."""
+    blocks = [b for b in getattr(model, "layers", []) if hasattr(b, "attach_taps")]
+    if not blocks:
+        return float("nan"), float("nan")
+    device = next(model.parameters()).device
+    diffs, plain = [], []
+    for _ in range(repeats):
+        seconds: list[float] = []
+
+        def step(event):
+            seconds.append(event.seconds)
+            if event.step % 2 == 0:  # the next step runs with taps and clocks
+                attach_activation_taps(blocks)
+                attach_part_clock(blocks, device)
+            else:
+                detach_activation_taps(blocks)
+                detach_part_clock(blocks)
+
+        try:
+            generate(model, prompts, new_tokens, on_step=step)
+        finally:
+            detach_activation_taps(blocks)
+            detach_part_clock(blocks)
+        s = np.array(seconds[1:])  # decode steps 1, 2, ...: odd ones probed, even ones plain
+        n = len(s) // 2
+        diffs.extend(s[0:2 * n:2] - s[1:2 * n:2])
+        plain.extend(s[1:2 * n:2])
+    added = float(np.median(diffs))
+    return added * 1e6, added / float(np.median(plain))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--model", choices=("default", "18m"), default="default",
                     help="the shipped default model, or a random ~18M-parameter one of the same family")
@@ -139,6 +188,7 @@ def main() -> None:
     best = {k: 0.0 for k in kinds}
     extra = {}
     rates_of: dict[str, list[float]] = {k: [] for k in kinds}  # per repeat
+    callback_share: dict[str, list[float]] = {k: [] for k in kinds}  # per repeat, recording runs
     with tempfile.TemporaryDirectory() as d:
         run_once(model, tok, prompts, 8, "all", Path(d))  # warm-up (imports, allocator)
         for _ in range(args.repeats):
@@ -146,6 +196,8 @@ def main() -> None:
             for kind, probes in kinds.items():
                 run = plain_with_fewer_threads if kind == f"no probes, {fewer} thr" else run_once
                 rates[kind], info = run(model, tok, prompts, args.new_tokens, probes, Path(d))
+                if info is not None:
+                    callback_share[kind].append(info[3])
                 if rates[kind] > best[kind]:
                     best[kind], extra[kind] = rates[kind], info
             for kind in kinds:
@@ -168,17 +220,18 @@ def main() -> None:
     print(f"model: {name}, {n_params / 1e6:.1f}M parameters, batch {args.batch}, {args.new_tokens} steps, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats")
     print(f"{'probes':<18} {'best tok/s':>10} {'median ratio':>13} {'middle half':>12} {'+us/step':>9} "
-          f"{'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} {'drain s':>8}")
+          f"{'trace KB/step':>14} {'writer MB/s':>12} {'worker core':>11} {'drain s':>8} {'callback':>9}")
     for kind in kinds:
         label = f"{kind} *" if kind == plain_kind else kind
         q1, q3 = np.quantile(ratios[kind], [0.25, 0.75])  # how much the repeats disagree
         line = (f"{label:<18} {best[kind]:>10.1f} {float(np.median(ratios[kind])):>13.3f} {q1:>6.3f}-{q3:.3f}"
                 f" {float(np.median(added_us[kind])):>9.0f}")
         if extra[kind] is not None:
-            stats, size, drain = extra[kind]
+            stats, size, drain, _ = extra[kind]
             mbps = stats.bytes_written / max(stats.worker_seconds, 1e-9) / 1e6
             core = stats.worker_seconds * best[kind] / (args.new_tokens * args.batch)  # worker s per generation s
-            line += f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {core:>10.0%} {drain:>8.2f}"
+            line += (f" {size / args.new_tokens / 1024:>14.1f} {mbps:>12.1f} {core:>10.0%} {drain:>8.2f}"
+                     f" {float(np.median(callback_share[kind])):>9.1%}")
         print(line)
     # The two no-probes runs differ by one torch thread, which hardly matters on small models: how
     # much their per-repeat ratio spreads is this run's noise, which every other ratio carries too.
@@ -187,6 +240,14 @@ def main() -> None:
     if q3 - q1 > NOISY_SPREAD:
         print(f"warning: the no-probes runs disagree by {(q3 - q1) * 100:.1f}% between repeats (middle half): "
               f"the machine was busy and the ratios above are that uncertain; rerun when it is quiet")
+    # Where light's cost goes on the generating thread, in shares that load cancels from: the
+    # callback's time over the decode time of the same steps, and paired alternate steps.
+    with a_core_left_for_the_writer(model):
+        fwd_us, fwd_share = forward_probe_cost(model, prompts, args.new_tokens, max(3, args.repeats // 2))
+    light_callback = float(np.median(callback_share["light"]))
+    print(f"light on the generating thread: per-step callback {light_callback:.1%} of decode time, taps and "
+          f"part clocks in the forward pass +{fwd_us:.1f} us per step ({fwd_share:.1%}); together "
+          f"{light_callback + fwd_share:.1%} (the rest of light's measured cost: its worker process, and noise)")
     plain = max(best[k] for k in kinds if k.startswith("no probes"))
     checks, ns, share = hook_point_cost(model, 1.0 / plain * args.batch)
     print(f"hook points with no listener: {checks} guard checks per forward, {ns:.0f} ns each, "
