@@ -473,6 +473,36 @@ def _reference_entropy(trace, layer: int, head: int, step: int) -> float:
     return float(np.mean([-sum(w * np.log2(w) for w in row if w > 0) for row in m[:n, :n]]))
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_all_head_scores_of_one_score_equal_every_score_of_each_layer(synthetic, padded):
+    """The Heads tab reads every layer at once and scores only the score shown, in the stored
+    float16; each equals scoring each layer's float32 maps for every score (layer_maps), also
+    when padding leaves rows and keys out."""
+    from types import SimpleNamespace
+
+    from workbench.views.attention import GRID_ROWS, SCORES, layer_maps
+    from workbench.views.heads import all_head_scores
+    from workbench.views.tokens import SequenceText
+    tr = open_trace(synthetic)
+    text = SequenceText().read(tr, 0)
+    if padded:  # as a shorter prompt's padding would: positions 3-5 are not the sequence's
+        keep = [i for i, p in enumerate(text.positions) if not 3 <= p <= 5]
+        text = SimpleNamespace(positions=[text.positions[i] for i in keep], ids=[text.ids[i] for i in keep])
+    positions = np.asarray(text.positions)
+    for step in (0, 7, 19):
+        ref = {k: [] for k in SCORES if k != "head"}
+        for layer in range(3):
+            maps, rows, keys = layer_maps(tr, 0, layer, step, GRID_ROWS, positions=positions)
+            scores = head_scores(maps, np.searchsorted(keys, rows), np.asarray(text.ids)[:len(keys)])
+            for k in ref:
+                ref[k].append(scores[k])
+        for k in ref:
+            got, layers, heads, _ = all_head_scores(tr, 0, step, text, [k])
+            assert list(got) == [k] and layers == [0, 1, 2] and heads == [0, 1, 2, 3]
+            np.testing.assert_allclose(got[k], np.array(ref[k]), rtol=1e-5, atol=1e-7, err_msg=f"{k} step {step}")
+    assert ref["induction"] and np.array(ref["induction"]).any()  # the synthetic text repeats: induction is seen
+
+
 def test_heads_view_scores_every_head_and_a_click_opens_it(synthetic):
     from bokeh.events import Tap
 

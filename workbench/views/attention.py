@@ -7,6 +7,8 @@ heatmap, the layer's heads for the grid. Large maps are max-pooled to at most 51
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import panel as pn
 from bokeh.events import Tap
@@ -73,20 +75,28 @@ def attention_map(trace, seq: int, layer: int, head: int, step: int) -> np.ndarr
     return np.asarray(w, dtype=np.float32)
 
 
-def layer_maps(trace, seq: int, layer: int, step: int, rows: int = GRID_ROWS,
-               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The last ``rows`` query rows of every recorded head of ``layer`` after ``step``.
-
-    ``positions``: the sequence's own positions (``TokenText.positions``); rows and keys of other
-    positions (padding of a shorter prompt, positions past a finished sequence) are left out.
-    Returns maps [head, row, key], the absolute positions of the rows and those of the keys.
-    """
-    ds = trace.attention
-    li = recorded_index(ds["layer"].values, layer, "layer")
+def map_window(trace, seq: int, step: int, rows: int = GRID_ROWS,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The absolute positions of the last ``rows`` query rows after ``step`` and of their keys, and
+    the end of the stored key range. ``positions``: the sequence's own positions
+    (``TokenText.positions``); other positions (padding of a shorter prompt, positions past a
+    finished sequence) are left out."""
     _, stop = query_range(trace, seq, step)
     keys = np.arange(stop) if positions is None else np.asarray(positions, dtype=np.int64)
     keys = keys[keys < stop]
     queries = keys[-rows:] if rows else keys[:0]
+    return queries, keys, stop
+
+
+def layer_maps(trace, seq: int, layer: int, step: int, rows: int = GRID_ROWS,
+               positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last ``rows`` query rows of every recorded head of ``layer`` after ``step`` (``map_window``).
+
+    Returns maps [head, row, key], the absolute positions of the rows and those of the keys.
+    """
+    ds = trace.attention
+    li = recorded_index(ds["layer"].values, layer, "layer")
+    queries, keys, stop = map_window(trace, seq, step, rows, positions)
     if not len(queries):
         return np.zeros((len(ds["head"]), 0, len(keys)), np.float32), queries, keys
     first = int(queries[0])
@@ -94,40 +104,55 @@ def layer_maps(trace, seq: int, layer: int, step: int, rows: int = GRID_ROWS,
     return w[:, queries - first][:, :, keys], queries, keys
 
 
-def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-head scores from attention rows: maps [head, row, key], rows = absolute query positions.
+def head_scores(maps: np.ndarray, rows: np.ndarray, token_ids: np.ndarray,
+                which: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Per-head scores from attention rows: maps [head, row, key] (any float dtype), rows = absolute
+    query positions; ``which`` scores (default: all of them).
 
     previous: mean weight on the previous position; sink: mean weight on position 0; self: on the
     diagonal; induction: mean weight on the token after an earlier occurrence of the current token
     (averaged over rows that have such an occurrence); entropy: mean over rows of -sum w log2 w, in
     bits (0: all weight on one key). NaN (future) cells count as 0.
     """
-    w = np.where(np.isnan(maps), np.float32(0), maps)  # (nan_to_num also scans for infinities: slower)
-    n_heads, n_rows, n_keys = w.shape
+    want = set(SCORES) - {"head"} if which is None else set(which)
+    n_heads, n_rows, n_keys = maps.shape
     out = {}
     r = np.arange(n_rows)
-    has_prev = rows >= 1
-    out["previous"] = w[:, r[has_prev], rows[has_prev] - 1].mean(axis=1) if has_prev.any() else np.zeros(n_heads)
-    out["sink"] = w[:, :, 0].mean(axis=1) if n_keys else np.zeros(n_heads)
-    in_range = rows < n_keys
-    out["self"] = w[:, r[in_range], rows[in_range]].mean(axis=1) if in_range.any() else np.zeros(n_heads)
-    logs = np.zeros_like(w)
-    np.log2(w, out=logs, where=w > 0)  # 0 log 0 = 0
-    out["entropy"] = -(w * logs).sum(axis=2).mean(axis=1) if n_rows else np.zeros(n_heads)
-    ids = np.asarray(token_ids)[:n_keys]
-    if ids.size == n_keys and n_keys > 1 and n_rows:
-        cur = ids[np.minimum(rows, n_keys - 1)]
-        same = cur[:, None] == ids[None, :]                # [row, key j]: token j equals current token
-        target = np.zeros_like(same)
-        target[:, 1:] = same[:, :-1]                       # the token right after that occurrence
-        target &= np.arange(n_keys)[None, :] < rows[:, None]  # strictly earlier than the query
-        valid = target.any(axis=1)
-        if valid.any():
-            out["induction"] = (w[:, valid] * target[valid][None]).sum(axis=2).mean(axis=1)
-        else:
-            out["induction"] = np.zeros(n_heads)
-    else:
+
+    def mean_at(row_idx, key_idx) -> np.ndarray:  # mean weight of each head at (row, key) pairs
+        if not len(row_idx):
+            return np.zeros(n_heads)
+        return np.nan_to_num(maps[:, row_idx, key_idx].astype(np.float64)).mean(axis=1)
+
+    if "previous" in want:
+        has_prev = rows >= 1
+        out["previous"] = mean_at(r[has_prev], rows[has_prev] - 1)
+    if "sink" in want:
+        out["sink"] = mean_at(r, np.zeros(n_rows, dtype=np.int64)) if n_keys else np.zeros(n_heads)
+    if "self" in want:
+        in_range = rows < n_keys
+        out["self"] = mean_at(r[in_range], rows[in_range])
+    if "entropy" in want:
+        w = np.asarray(maps, dtype=np.float32)
+        w = np.where(np.isnan(w), np.float32(0), w)  # (nan_to_num also scans for infinities: slower)
+        logs = np.zeros_like(w)
+        np.log2(w, out=logs, where=w > 0)  # 0 log 0 = 0
+        out["entropy"] = -(w * logs).sum(axis=2).mean(axis=1) if n_rows else np.zeros(n_heads)
+    if "induction" in want:
         out["induction"] = np.zeros(n_heads)
+        ids = np.asarray(token_ids)[:n_keys]
+        if ids.size == n_keys and n_keys > 1 and n_rows:
+            cur = ids[np.minimum(rows, n_keys - 1)]
+            same = cur[:, None] == ids[None, :]                # [row, key j]: token j equals current token
+            target = np.zeros_like(same)
+            target[:, 1:] = same[:, :-1]                       # the token right after that occurrence
+            target &= np.arange(n_keys)[None, :] < rows[:, None]  # strictly earlier than the query
+            valid = target.any(axis=1)
+            if valid.any():  # the targets are few: sum their weights per row, not a dense product
+                ri, ki = np.nonzero(target)
+                weights = np.nan_to_num(maps[:, ri, ki].astype(np.float64))  # [head, targets]
+                per_row = np.stack([np.bincount(ri, weights=wh, minlength=n_rows) for wh in weights])
+                out["induction"] = per_row[:, valid].mean(axis=1)
     return out
 
 

@@ -383,14 +383,16 @@ class CompareView(TraceView):
 
 
     def _scores_of(self, k: str, trace) -> tuple | None:
-        """Head scores of every recorded head after the trace's last committed step (cached per step)."""
+        """The shown head score of every recorded head after the trace's last committed step (cached
+        per step and score)."""
         seq = min(self.state.seq, trace.spec.n_seq - 1)
-        key = (id(trace), int(trace.n_steps), seq)
+        key = (id(trace), int(trace.n_steps), seq, self.head_score.value)
         cached = self._head_scores.get(k)
         if cached is None or cached[0] != key:
             scores = None
             if has_attention_maps(trace) and trace.n_steps > 0:
-                scores = all_head_scores(trace, seq, int(trace.n_steps) - 1, self._text(k, trace))
+                scores = all_head_scores(trace, seq, int(trace.n_steps) - 1, self._text(k, trace),
+                                         [self.head_score.value])
             self._head_scores[k] = (key, scores)
         return self._head_scores[k][1]
 

@@ -4,13 +4,14 @@ something recognisable stand out across the whole model. Click a cell to select 
 (the Attention tab then shows it).
 
 Scores are those of the attention view's head grid (``attention.head_scores``), over the latest
-``GRID_ROWS`` query rows up to the selected step of the selected sequence. Reading every layer's
-maps costs a layer switch per layer, so the view computes only while it is shown, and while it
-follows a live run at most every ``LIVE_SECONDS``.
+``GRID_ROWS`` query rows up to the selected step of the selected sequence; only the score shown
+is computed. Reading every layer's maps costs about a layer switch, so the view computes only
+while it is shown, and while it follows a live run at most every ``LIVE_SECONDS``.
 """
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 import numpy as np
 import panel as pn
@@ -18,7 +19,7 @@ from bokeh.events import Tap
 from bokeh.models import ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d
 from bokeh.plotting import figure
 
-from workbench.views.attention import GRID_ROWS, SCORES, head_scores, layer_maps, maps_to_draw
+from workbench.views.attention import GRID_ROWS, SCORES, head_scores, map_window, maps_to_draw
 from workbench.views.base import TraceView, finite_floats
 from workbench.views.tokens import SequenceText
 
@@ -27,25 +28,32 @@ PALETTE = "Viridis256"
 LIVE_SECONDS = 2.0
 
 
-def all_head_scores(trace, seq: int, step: int, text) -> tuple[dict[str, np.ndarray], list[int], list[int], tuple]:
-    """Scores [layer, head] of every recorded layer and head (``HEAD_SCORES``), the recorded layers
-    and heads, and the (first, last) query rows they use; ``text`` is the sequence's TokenText."""
+def all_head_scores(trace, seq: int, step: int, text, which: Iterable[str] | None = None
+                    ) -> tuple[dict[str, np.ndarray], list[int], list[int], tuple]:
+    """Scores [layer, head] of every recorded layer and head (``which`` of ``HEAD_SCORES``; default
+    all), the recorded layers and heads, and the (first, last) query rows they use; ``text`` is the
+    sequence's TokenText. Every layer's rows are read in one call (a read per layer costs about
+    twice as much), then scored a layer at a time in the stored dtype (only entropy needs every
+    value as float32)."""
     ds = trace.attention
     layers = [int(v) for v in ds["layer"].values]
     heads = [int(v) for v in ds["head"].values]
-    out = {k: np.full((len(layers), len(heads)), np.nan) for k in HEAD_SCORES}
-    rows_used = (0, -1)
-    positions = np.asarray(text.positions)
-    ids = np.asarray(text.ids)
-    for li, layer in enumerate(layers):
-        maps, rows, keys = layer_maps(trace, seq, layer, step, GRID_ROWS, positions=positions)
-        if not len(rows):
-            continue
-        scores = head_scores(maps, np.searchsorted(keys, rows), ids[:len(keys)])
-        for k in HEAD_SCORES:
+    which = list(HEAD_SCORES) if which is None else list(which)
+    out = {k: np.full((len(layers), len(heads)), np.nan) for k in which}
+    queries, keys, stop = map_window(trace, seq, step, GRID_ROWS, np.asarray(text.positions))
+    if not len(queries):
+        return out, layers, heads, (0, -1)
+    first = int(queries[0])
+    block = ds["weights"][seq, :, :, first:stop, :stop].values  # [layer, head, row, key], as stored
+    rows, ids = np.searchsorted(keys, queries), np.asarray(text.ids)[:len(keys)]
+    # The sequence's own rows and keys; usually all of them (no padding): then no copy.
+    whole = len(keys) == stop and len(queries) == stop - first
+    for li in range(len(layers)):
+        maps = block[li] if whole else block[li][:, queries - first][:, :, keys]
+        scores = head_scores(maps, rows, ids, which)
+        for k in which:
             out[k][li] = scores[k]
-        rows_used = (int(rows[0]), int(rows[-1]))
-    return out, layers, heads, rows_used
+    return out, layers, heads, (int(queries[0]), int(queries[-1]))
 
 
 def fit_head_matrix(fig, layers: list[int], heads: list[int]) -> None:
@@ -99,13 +107,14 @@ class HeadsView(TraceView):
         st = self.state
         if not maps_to_draw(self):
             return
-        key = (id(st.trace), st.seq, st.step, st.n_steps)
+        key = (id(st.trace), st.seq, st.step, st.n_steps, self.score.value)
         if key != self._key:
             following = st.status == "running" and st.follow  # a step the user picks is drawn at once
             if not (following and self._key is not None and changed <= {"step", "version", "layer", "head"}
                     and time.monotonic() - self._computed_at < LIVE_SECONDS):
                 text = self._text.read(st.trace, st.seq)
-                self._scores, self._layers, self._heads, rows = all_head_scores(st.trace, st.seq, st.step, text)
+                self._scores, self._layers, self._heads, rows = all_head_scores(st.trace, st.seq, st.step, text,
+                                                                                [self.score.value])
                 self._key, self._computed_at, self._rows = key, time.monotonic(), rows
                 self._shown_step = st.step
         self._draw()
