@@ -433,6 +433,10 @@ def test_generate_serve_shows_the_run_then_serves_until_ctrl_c(browser, model_di
     import threading
     port = free_port()
     record = tmp_path / "served_run"
+    # an earlier run beside it, written "later" so that a page opening the newest trace would show it
+    write_synthetic_trace(tmp_path / "earlier_run", n_steps=6, n_layers=2, n_heads=2)
+    future = time.time() + 3600
+    os.utime(tmp_path / "earlier_run" / "zarr.json", (future, future))
     gen = subprocess.Popen(
         [sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir), "--prompt", "abc",
          "--max-new-tokens", "40", "--device", "cpu", "--record", str(record), "--serve", "--port", str(port)],
@@ -452,6 +456,12 @@ def test_generate_serve_shows_the_run_then_serves_until_ctrl_c(browser, model_di
         page = Page(browser, url, ready="heatmap")
         page.wait_for(lambda: page.tokens()[0] == 4 + 40, "the whole run in the page", timeout=120)  # <bos>abc + 40
         page.wait_for(lambda: any("still at" in l for l in lines), "generation to finish")
+        # the runs beside it are listed, and the Compare tab sets this run beside them
+        options = page.page.locator(".wb-trace select option").all_inner_texts()
+        assert sorted(options) == ["earlier_run", "served_run"]
+        assert page.page.locator(".wb-trace select").input_value() == "served_run"
+        page.tab("Compare")
+        page.wait_for(lambda: "choose a trace" in page.deep_text("wb-note-CompareView"), "the Compare tab")
         assert gen.poll() is None                           # still serving after generation
         page.page.reload()
         page.wait_for(lambda: page.tokens()[0] == 44 and "complete" in page.deep_text("wb-status"),

@@ -226,6 +226,20 @@ def test_catalog_lists_real_traces_in_a_directory(tmp_path):
     assert dash.state.path.endswith("r1") and dash.state.error == ""
 
 
+def test_a_directory_dashboard_waits_for_the_trace_it_was_opened_on(tmp_path):
+    """generate --serve serves the record's directory opened on the run, before its store exists:
+    the page waits for that run, not the newest trace already there, and opens it when it appears."""
+    write_synthetic_trace(tmp_path / "earlier", n_steps=2, n_layers=1, n_heads=1, prompt_len=2)
+    dash = Dashboard(tmp_path, trace="live.zarr")
+    assert dash.state.trace is None and "waiting for it to appear" in dash.state.error
+    write_synthetic_trace(tmp_path / "live.zarr", n_steps=3, n_layers=1, n_heads=1, prompt_len=2)
+    for _ in range(CATALOG_EVERY):
+        dash.tick()
+    assert dash.state.path.endswith("live.zarr") and dash.state.error == "" and dash.state.n_steps == 3
+    assert dash.trace_select.options == ["earlier", "live.zarr"] and dash.trace_select.value == "live.zarr"
+    assert "compare" in dash._tab_views                          # the earlier run is there to compare with
+
+
 # --------------------------------------------------------------------------- numbers behind the views
 def test_max_pool_keeps_peaks_and_masks():
     a = np.zeros((1000, 700), np.float32)

@@ -190,7 +190,8 @@ def _add_serve_options(p, live: bool = False) -> None:
     g = p.add_argument_group("dashboard (docs/dashboard.md)")
     if live:
         g.add_argument("--serve", action="store_true",
-                       help="serve the dashboard of the --record trace while it is generated, until Ctrl-C")
+                       help="serve the dashboard of the --record trace while it is generated, until Ctrl-C "
+                            "(it also lists the traces beside it, to compare with)")
     g.add_argument("--port", type=int, default=None, help="dashboard port (default: 5006; 0 picks a free one)")
     g.add_argument("--address", default="127.0.0.1",
                    help="interface to listen on (default: %(default)s, this machine only)")
@@ -235,8 +236,12 @@ def _generate_and_serve(args) -> int:
         raise WorkbenchError("--serve needs --record (the dashboard shows the trace being recorded)")
     from workbench.probes.recording import check_record_path
     check_record_path(args.record, args.overwrite)  # fail before a server starts
-    # A busy port is a one-line error here, before the server and the generation start.
-    proc, url = start_server_process(Path(args.record).resolve(), address=args.address,
+    # A busy port is a one-line error here, before the server and the generation start. The
+    # dashboard serves the record's directory, opened on this run: earlier runs recorded beside it
+    # are listed, and its Compare tab sets this run beside them.
+    record = Path(args.record).resolve()
+    record.parent.mkdir(parents=True, exist_ok=True)  # a directory of traces from the start
+    proc, url = start_server_process(record.parent, address=args.address, trace=record.name,
                                      port=DEFAULT_PORT if args.port is None else args.port)
     try:
         print(f"dashboard: {url}", file=sys.stderr, flush=True)

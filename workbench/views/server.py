@@ -71,7 +71,8 @@ def _origins(address: str, port: int) -> list[str]:
     return [f"{address}:{port}", f"localhost:{port}", f"127.0.0.1:{port}"]
 
 
-def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADDRESS, show: bool = False) -> None:
+def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADDRESS, show: bool = False,
+          trace: str | None = None) -> None:
     """Serve the dashboard for ``path`` (one trace or a directory of traces) until Ctrl-C.
 
     Args:
@@ -79,6 +80,8 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
         port: TCP port (0 picks a free one).
         address: interface to listen on; 127.0.0.1 keeps it on this machine.
         show: open a browser tab.
+        trace: the trace a page opens on (a name under ``path``; it may not exist yet); default: the
+            most recently written one. ``?trace=NAME`` in a page's address still chooses another.
     """
     root = Path(path).expanduser()
     if root.exists() and not root.is_dir():
@@ -91,7 +94,7 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
     from workbench.views.dashboard import Dashboard
 
     def app():
-        return Dashboard(root).template()
+        return Dashboard(root, trace=trace).template()
 
     url = dashboard_url(address, port)
     try:
@@ -107,14 +110,17 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
 
 
 def start_server_process(path: str | Path, port: int = 0, address: str = DEFAULT_ADDRESS,
-                         timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
-    """Start ``serve`` in a child process and wait until it accepts connections.
+                         timeout: float = 60.0, trace: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``serve`` in a child process and wait until it accepts connections (``trace``: as for
+    ``serve``).
 
     Returns the process and the dashboard URL. The caller stops it with ``terminate()``.
     """
     check_port_free(address, port)  # a clear error here, not a child that exits with code 2
     port = port or free_port(address)
     cmd = [sys.executable, "-m", "workbench.views.server", str(path), "--port", str(port), "--address", address]
+    if trace is not None:
+        cmd += ["--trace", trace]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     url = dashboard_url(address, port)
     wait_until_listening(address, port, timeout, proc)
@@ -141,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--address", default=DEFAULT_ADDRESS)
     p.add_argument("--show", action="store_true")
+    p.add_argument("--trace", default=None, help="the trace a page opens on (a name under PATH)")
     args = p.parse_args(argv)
     try:
-        serve(args.path, port=args.port, address=args.address, show=args.show)
+        serve(args.path, port=args.port, address=args.address, show=args.show, trace=args.trace)
     except KeyboardInterrupt:
         pass
     except WorkbenchError as e:
