@@ -414,11 +414,12 @@ class CompareView(TraceView):
         top = float(max(finite.max(), 1e-6)) if finite.size else 1.0
         self.head_mapper.update(low=-top, high=top)
         small = delta.size <= 256
+        digits = label_digits(top)
         self.head_source.data = dict(
             layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
             a=[float(v) for v in va.ravel()], b=[float(v) for v in vb.ravel()],
             delta=finite_floats(delta),
-            label=[f"{v:+.2f}" if small and np.isfinite(v) else "" for v in delta.ravel()],
+            label=[f"{v:+.{digits}f}" if small and np.isfinite(v) else "" for v in delta.ravel()],
             ink=["#ffffff" if np.isfinite(v) and abs(v) > 0.6 * top else "#1d1d1d" for v in delta.ravel()])  # dark ends
         fit_head_matrix(self.heads_fig, layers, heads)
         self.heads_fig.title.text = f"{HEAD_SCORES[score]}, b - a, after each run's last step"
@@ -427,6 +428,14 @@ class CompareView(TraceView):
             f"<span style='font-size:12px;color:#6b7688'>largest change: layer {layers[where[0]]} head "
             f"{heads[where[1]]}, {va[where]:.3f} → {vb[where]:.3f} ({delta[where]:+.3f}); scores over each run's "
             f"latest 256 query rows (red: higher in b, blue: lower)</span>")
+
+
+def label_digits(largest: float) -> int:
+    """Decimals that give the largest of some numbers two significant digits (2 to 4): small head
+    score changes (a sink moving by 0.006) would all read +0.00 otherwise."""
+    if not np.isfinite(largest) or largest <= 0:
+        return 2
+    return int(np.clip(1 - np.floor(np.log10(largest)), 2, 4))
 
 
 def _num(x: float, signed: bool = False) -> str:
