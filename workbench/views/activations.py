@@ -14,7 +14,7 @@ from bokeh.palettes import Dark2_8
 from bokeh.plotting import figure
 
 from workbench.trace.stats import finish_moments
-from workbench.views.base import TraceView, finite_floats
+from workbench.views.base import TraceView, finite_floats, legend_above
 
 STATS = {"std": "standard deviation", "kurtosis": "excess kurtosis", "max": "max |value|",
          "near_zero_fraction": "near-zero fraction"}
@@ -142,9 +142,7 @@ class ActivationsView(TraceView):
                     fig.scatter(x, "value", source=src, color=Dark2_8[i % 8], size=6)
                 srcs.append(src)
             setattr(self, sources, srcs)
-            fig.legend.label_text_font_size = "10px"
-            fig.legend.click_policy = "hide"
-            fig.legend.location = "top_left"
+            legend_above(fig)
 
     def clear(self) -> None:
         self._site_names = []
@@ -166,8 +164,7 @@ class ActivationsView(TraceView):
             for i, name in enumerate(self._site_names):
                 fig.quad(left="left", right="right", top="top", bottom="bottom", source=self.hist_sources[i],
                          fill_color=Dark2_8[i % 8], fill_alpha=0.35, line_color=Dark2_8[i % 8], legend_label=name)
-            fig.legend.label_text_font_size = "10px"
-            fig.legend.click_policy = "hide"
+            legend_above(fig)
             fig.add_tools(HoverTool(tooltips=[("bin", "[@left{0.00}, @right{0.00})"), ("count", "@top{0,0}")]))
         floor = 0.5 if self.log_y.value else 0.0
         all_counts = histograms(st.trace, st.layer, st.step, self.accumulate.value)

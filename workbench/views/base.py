@@ -11,6 +11,7 @@ import time
 import numpy as np
 import panel as pn
 import param
+from bokeh.models import Legend
 
 from workbench.views.state import TraceState
 
@@ -18,6 +19,18 @@ from workbench.views.state import TraceState
 def finite_floats(a) -> list[float]:
     """Floats for a Bokeh data source; NaN (drawn as a gap) for anything not finite."""
     return [float(x) if np.isfinite(x) else float("nan") for x in np.asarray(a, dtype=np.float64).ravel()]
+
+
+def legend_above(fig) -> None:
+    """Move the figure's legend from over the data to one row above the plot, where it hides no
+    line or bar; a click on an entry hides its glyphs. Glyphs added later with ``legend_label``
+    join the same legend."""
+    for legend in [o for o in fig.center if isinstance(o, Legend)]:
+        fig.center = [o for o in fig.center if o is not legend]
+        fig.add_layout(legend, "above")
+    for legend in fig.legend:
+        legend.update(orientation="horizontal", location="top_left", label_text_font_size="10px", margin=0,
+                      padding=2, spacing=8, click_policy="hide")
 
 
 class TraceView(pn.viewable.Viewer):
