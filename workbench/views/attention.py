@@ -292,9 +292,11 @@ class AttentionView(TraceView):
         maps, rows, keys = layer_maps(st.trace, st.seq, st.layer, st.step, positions=np.asarray(text.positions))
         # Scores on the sequence's own tokens: "previous" of the first generated token is the last
         # prompt token even when padding sat between them.
-        scores = head_scores(maps, np.searchsorted(keys, rows), np.asarray(text.ids[:len(keys)]))
-        order = list(range(len(heads)))
         key = self.sort.value
+        # The cheap scores always (self.scores), entropy and induction only to sort by them.
+        which = {"previous", "sink", "self"} | ({key} if key != "head" else set())
+        scores = head_scores(maps, np.searchsorted(keys, rows), np.asarray(text.ids[:len(keys)]), which)
+        order = list(range(len(heads)))
         if key != "head":  # highest first; for entropy the most focused (lowest) first
             order.sort(key=lambda i: float(scores[key][i]) * (1 if key == "entropy" else -1))
         titles = [f"head {heads[i]}" + ("" if key == "head" else f" · {scores[key][i]:.2f}") for i in order]
