@@ -178,6 +178,8 @@ def test_a_single_trace_has_no_compare_tab(traces, tmp_path):
     assert "compare" not in dash._tab_views
     # recorded without the attention probe: no empty Attention or Heads tab (the arrays exist, unwritten)
     assert dash._tab_views[:2] == ["kv_cache", "activations"] and dash.tabs.active == 0
+    kv = dash.views["kv_cache"]                                    # nor an empty step x position heatmap
+    assert kv.growth_source.data["step"] and not kv.steps_map.figure.visible and not kv.steps_note.visible
     from workbench.notebook import TraceWidget
     assert "attention" not in TraceWidget(traces["base"]).views and "heads" not in TraceWidget(traces["base"]).views
     write_synthetic_trace(tmp_path / "only", n_steps=3, n_layers=2, n_heads=2)   # alone in its directory
@@ -297,9 +299,9 @@ def test_compare_tab_quotes_step_times_and_head_score_changes(tmp_path, traces):
     assert [compare_view.label_digits(x) for x in (0.3, 0.05, 0.006, 1e-7, 0.0, 5.0)] == [2, 3, 4, 4, 2, 2]
     worst = np.unravel_index(np.argmax(np.abs(delta)), delta.shape)
     assert f"largest change: layer {worst[0]} head {worst[1]}," in view.heads_note.object
-    assert view.heads_pane.visible
+    assert view.heads_fig.visible
     # runs recorded without the timing probe quote no times
     dash, view = _compare_tab(traces["base"].parent, "base.zarr")
     view.compare_with("arm.zarr")
     assert "median decode step" not in view.runs.object
-    assert "attention maps are not recorded in both runs" in view.heads_note.object and not view.heads_pane.visible
+    assert "attention maps are not recorded in both runs" in view.heads_note.object and not view.heads_fig.visible

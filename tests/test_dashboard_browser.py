@@ -207,6 +207,9 @@ def test_page_loads_without_console_errors_and_shows_every_view(server, open_pag
         page.tab(tab)
         if figure:   # a background tab draws when it is shown
             page.wait_for(lambda figure=figure: "step 39" in (page.model_text(figure) or ""), f"{figure} to draw")
+            if figure == "kv-mass":  # below it, every step's share of attention per cached position
+                page.wait_for(lambda: "layer 0 · steps 0-39" in (page.model_text("kv-mass-steps") or ""),
+                              "the step x position heatmap")
         else:
             page.wait_for(lambda: "tensor-parallel size" in page.page.content() or
                           page.page.locator("text=tensor-parallel size").count(), "the run view")

@@ -240,6 +240,78 @@ def test_a_directory_dashboard_waits_for_the_trace_it_was_opened_on(tmp_path):
     assert "compare" in dash._tab_views                          # the earlier run is there to compare with
 
 
+def _reference_shares(path, seq: int, layer: int, positions, n_steps: int | None = None) -> np.ndarray:
+    """Each step's attention mass per position, summed over ranks, as shares of the step's total,
+    read with plain xarray (no workbench reader) for steps [0, n_steps)."""
+    import xarray as xr
+    m = xr.open_zarr(path, group="kv_cache", consolidated=False)["attention_mass"][seq, :n_steps, layer].values
+    m = m.astype(np.float64)                                       # [step, rank, position]
+    total = np.where(np.isnan(m).all(axis=1), np.nan, np.nansum(m, axis=1))
+    return (total / np.nansum(total, axis=1, keepdims=True))[:, positions]
+
+
+def test_kv_tab_maps_each_steps_share_of_attention_per_position(synthetic):
+    from bokeh.events import Tap
+    dash = Dashboard(synthetic)
+    dash.tabs.active = dash._tab_views.index("kv_cache")
+    kv, st = dash.views["kv_cache"], dash.state
+    assert kv.steps_map.figure.visible
+    image = np.asarray(kv.steps_map.source.data["image"][0])
+    want = _reference_shares(synthetic, 0, 0, np.arange(image.shape[1]))
+    assert image.shape == (20, 16 + 19) and np.allclose(image, want, equal_nan=True)
+    assert np.allclose(np.nansum(image, axis=1), 1.0)                # every step's row: shares summing to 1
+    assert "layer 0 · steps 0-19" in kv.steps_map.figure.title.text and kv.steps_note.visible and kv.steps_cursor.location == 19.5
+    sent = kv.steps_map.source.data["image"][0]
+    st.select_step(4)                                               # a step: the cursor moves, nothing is re-sent
+    assert kv.steps_cursor.location == 4.5 and kv.steps_map.source.data["image"][0] is sent
+    kv._tapped_step(Tap(model=kv.steps_map.figure, x=3.0, y=11.4))   # a click on a row selects its step
+    assert st.step == 11
+    st.layer = 2
+    image = np.asarray(kv.steps_map.source.data["image"][0])
+    assert np.allclose(image, _reference_shares(synthetic, 0, 2, np.arange(image.shape[1])), equal_nan=True)
+    assert _danger(dash) == {}
+
+
+def test_kv_tab_heatmap_reads_only_new_steps_of_a_live_run(tmp_path, monkeypatch):
+    from workbench.views import kv_cache as kv_view
+    spec, writer = _start_live(tmp_path / "live", n_steps=10)
+
+    def step(s: int) -> None:  # a step with the attention mass the recorder writes beside the maps
+        q0, q1 = (0, PROMPT) if s == 0 else (PROMPT + s - 1, PROMPT + s)
+        mass = np.zeros((1, spec.n_layers, q1), np.float32)
+        mass[..., 0] = 1.0 + s                                      # a sink that grows
+        mass[..., q1 - 1] = q1 - q0                                 # the newest token
+        writer.write_attention_mass(s, mass)
+        _write_step(writer, spec, s)
+
+    for s in range(3):
+        step(s)
+    writer.flush()
+    reads = []
+    real = kv_view.mass_over_steps
+    monkeypatch.setattr(kv_view, "mass_over_steps", lambda tr, seq, layer, a, b: reads.append((a, b)) or real(tr, seq, layer, a, b))
+    dash = Dashboard(tmp_path / "live")
+    dash.tabs.active = dash._tab_views.index("kv_cache")
+    kv = dash.views["kv_cache"]
+    assert reads == [(0, 3)] and "steps 0-2" in kv.steps_map.figure.title.text
+    monkeypatch.setattr(kv_view, "LIVE_SECONDS", 600.0)
+    step(3)
+    writer.flush()
+    dash.tick()
+    assert kv._note.object == "" and reads[-1] == (3, 4) and dash.state.step == 3   # only the new step is read...
+    assert "steps 0-2" in kv.steps_map.figure.title.text and kv.steps_cursor.location == 3.5  # ...drawn later
+    monkeypatch.setattr(kv_view, "LIVE_SECONDS", 0.0)
+    step(4)
+    writer.close()
+    for _ in range(3):
+        dash.tick()
+    assert "steps 0-4" in kv.steps_map.figure.title.text
+    image = np.asarray(kv.steps_map.source.data["image"][0])
+    assert np.allclose(image, _reference_shares(tmp_path / "live", 0, 0, np.arange(PROMPT + 4), 5),
+                       equal_nan=True)
+    assert image[4, 0] == pytest.approx(5 / (5 + 1))               # step 4: sink 5, newest token 1
+
+
 # --------------------------------------------------------------------------- numbers behind the views
 def test_max_pool_keeps_peaks_and_masks():
     a = np.zeros((1000, 700), np.float32)

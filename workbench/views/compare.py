@@ -144,7 +144,7 @@ class CompareView(TraceView):
         self.table = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-table"])
         self._build_heads()
         self.plots = pn.Column(self.runs, pn.Row(pn.pane.Bokeh(self.hist), pn.pane.Bokeh(self.by_layer)), self.table,
-                               pn.Row(self.head_score), self.heads_pane, self.heads_note,
+                               pn.Row(self.head_score), pn.pane.Bokeh(self.heads_fig), self.heads_note,
                                sizing_mode="stretch_width", visible=False)
         self._b = None  # the other trace, opened here
         self._b_path: Path | None = None
@@ -173,7 +173,6 @@ class CompareView(TraceView):
         fig.add_layout(ColorBar(color_mapper=self.head_mapper, width=10), "right")
         fig.grid.visible = False
         self.heads_fig = fig
-        self.heads_pane = pn.pane.Bokeh(fig)
         self._head_scores: dict = {}
 
     # ---------------------------------------------------------------- choosing b
@@ -399,7 +398,8 @@ class CompareView(TraceView):
     def _draw_heads(self, a, b) -> None:
         sa, sb = self._scores_of("a", a), self._scores_of("b", b)
         shown = sa is not None and sb is not None and sa[1:3] == sb[1:3]
-        self.heads_pane.visible = self.head_score.visible = shown
+        # the figure's visibility, not its pane's: a Bokeh pane shown again fails to sync in a served page
+        self.heads_fig.visible = self.head_score.visible = shown
         if not shown:
             self.heads_note.object = ("<span style='font-size:12px;color:#6b7688'>head scores: "
                                       + ("the runs recorded different layers or heads" if sa and sb else

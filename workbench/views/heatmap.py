@@ -68,7 +68,8 @@ class Heatmap:
     """A heatmap figure with an image glyph that is refilled by ``show``."""
 
     def __init__(self, title: str = "", width: int = 520, height: int = 520, x_name: str = "key",
-                 y_name: str = "query", small: bool = False, palette: str = PALETTE, name: str | None = None) -> None:
+                 y_name: str = "query", small: bool = False, palette: str = PALETTE, name: str | None = None,
+                 value_name: str = "weight") -> None:
         self.x_name, self.y_name, self.small = x_name, y_name, small
         self.source = ColumnDataSource(name=f"{name}-source" if name else None, data=dict(image=[np.full((1, 1), np.nan, np.float32)], x=[0], y=[0],
                                                  dw=[1], dh=[1]))
@@ -96,7 +97,7 @@ class Heatmap:
                          "const p = src.data.pos[i] === undefined ? i : src.data.pos[i]; " \
                          "return t === undefined ? String(p) : p + ' ' + JSON.stringify(t);"
             fig.add_tools(HoverTool(tooltips=[(y_name, "$y{custom}"), (x_name, "$x{custom}"),
-                                              ("weight", "@image{0.0000}")],
+                                              (value_name, "@image{0.0000}")],
                                     formatters={"$x": CustomJSHover(args=dict(src=self.x_labels), code=hover_code),
                                                 "$y": CustomJSHover(args=dict(src=self.y_labels), code=hover_code)}))
             fig.add_layout(ColorBar(color_mapper=self.mapper, width=10, major_label_text_font_size="9px"), "right")

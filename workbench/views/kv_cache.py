@@ -1,23 +1,32 @@
 """KV cache view: tokens, blocks and bytes (used vs reserved) against step, per layer and total;
-and the attention mass each cached position receives at the selected step (sinks, heavy hitters).
+the attention mass each cached position receives at the selected step (sinks, heavy hitters); and
+every step's share of attention per cached position, as a step x position heatmap (a sink or a
+heavy hitter is a vertical stripe, attention to recent tokens the diagonal).
 
 Occupancy is summed over ranks (each rank caches its own heads). New steps are streamed into the
-line sources; nothing already drawn is re-sent.
+line sources; nothing already drawn is re-sent. The heatmap reads only new steps, and while it
+follows a live run redraws at most every ``LIVE_SECONDS``.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import panel as pn
+from bokeh.events import Tap
 from bokeh.models import (AdaptiveTicker, BasicTicker, BasicTickFormatter, ColumnDataSource, HoverTool,
-                          NumeralTickFormatter, Span)
+                          NumeralTickFormatter, Span, TapTool)
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
+from workbench.views.attention import has_attention_maps
 from workbench.views.base import TraceView
+from workbench.views.heatmap import Heatmap
 from workbench.views.tokens import SequenceText
 
 METRICS = {"bytes": "bytes used / reserved", "tokens": "cached tokens", "blocks": "blocks in use"}
 HEAVY_FRACTION = 0.05   # the top 5 % of positions by mass are marked as heavy hitters
+LIVE_SECONDS = 2.0      # the step x position heatmap of a live run is redrawn at most this often
 
 
 def occupancy(trace, start: int = 0, stop: int | None = None) -> dict[str, np.ndarray]:
@@ -39,6 +48,32 @@ def attention_mass(trace, seq: int, layer: int, step: int, accumulate: bool = Fa
     steps = slice(0, step + 1) if accumulate else slice(step, step + 1)
     m = np.asarray(ds["attention_mass"][seq, steps, layer].values, dtype=np.float64)  # [step, rank, pos]
     return np.nansum(m, axis=(0, 1))
+
+
+def mass_over_steps(trace, seq: int, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Attention mass received per position at each of steps [start, stop), summed over ranks:
+    [step, position]; NaN where nothing was recorded (positions not yet cached, steps or layers
+    without attention maps)."""
+    stop = int(trace.n_steps) if stop is None else stop
+    m = np.asarray(trace.kv_cache["attention_mass"][seq, start:stop, layer].values, dtype=np.float32)  # [s, r, p]
+    with np.errstate(invalid="ignore"):
+        total = np.nansum(m, axis=1)
+    total[np.isnan(m).all(axis=1)] = np.nan
+    return total
+
+
+def _pad_positions(rows: np.ndarray, width: int) -> np.ndarray:
+    """``rows`` [step, position] widened to ``width`` positions with NaN (not cached then)."""
+    if rows.shape[1] >= width:
+        return rows
+    return np.pad(rows, ((0, 0), (0, width - rows.shape[1])), constant_values=np.nan)
+
+
+def step_shares(mass: np.ndarray) -> np.ndarray:
+    """Each step's row of ``mass_over_steps`` as shares of that step's attention (rows sum to 1):
+    the prefill's many query rows and a decode step's one compare on one colour scale."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return mass / np.nansum(mass, axis=1, keepdims=True)
 
 
 class KVCacheView(TraceView):
@@ -69,9 +104,27 @@ class KVCacheView(TraceView):
         self.mass.y_range.start = 0
         self.mass_note = pn.pane.HTML("", margin=(0, 10))
         self._text = SequenceText()
+        self.steps_map = Heatmap(title="each step's share of attention per position", width=620, height=420,
+                                 x_name="position", y_name="step", name="kv-mass-steps", value_name="share")
+        self.steps_map.figure.add_tools(TapTool())
+        self.steps_map.figure.on_event(Tap, self._tapped_step)
+        self.steps_cursor = Span(location=0.5, dimension="width", line_color="#e0a100", line_width=2)
+        self.steps_map.figure.add_layout(self.steps_cursor)
+        self.steps_map.figure.visible = False  # the figure, not its pane: a Bokeh pane shown again fails to sync
+        self.steps_note = pn.pane.HTML(
+            "<span style='color:#6b7688;font-size:12px'>a row per step (click one to select that step), the "
+            "attention its queries paid each cached position, summed over heads and as shares of the row: a sink "
+            "or a heavy hitter is a vertical stripe, attention to the newest tokens the diagonal</span>",
+            margin=(0, 10), visible=False)
+        self._mass_key: tuple | None = None
+        self._mass_rows = np.zeros((0, 0), np.float32)  # mass_over_steps of the key's steps read so far
+        self._map_drawn: tuple | None = None
+        self._map_at = 0.0
         return pn.Column(
             pn.Row(self.metric), pn.pane.Bokeh(self.growth),
-            pn.Row(self.accumulate), pn.pane.Bokeh(self.mass), self.mass_note, sizing_mode="stretch_width")
+            pn.Row(self.accumulate), pn.pane.Bokeh(self.mass), self.mass_note,
+            pn.pane.Bokeh(self.steps_map.figure), self.steps_note,
+            sizing_mode="stretch_width")
 
     @staticmethod
     def _empty_growth(n_layers: int) -> dict:
@@ -110,6 +163,8 @@ class KVCacheView(TraceView):
         self._lines_for = -1
         self.growth_source.data = self._empty_growth(0)
         self.mass_source.data = dict(position=[], mass=[], color=[], text=[])
+        self._mass_key = self._map_drawn = None
+        self.steps_map.figure.visible = self.steps_note.visible = False
 
     def redraw(self, changed: set[str]) -> None:
         st = self.state
@@ -119,6 +174,7 @@ class KVCacheView(TraceView):
         self._stream_growth()
         self.cursor.location = st.step
         self._draw_mass()
+        self._draw_steps_map(changed)
 
     def _stream_growth(self) -> None:
         st = self.state
@@ -171,3 +227,39 @@ class KVCacheView(TraceView):
         self.mass_note.object = (f"<span style='color:#6b7688;font-size:12px'><span style='color:#d9480f'>■</span> "
                                  f"sink (early position with ≥4× median mass) · <span style='color:#e0a100'>■</span> "
                                  f"heavy hitter (top {HEAVY_FRACTION:.0%}) · most attended: {top}</span>")
+
+    def _draw_steps_map(self, changed: set[str]) -> None:
+        """The step x position heatmap of shares; only new steps are read, and a live run that is
+        followed is redrawn at most every LIVE_SECONDS (its cursor moves at once)."""
+        st = self.state
+        shown = has_attention_maps(st.trace) and st.n_steps > 0  # a run without attention maps has no mass
+        self.steps_map.figure.visible = self.steps_note.visible = shown
+        if not shown:
+            return
+        key = (id(st.trace), st.seq, st.layer)
+        if key != self._mass_key:
+            self._mass_key, self._mass_rows = key, mass_over_steps(st.trace, st.seq, st.layer, 0, st.n_steps)
+        elif st.n_steps > len(self._mass_rows):
+            new = mass_over_steps(st.trace, st.seq, st.layer, len(self._mass_rows), st.n_steps)
+            # the reader cuts positions at the last committed query: later reads are wider
+            width = max(self._mass_rows.shape[1], new.shape[1])
+            self._mass_rows = np.concatenate([_pad_positions(self._mass_rows, width), _pad_positions(new, width)])
+        self.steps_cursor.location = st.step + 0.5
+        drawn = (key, len(self._mass_rows))
+        following = st.status == "running" and st.follow
+        if drawn == self._map_drawn or (following and self._map_drawn is not None and self._map_drawn[0] == key
+                                        and changed <= {"step", "version"}
+                                        and time.monotonic() - self._map_at < LIVE_SECONDS):
+            return
+        text = self._text.read(st.trace, st.seq)
+        positions = text.positions_before(self._mass_rows.shape[1])  # the sequence's own positions
+        shares = step_shares(self._mass_rows)[:, positions]
+        n = len(shares)
+        self.steps_map.show(shares, x_labels=text.texts[:len(positions)], y_labels=[str(i) for i in range(n)],
+                            x_positions=positions,
+                            title=f"each step's share of attention per position · layer {st.layer} · steps 0-{n - 1}")
+        self._map_drawn, self._map_at = drawn, time.monotonic()
+
+    def _tapped_step(self, event) -> None:
+        if event.y is not None and 0 <= event.y < len(self._mass_rows):
+            self.state.select_step(int(event.y))
