@@ -14,7 +14,7 @@ from bokeh.palettes import Dark2_8
 from bokeh.plotting import figure
 
 from workbench.trace.stats import finish_moments
-from workbench.views.base import TraceView, finite_floats, legend_above
+from workbench.views.base import TraceView, finite_floats, legend_outside
 
 STATS = {"std": "standard deviation", "kurtosis": "excess kurtosis", "max": "max |value|",
          "near_zero_fraction": "near-zero fraction"}
@@ -142,7 +142,7 @@ class ActivationsView(TraceView):
                     fig.scatter(x, "value", source=src, color=Dark2_8[i % 8], size=6)
                 srcs.append(src)
             setattr(self, sources, srcs)
-            legend_above(fig)
+            legend_outside(fig)
 
     def clear(self) -> None:
         self._site_names = []
@@ -164,7 +164,7 @@ class ActivationsView(TraceView):
             for i, name in enumerate(self._site_names):
                 fig.quad(left="left", right="right", top="top", bottom="bottom", source=self.hist_sources[i],
                          fill_color=Dark2_8[i % 8], fill_alpha=0.35, line_color=Dark2_8[i % 8], legend_label=name)
-            legend_above(fig)
+            legend_outside(fig)
             fig.add_tools(HoverTool(tooltips=[("bin", "[@left{0.00}, @right{0.00})"), ("count", "@top{0,0}")]))
         floor = 0.5 if self.log_y.value else 0.0
         all_counts = histograms(st.trace, st.layer, st.step, self.accumulate.value)

@@ -21,16 +21,17 @@ def finite_floats(a) -> list[float]:
     return [float(x) if np.isfinite(x) else float("nan") for x in np.asarray(a, dtype=np.float64).ravel()]
 
 
-def legend_above(fig) -> None:
-    """Move the figure's legend from over the data to one row above the plot, where it hides no
-    line or bar; a click on an entry hides its glyphs. Glyphs added later with ``legend_label``
-    join the same legend."""
+def legend_outside(fig, side: str = "above", **style) -> None:
+    """Move the figure's legend from over the data to beside the plot (``side``: "above", in one
+    row, or "right"), where it hides no line or bar; a click on an entry hides its glyphs. Glyphs
+    added later with ``legend_label`` join the same legend; ``style``: more Legend properties."""
     for legend in [o for o in fig.center if isinstance(o, Legend)]:
         fig.center = [o for o in fig.center if o is not legend]
-        fig.add_layout(legend, "above")
+        fig.add_layout(legend, side)
     for legend in fig.legend:
-        legend.update(orientation="horizontal", location="top_left", label_text_font_size="10px", margin=0,
-                      padding=2, spacing=8, click_policy="hide")
+        legend.update(orientation="horizontal" if side == "above" else "vertical", location="top_left",
+                      label_text_font_size="10px", margin=0 if side == "above" else 10, padding=2, spacing=8,
+                      click_policy="hide", **style)
 
 
 class TraceView(pn.viewable.Viewer):

@@ -11,7 +11,7 @@ from bokeh.palettes import Category10_10, Set2_8
 from bokeh.plotting import figure
 from bokeh.transform import dodge
 
-from workbench.views.base import TraceView, legend_above
+from workbench.views.base import TraceView, legend_outside
 
 
 def comm_seconds(trace, start: int, stop: int) -> np.ndarray:
@@ -117,7 +117,7 @@ class CommView(TraceView):
             self.by_layer.vbar(x=dodge("layer", (r - (self._ranks - 1) / 2) * width), top=f"r{r}", width=width * 0.95,
                                source=self.by_layer_source, color=Category10_10[r % 10], legend_label=f"rank {r}")
         for fig in (self.over_steps, self.share, self.by_layer):
-            legend_above(fig)
+            legend_outside(fig)
         self.timeline.y_range.factors = [f"rank {r}" for r in range(self._ranks)]
         self._streamed = 0
         self._ready_for = (id(st.trace), self.site.value, st.layer)

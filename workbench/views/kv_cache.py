@@ -20,7 +20,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from workbench.views.attention import has_attention_maps
-from workbench.views.base import TraceView
+from workbench.views.base import TraceView, legend_outside
 from workbench.views.heatmap import Heatmap
 from workbench.views.tokens import SequenceText
 
@@ -150,9 +150,8 @@ class KVCacheView(TraceView):
                  legend_label="total reserved", name="total_reserved")
         fig.line("step", "total_used", source=src, color="#1d2330", line_width=3, legend_label="total",
                  name="total")
-        fig.legend.location = "top_left"
-        fig.legend.click_policy = "hide"
-        fig.legend.label_text_font_size = "10px"
+        # beside the plot, a column per 14 layers so that the legend stays the plot's height
+        legend_outside(fig, "right", ncols=1 + n_layers // 14)
         fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("total", "@total_used{0,0}"),
                                           ("reserved", "@total_reserved{0,0}")], mode="vline",
                                 renderers=[r for r in fig.renderers if r.name == "total"]))

@@ -17,7 +17,7 @@ from bokeh.models import BasicTicker, ColumnDataSource, HoverTool, Span
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
-from workbench.views.base import TraceView, legend_above
+from workbench.views.base import TraceView, legend_outside
 
 COMBINE = {"mean over ranks": "mean", "sum over ranks": "sum"}
 
@@ -127,7 +127,7 @@ class UserProbesView(TraceView):
         for i, hook in enumerate(u.hooks):
             self.lines.line("step", f"h{i}", source=self.line_source, color=Category10_10[i % 10], line_width=2,
                             legend_label=hook, name=f"hook{i}")
-        legend_above(self.lines)
+        legend_outside(self.lines)
         self.lines.add_tools(HoverTool(tooltips=[("step", "@step"), *((h, f"@h{i}{{0.0000}}")
                                                                      for i, h in enumerate(u.hooks))], mode="vline",
                                        renderers=self.lines.renderers[:1]))
