@@ -16,8 +16,9 @@ hook points nobody listens to. Warns when the two no-probes runs disagree by mor
 repeats: on a busy machine every ratio is that uncertain. So it also prints where light's cost
 goes on the generating thread, as shares that such load cancels from: the recorder's per-step
 callback over the decode time of the same steps (column "callback"), and what taps and part
-clocks add inside the forward pass, from steps with and without them taken alternately. Ends with whether this run met each goal
-(light >= 0.95, everything >= 0.75 of the no-probes rate; idle hook points under 1% of a step).
+clocks add inside the forward pass, from steps with and without them taken alternately. Ends
+with whether this run met each goal (light >= 0.95, everything >= 0.75 of the no-probes rate;
+idle hook points under 1% of a step).
 Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 15] [--batch 1] [--model 18m]
 """
 from __future__ import annotations
@@ -136,8 +137,8 @@ def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:
 def forward_probe_cost(model, prompts, new_tokens, repeats) -> tuple[float, float]:
     """Time the light probes add inside the forward pass (activation taps and part clocks), per
     decode step: us and share of a step. Taps and clocks are attached on every other step of the
-    same generations and each probed step is paired with the plain one after it, so load that drifts over
-    milliseconds cancels."""
+    same generations and each probed step is paired with the plain one after it, so load that
+    drifts over milliseconds cancels."""
     blocks = [b for b in getattr(model, "layers", []) if hasattr(b, "attach_taps")]
     if not blocks:
         return float("nan"), float("nan")

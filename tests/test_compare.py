@@ -294,7 +294,7 @@ def test_compare_tab_quotes_step_times_and_head_score_changes(tmp_path, traces):
     delta = head_scores_from_trace(open_trace(tmp_path / "tp1"), "previous_token") - \
         head_scores_from_trace(open_trace(tmp_path / "tp2"), "previous_token")
     np.testing.assert_allclose(np.reshape(view.head_source.data["delta"], (3, 4)), delta, rtol=1e-5, atol=1e-7)
-    digits = compare_view.label_digits(float(np.abs(delta).max()))              # the largest change has 2 significant digits
+    digits = compare_view.label_digits(float(np.abs(delta).max()))  # the largest change: 2 significant digits
     assert view.head_source.data["label"] == [f"{v:+.{digits}f}" for v in delta.ravel()]
     assert [compare_view.label_digits(x) for x in (0.3, 0.05, 0.006, 1e-7, 0.0, 5.0)] == [2, 3, 4, 4, 2, 2]
     worst = np.unravel_index(np.argmax(np.abs(delta)), delta.shape)

@@ -260,7 +260,8 @@ def test_kv_tab_maps_each_steps_share_of_attention_per_position(synthetic):
     want = _reference_shares(synthetic, 0, 0, np.arange(image.shape[1]))
     assert image.shape == (20, 16 + 19) and np.allclose(image, want, equal_nan=True)
     assert np.allclose(np.nansum(image, axis=1), 1.0)                # every step's row: shares summing to 1
-    assert "layer 0 · steps 0-19" in kv.steps_map.figure.title.text and kv.steps_note.visible and kv.steps_cursor.location == 19.5
+    assert "layer 0 · steps 0-19" in kv.steps_map.figure.title.text and kv.steps_note.visible
+    assert kv.steps_cursor.location == 19.5
     sent = kv.steps_map.source.data["image"][0]
     st.select_step(4)                                               # a step: the cursor moves, nothing is re-sent
     assert kv.steps_cursor.location == 4.5 and kv.steps_map.source.data["image"][0] is sent
@@ -289,7 +290,8 @@ def test_kv_tab_heatmap_reads_only_new_steps_of_a_live_run(tmp_path, monkeypatch
     writer.flush()
     reads = []
     real = kv_view.mass_over_steps
-    monkeypatch.setattr(kv_view, "mass_over_steps", lambda tr, seq, layer, a, b: reads.append((a, b)) or real(tr, seq, layer, a, b))
+    monkeypatch.setattr(kv_view, "mass_over_steps",
+                        lambda tr, seq, layer, a, b: reads.append((a, b)) or real(tr, seq, layer, a, b))
     dash = Dashboard(tmp_path / "live")
     dash.tabs.active = dash._tab_views.index("kv_cache")
     kv = dash.views["kv_cache"]
