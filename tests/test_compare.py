@@ -122,6 +122,7 @@ def test_compare_tab_shows_both_runs_with_the_numbers_of_compare_traces(traces):
     view.compare_with("arm.zarr")
     assert view.plots.visible and view._note.object == ""
     lo, hi = bin_geometry(np.asarray(open_trace(traces["base"]).spec.bin_edges))
+    assert (hi - lo).max() > 50 * (hi - lo).min()                  # recorded bins: fine near 0, wide in the tails
     for steps, site, stat in (("all", "mlp.act.post", "near_zero_fraction"), ("prefill", "mlp.act.pre", "kurtosis"),
                               ("decode", "mlp.act.post", "std")):
         view.steps.value, view.site.value, view.stat.value = steps, site, stat
@@ -131,14 +132,20 @@ def test_compare_tab_shows_both_runs_with_the_numbers_of_compare_traces(traces):
             for run_label, k in (("a", "a"), ("b", "b")):
                 frac = ds["hist_fraction"].sel(run=run_label, layer=layer, site=site).values
                 keep = frac > 0
-                np.testing.assert_allclose(view.hist_sources[k].data["top"], frac[keep])
+                np.testing.assert_allclose(view.hist_sources[k].data["share"], frac[keep])
+                # drawn per unit of activation: the bins are sinh-spaced, ~100x wider at 3 than near 0
+                np.testing.assert_allclose(view.hist_sources[k].data["top"], frac[keep] / (hi - lo)[keep])
                 np.testing.assert_array_equal(view.hist_sources[k].data["left"], lo[keep])
                 np.testing.assert_array_equal(view.hist_sources[k].data["right"], hi[keep])
                 np.testing.assert_allclose(view.layer_sources[k].data["value"],
                                            ds[stat].sel(run=run_label, site=site).values)
-            assert f"layer {layer} · {site} · {steps} steps" in view.hist.title.text
+            assert f"layer {layer} · {site} · {steps} steps · share of values per unit" in view.hist.title.text
         delta = float(ds["delta_near_zero_fraction"].sel(layer=1, site=site))
         assert f"<td>{delta:+.4f}</td>" in view.table.object        # the table's b - a, per layer
+    view.density.value = False                                     # shares per bin, as stored
+    assert view.hist_sources["b"].data["top"] == view.hist_sources["b"].data["share"]
+    assert view.hist.title.text.endswith("share of values per bin") and view.hist.yaxis.axis_label == "share of values per bin"
+    view.density.value = True
     # ARM on layer 0 thins out the values near zero after redistribution; layer 1 has no ARM.
     view.steps.value, view.site.value, view.stat.value = "prefill", "mlp.act.post", "near_zero_fraction"
     a, b = view.layer_sources["a"].data["value"], view.layer_sources["b"].data["value"]
@@ -233,7 +240,7 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
         return counts / x.size
 
     frac = reference(written, dash.state.layer)
-    np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
+    np.testing.assert_allclose(view.hist_sources["a"].data["share"], frac[frac > 0])
     assert "3 steps, 3 summed (all)" in view.runs.object
     for before, n in ((3, 6), (6, 8)):
         for step in range(before, n):
@@ -242,7 +249,7 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
         read.clear()
         dash.tick()
         frac = reference(written, dash.state.layer)
-        np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
+        np.testing.assert_allclose(view.hist_sources["a"].data["share"], frac[frac > 0])
         assert f"{n} steps, {n} summed (all)" in view.runs.object
         assert read == [("live", before, n)]                    # only the new steps are read
     # While the run is live, new steps join the totals at most every LIVE_SECONDS; its end always does.
@@ -256,7 +263,7 @@ def test_compare_tab_adds_a_live_runs_new_steps(tmp_path, monkeypatch):
     dash.tick()
     assert dash.state.status == "complete" and read == [("live", 8, 9)] and "9 steps, 9 summed" in view.runs.object
     frac = reference(written, dash.state.layer)
-    np.testing.assert_allclose(view.hist_sources["a"].data["top"], frac[frac > 0])
+    np.testing.assert_allclose(view.hist_sources["a"].data["share"], frac[frac > 0])
 
 
 def test_a_live_run_chosen_as_b_is_followed_while_a_is_finished(tmp_path, monkeypatch):

@@ -146,7 +146,7 @@ def test_compare_with_another_run(trace_path, model_dir, tmp_path):
     for layer in (0, 1):
         w.controls["layer"].value = layer
         frac = ds["hist_fraction"].sel(run="b", layer=layer, site="mlp.act.post").values
-        np.testing.assert_allclose(view.hist_sources["b"].data["top"], frac[frac > 0])
+        np.testing.assert_allclose(view.hist_sources["b"].data["share"], frac[frac > 0])
     np.testing.assert_allclose(view.layer_sources["a"].data["value"],
                                ds["near_zero_fraction"].sel(run="a", site="mlp.act.post").values)
     w.controls["seq"].value = 1                                     # the text line follows the sequence

@@ -314,6 +314,37 @@ def test_kv_tab_heatmap_reads_only_new_steps_of_a_live_run(tmp_path, monkeypatch
     assert image[4, 0] == pytest.approx(5 / (5 + 1))               # step 4: sink 5, newest token 1
 
 
+def test_activation_histograms_are_drawn_per_unit_of_activation(synthetic):
+    """Recorded bins differ in width (test_compare has them), so bars are counts divided by their
+    bin's width (a density); the per-bin counts stay in the hover, and a checkbox draws counts per
+    bin instead."""
+    import xarray as xr
+
+    from workbench.views.activations import bin_geometry
+    dash = Dashboard(synthetic)
+    dash.tabs.active = dash._tab_views.index("activations")
+    view, st = dash.views["activations"], dash.state
+    st.select_step(7)
+    st.layer = 1
+    stored = xr.open_zarr(synthetic, group="activations", consolidated=False)
+    counts = stored["hist_count"][7, 1].values.astype(np.float64)          # [site, rank, bin], plain xarray
+    counts = np.where(counts < 0, 0, counts).sum(axis=1)
+    lo, hi = bin_geometry(np.asarray(open_trace(synthetic).spec.bin_edges))
+    shown = [i for i, name in enumerate(view._site_names) if name in view.sites.value]
+    assert shown
+    for i in shown:
+        data, keep = view.hist_sources[i].data, counts[i] > 0
+        np.testing.assert_allclose(data["count"], counts[i][keep])
+        np.testing.assert_allclose(data["top"], counts[i][keep] / (hi - lo)[keep])
+        assert min(data["bottom"]) < min(data["top"])                       # the log axis floor sits below every bar
+    assert view._hist_figure(True).yaxis.axis_label == "count per unit of activation"
+    view.density.value = False
+    for i in shown:
+        assert view.hist_sources[i].data["top"] == view.hist_sources[i].data["count"]
+    assert view._hist_figure(True).yaxis.axis_label == "count per bin"
+    assert _danger(dash) == {}
+
+
 # --------------------------------------------------------------------------- numbers behind the views
 def test_max_pool_keeps_peaks_and_masks():
     a = np.zeros((1000, 700), np.float32)

@@ -62,6 +62,13 @@ def bin_geometry(edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def per_unit(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Values per bin divided by the drawn bin width: a density whose shape does not depend on how
+    wide the bins are. The stored bins are sinh-spaced (~0.003 wide near 0, ~0.4 at 3), so counts
+    per bin alone make the tails look heavier than they are."""
+    return np.asarray(values, dtype=np.float64) / (hi - lo)
+
+
 class ActivationsView(TraceView):
     """Overlaid histograms and activation statistics across layers and steps."""
 
@@ -75,6 +82,8 @@ class ActivationsView(TraceView):
         self.accumulate.param.watch(lambda e: self._safe_redraw({"accumulate"}), "value")
         self.log_y = pn.widgets.Checkbox(label="log counts", value=True)
         self.log_y.param.watch(lambda e: self._safe_redraw({"log"}), "value")
+        self.density = pn.widgets.Checkbox(label="per unit of activation (bins differ in width)", value=True)
+        self.density.param.watch(lambda e: self._safe_redraw({"density"}), "value")
         self.stat = pn.widgets.Select(label="statistic", options={v: k for k, v in STATS.items()}, value="kurtosis",
                                       width=220)
         self.stat.param.watch(lambda e: self._safe_redraw({"stat"}), "value")
@@ -98,7 +107,7 @@ class ActivationsView(TraceView):
         self._layer_sources: list[ColumnDataSource] = []
         self._step_sources: list[ColumnDataSource] = []
         return pn.Column(
-            pn.Row(self.sites, self.accumulate, self.log_y), self.hist_pane,
+            pn.Row(self.sites, self.accumulate, self.log_y, self.density), self.hist_pane,
             pn.Row(self.stat), pn.Row(pn.pane.Bokeh(self.by_layer), pn.pane.Bokeh(self.by_step)),
             sizing_mode="stretch_width")
 
@@ -126,7 +135,8 @@ class ActivationsView(TraceView):
         finally:
             self._quiet = False
         self._stats, self._stats_n = None, 0
-        self.hist_sources = [ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[])) for _ in names]
+        self.hist_sources = [ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[], count=[], density=[]))
+                             for _ in names]
         for log, fig in list(self._hist_figs.items()):
             fig.renderers = []
         self._hist_figs.clear()
@@ -165,17 +175,24 @@ class ActivationsView(TraceView):
                 fig.quad(left="left", right="right", top="top", bottom="bottom", source=self.hist_sources[i],
                          fill_color=Dark2_8[i % 8], fill_alpha=0.35, line_color=Dark2_8[i % 8], legend_label=name)
             legend_outside(fig)
-            fig.add_tools(HoverTool(tooltips=[("bin", "[@left{0.00}, @right{0.00})"), ("count", "@top{0,0}")]))
-        floor = 0.5 if self.log_y.value else 0.0
+            fig.add_tools(HoverTool(tooltips=[("bin", "[@left{0.000}, @right{0.000})"), ("count", "@count{0,0}"),
+                                              ("per unit", "@density{0,0.0}")]))
+        density = self.density.value
+        # log axis: half a count (in the widest bin, per unit) below the smallest bar
+        floor = (0.5 / float((hi - lo).max()) if density else 0.5) if self.log_y.value else 0.0
         all_counts = histograms(st.trace, st.layer, st.step, self.accumulate.value)
         for i, name in enumerate(self._site_names):
             if name not in self.sites.value:
-                self.hist_sources[i].data = dict(left=[], right=[], top=[], bottom=[])
+                self.hist_sources[i].data = dict(left=[], right=[], top=[], bottom=[], count=[], density=[])
                 continue
             counts = all_counts[i]
             keep = counts > 0
+            per = per_unit(counts, lo, hi)[keep]
             self.hist_sources[i].data = dict(left=lo[keep].tolist(), right=hi[keep].tolist(),
-                                             top=counts[keep].tolist(), bottom=[floor] * int(keep.sum()))
+                                             top=(per if density else counts[keep]).tolist(),
+                                             bottom=[floor] * int(keep.sum()), count=counts[keep].tolist(),
+                                             density=per.tolist())
+        fig.yaxis.axis_label = "count per unit of activation" if density else "count per bin"
         what = f"steps 0..{st.step}" if self.accumulate.value else f"step {st.step}"
         fig.title.text = f"layer {st.layer} · {what} · histograms on fixed bins (outer bins catch the tails)"
         if self.hist_pane.object is not fig:

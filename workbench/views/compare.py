@@ -22,7 +22,7 @@ from bokeh.plotting import figure
 
 from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums, step_range
 from workbench.errors import WorkbenchError
-from workbench.views.activations import bin_geometry
+from workbench.views.activations import bin_geometry, per_unit
 from workbench.views.attention import has_attention_maps
 from workbench.views.base import TraceView, finite_floats
 from workbench.views.heads import HEAD_SCORES, all_head_scores, fit_head_matrix
@@ -112,12 +112,16 @@ class CompareView(TraceView):
         self.site = pn.widgets.Select(label="site", options=[], width=170, css_classes=["wb-compare-site"])
         self.stat = pn.widgets.Select(label="statistic across layers", options={v: k for k, v in STATS.items()},
                                       value="near_zero_fraction", width=220)
+        self.density = pn.widgets.Checkbox(label="per unit of activation (bins differ in width)", value=True,
+                                           margin=(30, 10, 5, 10))  # level with the selects' boxes
         self._quiet = False
-        for w, what in ((self.other, "other"), (self.steps, "steps"), (self.site, "site"), (self.stat, "stat")):
+        for w, what in ((self.other, "other"), (self.steps, "steps"), (self.site, "site"), (self.stat, "stat"),
+                        (self.density, "density")):
             w.param.watch(lambda e, what=what: None if self._quiet else self._safe_redraw({what}), "value")
         self.param.watch(lambda e: self.list_candidates(), "candidates")
         self.runs = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-runs"])
-        self.hist_sources = {k: ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[])) for k in COLORS}
+        self.hist_sources = {k: ColumnDataSource(data=dict(left=[], right=[], top=[], bottom=[], share=[]))
+                             for k in COLORS}
         self.hist = figure(height=300, width=620, y_axis_type="log", tools="pan,wheel_zoom,box_zoom,reset,save",
                            x_axis_label="activation value", y_axis_label="share of values",
                            name="compare-hist")
@@ -139,7 +143,8 @@ class CompareView(TraceView):
         for fig, key in ((self.hist, "hist"), (self.by_layer, "layers")):
             fig.add_layout(Legend(items=items[key], orientation="horizontal", location="top_left",
                                   click_policy="hide", label_text_font_size="10px", margin=0, padding=4), "above")
-        self.hist.add_tools(HoverTool(tooltips=[("bin", "[@left{0.000}, @right{0.000})"), ("share", "@top{0.0000}")]))
+        self.hist.add_tools(HoverTool(tooltips=[("bin", "[@left{0.000}, @right{0.000})"), ("share", "@share{0.0000}"),
+                                                ("per unit", "@top{0.000}")]))
         self.by_layer.add_tools(HoverTool(tooltips=[("layer", "@layer"), ("value", "@value{0.0000}")]))
         self.table = pn.pane.HTML("", sizing_mode="stretch_width", margin=(0, 10), css_classes=["wb-compare-table"])
         self._build_heads()
@@ -151,7 +156,7 @@ class CompareView(TraceView):
         self._totals: dict = {}  # "key": what they were summed for, "a" / "b": RunTotals
         self._summed_at = 0.0
         self._texts = {k: SequenceText() for k in COLORS}  # each run's text, read incrementally
-        return pn.Column(pn.Row(self.other, self.steps, self.site, self.stat), self.plots,
+        return pn.Column(pn.Row(self.other, self.steps, self.site, self.stat, self.density), self.plots,
                          sizing_mode="stretch_width")
 
     def _build_heads(self) -> None:
@@ -269,7 +274,7 @@ class CompareView(TraceView):
             self.plots.visible = False
             return
         self.plots.visible = True
-        if changed != {"layer"}:  # the layer moves only the histograms, the cursor and the table's shading
+        if not changed <= {"layer", "density"}:  # these move only the histograms, the cursor and the table's shading
             self._draw_runs(a, b)
             self._draw_heads(a, b)
         self._draw_hist()
@@ -338,14 +343,17 @@ class CompareView(TraceView):
         lo, hi = bin_geometry(edges)
         fracs = {k: np.nan_to_num(self._summary(k)["hist_fraction"].sel(layer=st.layer, site=site).values)
                  for k in COLORS}
-        positive = np.concatenate([f[f > 0] for f in fracs.values()])
+        tops = {k: per_unit(f, lo, hi) if self.density.value else f for k, f in fracs.items()}
+        positive = np.concatenate([t[t > 0] for t in tops.values()])
         floor = float(positive.min()) / 2 if positive.size else 1e-6
         for k, f in fracs.items():
             keep = f > 0
-            self.hist_sources[k].data = dict(left=lo[keep].tolist(), right=hi[keep].tolist(), top=f[keep].tolist(),
-                                             bottom=[floor] * int(keep.sum()))
-        self.hist.title.text = (f"layer {st.layer} · {site} · {self.steps.value} steps · share of values per bin "
-                                f"(outer bins catch the tails)")
+            self.hist_sources[k].data = dict(left=lo[keep].tolist(), right=hi[keep].tolist(),
+                                             top=tops[k][keep].tolist(), bottom=[floor] * int(keep.sum()),
+                                             share=f[keep].tolist())
+        what = "share of values per unit" if self.density.value else "share of values per bin"
+        self.hist.yaxis.axis_label = what + (" of activation" if self.density.value else "")
+        self.hist.title.text = f"layer {st.layer} · {site} · {self.steps.value} steps · {what}"
 
     def _draw_layers(self) -> None:
         st = self.state
