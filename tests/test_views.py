@@ -230,7 +230,8 @@ def test_a_directory_dashboard_waits_for_the_trace_it_was_opened_on(tmp_path):
     """generate --serve serves the record's directory opened on the run, before its store exists:
     the page waits for that run, not the newest trace already there, and opens it when it appears."""
     write_synthetic_trace(tmp_path / "earlier", n_steps=2, n_layers=1, n_heads=1, prompt_len=2)
-    dash = Dashboard(tmp_path, trace="live.zarr")
+    write_synthetic_trace(tmp_path / "old" / "nested", n_steps=2, n_layers=1, n_heads=1, prompt_len=2)
+    dash = Dashboard(tmp_path, trace="live.zarr", depth=1)      # the traces beside it, not below them
     assert dash.state.trace is None and "waiting for it to appear" in dash.state.error
     write_synthetic_trace(tmp_path / "live.zarr", n_steps=3, n_layers=1, n_heads=1, prompt_len=2)
     for _ in range(CATALOG_EVERY):

@@ -238,10 +238,11 @@ def _generate_and_serve(args) -> int:
     check_record_path(args.record, args.overwrite)  # fail before a server starts
     # A busy port is a one-line error here, before the server and the generation start. The
     # dashboard serves the record's directory, opened on this run: earlier runs recorded beside it
-    # are listed, and its Compare tab sets this run beside them.
+    # (not in its subdirectories: the record may sit in a big directory such as /tmp) are listed,
+    # and its Compare tab sets this run beside them.
     record = Path(args.record).resolve()
     record.parent.mkdir(parents=True, exist_ok=True)  # a directory of traces from the start
-    proc, url = start_server_process(record.parent, address=args.address, trace=record.name,
+    proc, url = start_server_process(record.parent, address=args.address, trace=record.name, depth=1,
                                      port=DEFAULT_PORT if args.port is None else args.port)
     try:
         print(f"dashboard: {url}", file=sys.stderr, flush=True)

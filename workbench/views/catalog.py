@@ -12,7 +12,7 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 
 # How deep below a directory root to look for trace stores (runs/<name>/ or runs/<group>/<name>/).
-_MAX_DEPTH = 3
+MAX_DEPTH = 3
 
 
 def is_trace_store(path: Path) -> bool:
@@ -37,10 +37,12 @@ class TraceCatalog:
     Args:
         root: a trace store directory, or a directory containing trace stores (it may not exist yet:
             a live run creates its store a moment after the server starts).
+        depth: how many directory levels below the root to look (1: the root's own entries).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, depth: int = MAX_DEPTH) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.depth = depth
 
     @property
     def single(self) -> bool:
@@ -63,7 +65,7 @@ class TraceCatalog:
                     continue  # a symlink out of the root: never listed (and resolve() refuses it)
                 if is_trace_store(c):
                     found.append(c.relative_to(self.root).as_posix())
-                elif depth < _MAX_DEPTH:
+                elif depth < self.depth:
                     walk(c, depth + 1)
 
         walk(self.root, 1)

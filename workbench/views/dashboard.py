@@ -21,7 +21,7 @@ from bokeh.core.validation.warnings import MISSING_RENDERERS
 from workbench.errors import WorkbenchError
 from workbench.views.activations import ActivationsView
 from workbench.views.attention import AttentionView, has_attention_maps
-from workbench.views.catalog import TraceCatalog
+from workbench.views.catalog import MAX_DEPTH, TraceCatalog
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView
@@ -54,13 +54,14 @@ class Dashboard(pn.viewable.Viewer):
     Args:
         root: a trace store, or a directory of trace stores (may not exist yet for a live run).
         trace: name of the trace to open first (relative to ``root``); refused if outside it.
+        depth: how many directory levels below ``root`` hold traces to list.
     """
 
     state = param.ClassSelector(class_=TraceState)
 
-    def __init__(self, root: str | Path, trace: str | None = None, **params) -> None:
+    def __init__(self, root: str | Path, trace: str | None = None, depth: int = MAX_DEPTH, **params) -> None:
         super().__init__(state=params.pop("state", None) or TraceState(), **params)
-        self.catalog = TraceCatalog(root)
+        self.catalog = TraceCatalog(root, depth)
         self._ticks = 0
         self._rest_until = 0.0
         self._callback = None

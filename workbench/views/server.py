@@ -72,7 +72,7 @@ def _origins(address: str, port: int) -> list[str]:
 
 
 def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADDRESS, show: bool = False,
-          trace: str | None = None) -> None:
+          trace: str | None = None, depth: int | None = None) -> None:
     """Serve the dashboard for ``path`` (one trace or a directory of traces) until Ctrl-C.
 
     Args:
@@ -82,6 +82,7 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
         show: open a browser tab.
         trace: the trace a page opens on (a name under ``path``; it may not exist yet); default: the
             most recently written one. ``?trace=NAME`` in a page's address still chooses another.
+        depth: how many directory levels below ``path`` hold traces to list (default: 3).
     """
     root = Path(path).expanduser()
     if root.exists() and not root.is_dir():
@@ -94,7 +95,7 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
     from workbench.views.dashboard import Dashboard
 
     def app():
-        return Dashboard(root, trace=trace).template()
+        return Dashboard(root, trace=trace, **({} if depth is None else {"depth": depth})).template()
 
     url = dashboard_url(address, port)
     try:
@@ -110,9 +111,10 @@ def serve(path: str | Path, port: int = DEFAULT_PORT, address: str = DEFAULT_ADD
 
 
 def start_server_process(path: str | Path, port: int = 0, address: str = DEFAULT_ADDRESS,
-                         timeout: float = 60.0, trace: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``serve`` in a child process and wait until it accepts connections (``trace``: as for
-    ``serve``).
+                         timeout: float = 60.0, trace: str | None = None,
+                         depth: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``serve`` in a child process and wait until it accepts connections (``trace`` and
+    ``depth``: as for ``serve``).
 
     Returns the process and the dashboard URL. The caller stops it with ``terminate()``.
     """
@@ -121,6 +123,8 @@ def start_server_process(path: str | Path, port: int = 0, address: str = DEFAULT
     cmd = [sys.executable, "-m", "workbench.views.server", str(path), "--port", str(port), "--address", address]
     if trace is not None:
         cmd += ["--trace", trace]
+    if depth is not None:
+        cmd += ["--depth", str(depth)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     url = dashboard_url(address, port)
     wait_until_listening(address, port, timeout, proc)
@@ -148,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=DEFAULT_ADDRESS)
     p.add_argument("--show", action="store_true")
     p.add_argument("--trace", default=None, help="the trace a page opens on (a name under PATH)")
+    p.add_argument("--depth", type=int, default=None, help="directory levels below PATH to list traces from")
     args = p.parse_args(argv)
     try:
-        serve(args.path, port=args.port, address=args.address, show=args.show, trace=args.trace)
+        serve(args.path, port=args.port, address=args.address, show=args.show, trace=args.trace, depth=args.depth)
     except KeyboardInterrupt:
         pass
     except WorkbenchError as e:
