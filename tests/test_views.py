@@ -942,6 +942,11 @@ def test_padding_of_a_shorter_prompt_never_appears(tmp_path):
     assert prev == pytest.approx(np.mean([want[r, r - 1] for r in range(1, 6)]), rel=1e-5)
     dash.tabs.active = dash._tab_views.index("kv_cache")
     assert kv.mass_source.data["position"] == keep and kv.mass_source.data["text"][3] == " b-g0"
+    heat = kv.steps_map                                          # nor in the step x position heatmap (every step:
+    cached = [0, 1, 2] + list(range(P, P + st.n_steps - 1))      # keys up to the last step's last query)
+    assert heat.x_labels.data["pos"] == cached and st.n_steps > 4
+    np.testing.assert_allclose(np.asarray(heat.source.data["image"][0]),
+                               _reference_shares(path, 1, 0, cached, st.n_steps), equal_nan=True)
     st.seq = 0                                                   # the full-length sequence is untouched
     assert strip.positions == list(range(P + 4)) and strip.tokens[:P] == [f"a{i}" for i in range(P)]
     assert kv.mass_source.data["position"] == list(range(P + 3))

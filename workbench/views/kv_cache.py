@@ -251,7 +251,9 @@ class KVCacheView(TraceView):
                                         and time.monotonic() - self._map_at < LIVE_SECONDS):
             return
         text = self._text.read(st.trace, st.seq)
-        positions = text.positions_before(self._mass_rows.shape[1])  # the sequence's own positions
+        # the sequence's own positions that were ever cached (the last sampled token never was)
+        last_stop = int(st.trace.tokens["query_stop"][st.seq, len(self._mass_rows) - 1].values)
+        positions = text.positions_before(min(self._mass_rows.shape[1], last_stop))
         shares = step_shares(self._mass_rows)[:, positions]
         n = len(shares)
         self.steps_map.show(shares, x_labels=text.texts[:len(positions)], y_labels=[str(i) for i in range(n)],
