@@ -312,3 +312,35 @@ def test_compare_tab_quotes_step_times_and_head_score_changes(tmp_path, traces):
     view.compare_with("arm.zarr")
     assert "median decode step" not in view.runs.object
     assert "attention maps are not recorded in both runs" in view.heads_note.object and not view.heads_fig.visible
+
+
+def test_head_weights_change_is_zero_where_a_heads_inputs_did_not_change(traces, tmp_path):
+    """Compare's "largest |b - a| of the attention weights" over the tokens both runs share: 0 for
+    an identical copy; with ARM on layer 0, still 0 in layer 0 (its attention comes before its MLP)
+    and not 0 in layer 1; every cell equals a loop over the recorded maps."""
+    import shutil
+    model = traces["base"].parent / "model"
+    for name, arm in (("plain", None), ("arm", {"layers": [0]})):
+        run(RunSpec(model=str(model), prompts=[PROMPT], max_new_tokens=6, device="cpu", arm=arm,
+                    record=str(tmp_path / f"{name}.zarr")))
+    shutil.copytree(tmp_path / "plain.zarr", tmp_path / "copy.zarr")
+    dash, view = _compare_tab(tmp_path, "plain.zarr")
+    view.head_score.value = "weights"
+    view.compare_with("copy.zarr")
+    assert view.heads_fig.visible and view.head_source.data["delta"] == [0.0] * 8
+    assert "largest: layer 0 head 0, |b - a| = 0," in view.heads_note.object
+    view.compare_with("arm.zarr")
+    got = np.reshape(view.head_source.data["delta"], (2, 4))
+    ta, tb = open_trace(tmp_path / "plain.zarr"), open_trace(tmp_path / "arm.zarr")
+    ids_a, ids_b = ta.token_ids(0), tb.token_ids(0)
+    n = next((i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y), min(len(ids_a), len(ids_b)))
+    rows = min(n, ta.queries_upto(0, ta.n_steps - 1), tb.queries_upto(0, tb.n_steps - 1))
+    want = np.zeros((2, 4))
+    for layer in range(2):
+        for head in range(4):
+            ma = np.asarray(ta.attention_map(0, layer, head), dtype=np.float64)[:rows, :rows]
+            mb = np.asarray(tb.attention_map(0, layer, head), dtype=np.float64)[:rows, :rows]
+            want[layer, head] = np.nanmax(np.abs(mb - ma))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert got[0].max() == 0 and got[1].max() > 1e-4
+    assert f"over query rows {max(0, rows - 256)}–{rows - 1}" in view.heads_note.object

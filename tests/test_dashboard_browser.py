@@ -241,6 +241,9 @@ def test_compare_tab_overlays_another_run(server, open_page):
     # how each head's sink score changed, below the table (the page scrolls inside its main area)
     assert "largest change: layer" in page.deep_text("wb-compare-heads-note")
     assert (page.model_text("compare-heads") or "").startswith("first-token (sink) score, b - a")
+    # the attention weights compare only over tokens both runs share: these two prompts share none
+    page.select(".wb-compare-head-score", "largest |b - a| of the attention weights")
+    page.wait_for(lambda: "share no token" in page.deep_text("wb-compare-heads-note"), "the weights' note")
     page.page.locator(".wb-compare-heads-note").scroll_into_view_if_needed()
     page.page.wait_for_timeout(300)
     page.page.screenshot(path=str(SHOTS / "compare_heads.png"))

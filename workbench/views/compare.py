@@ -23,7 +23,7 @@ from bokeh.plotting import figure
 from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums, step_range
 from workbench.errors import WorkbenchError
 from workbench.views.activations import bin_geometry, per_unit
-from workbench.views.attention import has_attention_maps
+from workbench.views.attention import GRID_ROWS, has_attention_maps
 from workbench.views.base import TraceView, finite_floats
 from workbench.views.heads import HEAD_SCORES, all_head_scores, fit_head_matrix
 from workbench.views.tokens import SequenceText
@@ -91,6 +91,38 @@ def text_divergence(a, b) -> str:
         where = (f"the texts part at token {n} (a's step {a.produced[n]}, b's step {b.produced[n]}), "
                  f"after {n - max(a.prompt_len, b.prompt_len)} generated tokens in common")
     return f"{where}: a {_token(a, n)}, b {_token(b, n)}"
+
+
+WEIGHTS_CHANGE = "largest |b - a| of the attention weights"
+
+
+def weights_change(a, b, text_a, text_b, rows: int = GRID_ROWS) -> tuple[np.ndarray, tuple, int] | None:
+    """The largest |b - a| of each head's attention weights [layer, head] over the latest ``rows``
+    query rows of the tokens both runs share (``TokenText`` of one sequence each), the (first,
+    last) query positions used and how many tokens they share; None if they share none. Where the
+    inputs agree, so do the weights of a layer whose own inputs did not change: a run with TP=2
+    against TP=1, or ARM's layer against the same layer without it."""
+    n = 0
+    for x, y, px, py in zip(text_a.ids, text_b.ids, text_a.positions, text_b.positions):
+        if x != y or px != py:
+            break
+        n += 1
+    stop = min(int(tr.tokens["query_stop"][seq, int(tr.n_steps) - 1].values)
+               for tr, seq in ((a, text_a.seq), (b, text_b.seq)))
+    keys = np.asarray(text_a.positions[:n], dtype=np.int64)
+    keys = keys[keys < stop]
+    queries = keys[-rows:]
+    if not len(queries):
+        return None
+    first, last = int(queries[0]), int(queries[-1])
+    out = []
+    for tr, seq in ((a, text_a.seq), (b, text_b.seq)):
+        w = tr.attention["weights"][seq, :, :, first:last + 1, :last + 1].values  # [layer, head, row, key]
+        out.append(w[:, :, queries - first][..., keys[keys <= last]])
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(out[1].astype(np.float32) - out[0].astype(np.float32))
+        change = np.nanmax(np.where(np.isnan(diff), -np.inf, diff), axis=(2, 3))
+    return np.where(np.isfinite(change), change, np.nan), (first, last), n
 
 
 def _token(text, i: int) -> str:
@@ -161,8 +193,10 @@ class CompareView(TraceView):
 
     def _build_heads(self) -> None:
         """A layer x head matrix of b - a for one head score (views/heads.py), diverging colours."""
-        self.head_score = pn.widgets.Select(label="head score, b - a", options={v: k for k, v in HEAD_SCORES.items()},
-                                            value="sink", width=240)
+        options = {v: k for k, v in HEAD_SCORES.items()}
+        options[WEIGHTS_CHANGE] = "weights"
+        self.head_score = pn.widgets.Select(label="head score, b - a", options=options, value="sink", width=300,
+                                            css_classes=["wb-compare-head-score"])
         self.head_score.param.watch(lambda e: self._safe_redraw({"head_score"}), "value")
         self.heads_note = pn.pane.HTML("", margin=(0, 10), css_classes=["wb-compare-heads-note"])
         self.head_source = ColumnDataSource(data=dict(layer=[], head=[], a=[], b=[], delta=[], label=[], ink=[]))
@@ -404,6 +438,9 @@ class CompareView(TraceView):
         return self._head_scores[k][1]
 
     def _draw_heads(self, a, b) -> None:
+        if self.head_score.value == "weights":
+            self._draw_weights_change(a, b)
+            return
         sa, sb = self._scores_of("a", a), self._scores_of("b", b)
         shown = sa is not None and sb is not None and sa[1:3] == sb[1:3]
         # the figure's visibility, not its pane's: a Bokeh pane shown again fails to sync in a served page
@@ -436,6 +473,45 @@ class CompareView(TraceView):
             f"<span style='font-size:12px;color:#6b7688'>largest change: layer {layers[where[0]]} head "
             f"{heads[where[1]]}, {va[where]:.3f} → {vb[where]:.3f} ({delta[where]:+.3f}); scores over each run's "
             f"latest 256 query rows (red: higher in b, blue: lower)</span>")
+
+
+    def _draw_weights_change(self, a, b) -> None:
+        """The head matrix of the largest change of each head's attention weights over the tokens
+        both runs share."""
+        shown = has_attention_maps(a) and has_attention_maps(b) and a.n_steps > 0 and b.n_steps > 0 and (
+            [int(v) for v in a.attention["layer"].values] == [int(v) for v in b.attention["layer"].values]
+            and [int(v) for v in a.attention["head"].values] == [int(v) for v in b.attention["head"].values])
+        key = (id(a), int(a.n_steps), id(b), int(b.n_steps), self.state.seq)
+        if shown and self._head_scores.get("weights", (None,))[0] != key:
+            self._head_scores["weights"] = (key, weights_change(a, b, self._text("a", a), self._text("b", b)))
+        result = self._head_scores["weights"][1] if shown else None
+        self.heads_fig.visible = shown and result is not None
+        if not shown or result is None:
+            self.heads_note.object = ("<span style='font-size:12px;color:#6b7688'>attention weights: " + (
+                "the runs share no token, so no query row compares" if shown else
+                "not recorded in both runs, or for different layers or heads") + "</span>")
+            return
+        change, (first, last), n = result
+        layers = [int(v) for v in a.attention["layer"].values]
+        heads = [int(v) for v in a.attention["head"].values]
+        grid_l, grid_h = np.meshgrid(np.arange(len(layers)), np.arange(len(heads)), indexing="ij")
+        finite = change[np.isfinite(change)]
+        top = float(max(finite.max(), 1e-9)) if finite.size else 1.0
+        self.head_mapper.update(low=-top, high=top)
+        small = change.size <= 256
+        label = (lambda v: f"{v:.0e}") if top < 1e-3 else (lambda v: f"{v:.{label_digits(top)}f}")
+        self.head_source.data = dict(
+            layer=[layers[i] for i in grid_l.ravel()], head=[heads[j] for j in grid_h.ravel()],
+            a=[float("nan")] * change.size, b=[float("nan")] * change.size, delta=finite_floats(change),
+            label=[label(v) if small and np.isfinite(v) else "" for v in change.ravel()],
+            ink=["#ffffff" if np.isfinite(v) and v > 0.6 * top else "#1d1d1d" for v in change.ravel()])
+        fit_head_matrix(self.heads_fig, layers, heads)
+        self.heads_fig.title.text = f"{WEIGHTS_CHANGE}, over the tokens both runs share"
+        where = np.unravel_index(int(np.nanargmax(np.where(np.isfinite(change), change, -1))), change.shape)
+        self.heads_note.object = (
+            f"<span style='font-size:12px;color:#6b7688'>largest: layer {layers[where[0]]} head {heads[where[1]]}, "
+            f"|b - a| = {change[where]:.3g}, over query rows {first}–{last} (the latest of the {n} tokens both runs "
+            f"share); 0 where a head's inputs did not change</span>")
 
 
 def label_digits(largest: float) -> int:
