@@ -99,9 +99,10 @@ WEIGHTS_CHANGE = "largest |b - a| of the attention weights"
 def weights_change(a, b, text_a, text_b, rows: int = GRID_ROWS) -> tuple[np.ndarray, tuple, int] | None:
     """The largest |b - a| of each head's attention weights [layer, head] over the latest ``rows``
     query rows of the tokens both runs share (``TokenText`` of one sequence each), the (first,
-    last) query positions used and how many tokens they share; None if they share none. Where the
-    inputs agree, so do the weights of a layer whose own inputs did not change: a run with TP=2
-    against TP=1, or ARM's layer against the same layer without it."""
+    last) query positions used and how many tokens they share; None if they share none. A layer
+    whose own inputs did not change keeps its weights: exactly for ARM's layer against the same
+    layer without it (its attention precedes its MLP), to rounding for TP=2 against TP=1. Read and
+    compared a layer at a time (a long trace's rows of one layer are tens of MB)."""
     n = 0
     for x, y, px, py in zip(text_a.ids, text_b.ids, text_a.positions, text_b.positions):
         if x != y or px != py:
@@ -115,14 +116,16 @@ def weights_change(a, b, text_a, text_b, rows: int = GRID_ROWS) -> tuple[np.ndar
     if not len(queries):
         return None
     first, last = int(queries[0]), int(queries[-1])
-    out = []
-    for tr, seq in ((a, text_a.seq), (b, text_b.seq)):
-        w = tr.attention["weights"][seq, :, :, first:last + 1, :last + 1].values  # [layer, head, row, key]
-        out.append(w[:, :, queries - first][..., keys[keys <= last]])
-    with np.errstate(invalid="ignore"):
-        diff = np.abs(out[1].astype(np.float32) - out[0].astype(np.float32))
-        change = np.nanmax(np.where(np.isnan(diff), -np.inf, diff), axis=(2, 3))
-    return np.where(np.isfinite(change), change, np.nan), (first, last), n
+    cols = keys[keys <= last]
+    change = np.full((a.attention.sizes["layer"], a.attention.sizes["head"]), np.nan)
+    for li in range(len(change)):
+        w = [np.asarray(tr.attention["weights"][seq, li, :, first:last + 1, :last + 1].values,
+                        dtype=np.float32)[:, queries - first][:, :, cols]  # [head, row, key]
+             for tr, seq in ((a, text_a.seq), (b, text_b.seq))]
+        diff = np.abs(w[1] - w[0])  # NaN: keys after a row's query
+        seen = ~np.isnan(diff).all(axis=(1, 2))
+        change[li, seen] = np.nanmax(diff[seen], axis=(1, 2))
+    return change, (first, last), n
 
 
 def _token(text, i: int) -> str:
@@ -473,7 +476,6 @@ class CompareView(TraceView):
             f"<span style='font-size:12px;color:#6b7688'>largest change: layer {layers[where[0]]} head "
             f"{heads[where[1]]}, {va[where]:.3f} → {vb[where]:.3f} ({delta[where]:+.3f}); scores over each run's "
             f"latest 256 query rows (red: higher in b, blue: lower)</span>")
-
 
     def _draw_weights_change(self, a, b) -> None:
         """The head matrix of the largest change of each head's attention weights over the tokens
