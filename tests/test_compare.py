@@ -314,7 +314,7 @@ def test_compare_tab_quotes_step_times_and_head_score_changes(tmp_path, traces):
     assert "attention maps are not recorded in both runs" in view.heads_note.object and not view.heads_fig.visible
 
 
-def test_head_weights_change_is_zero_where_a_heads_inputs_did_not_change(traces, tmp_path):
+def test_head_weights_change_is_zero_where_a_heads_inputs_did_not_change(traces, tmp_path, capsys):
     """Compare's "largest |b - a| of the attention weights" over the tokens both runs share: 0 for
     an identical copy; with ARM on layer 0, still 0 in layer 0 (its attention comes before its MLP)
     and not 0 in layer 1; every cell equals a loop over the recorded maps."""
@@ -344,3 +344,13 @@ def test_head_weights_change_is_zero_where_a_heads_inputs_did_not_change(traces,
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert got[0].max() == 0 and got[1].max() > 1e-4
     assert f"over query rows {max(0, rows - 256)}–{rows - 1}" in view.heads_note.object
+    # the same numbers from Python and the command line
+    from workbench.compare import attention_change
+    change = attention_change(tmp_path / "plain.zarr", tmp_path / "arm.zarr")
+    np.testing.assert_allclose(change.values, got)
+    assert change.dims == ("layer", "head") and change.attrs["shared_tokens"] == n
+    assert main(["compare", str(tmp_path / "plain.zarr"), str(tmp_path / "arm.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert f"largest |b - a| over query rows {max(0, rows - 256)}-{rows - 1} ({n} tokens both runs share)" in out
+    worst = int(np.argmax(got[1]))
+    assert "  layer 0: 0 (head 0)" in out and f"  layer 1: {got[1].max():.3g} (head {worst})" in out

@@ -320,7 +320,8 @@ def _cmd_replay(args) -> int:
 
 
 def _add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="two traces side by side: per-layer activation statistics and differences")
+    p = sub.add_parser("compare", help="two traces side by side: per-layer activation statistics and differences, "
+                                       "and how much attention weights changed where both recorded them")
     p.add_argument("run_a", help="trace store directory (a)")
     p.add_argument("run_b", help="trace store directory (b)")
     p.add_argument("--steps", choices=("all", "prefill", "decode"), default="all",
@@ -330,9 +331,17 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args) -> int:
-    from workbench.compare import compare_traces, format_comparison
+    from workbench.compare import attention_change, compare_traces, format_attention_change, format_comparison
+    from workbench.trace import has_attention_maps, open_trace
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
-    print(format_comparison(compare_traces(args.run_a, args.run_b, steps=args.steps, sites=sites)))
+    a, b = open_trace(args.run_a), open_trace(args.run_b)
+    print(format_comparison(compare_traces(a, b, steps=args.steps, sites=sites)))
+    same_maps = (has_attention_maps(a) and has_attention_maps(b) and a.n_steps and b.n_steps
+                 and list(a.attention["layer"].values) == list(b.attention["layer"].values)
+                 and list(a.attention["head"].values) == list(b.attention["head"].values))
+    if same_maps:  # sequence 0; the dashboard's Compare tab follows the selected one
+        print()
+        print(format_attention_change(attention_change(a, b)))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Two traces side by side: per-layer activation distributions and statistics, and their difference.
+"""Two traces side by side: per-layer activation distributions and statistics, and their difference;
+and how much each attention head's weights changed over the tokens both runs share.
 
 Made for the experiment of "Meaningless Tokens, Meaningful Gains" (docs/arm.md): the same prompt
 with and without inserted meaningless tokens, ARM off and on. Histograms are on the traces' fixed
@@ -14,7 +15,8 @@ import numpy as np
 import xarray as xr
 
 from workbench.errors import WorkbenchError
-from workbench.trace import Trace, finish_moments, open_trace
+from workbench.trace import Trace, finish_moments, has_attention_maps, open_trace
+from workbench.trace.token_text import TokenText, read_token_text
 
 STEP_CHOICES = ("all", "prefill", "decode")
 # Statistics per (run, layer, site); each also gets a delta_<name> = b - a.
@@ -149,6 +151,76 @@ def compare_traces(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace
     out.attrs["labels"] = list(labels)
     out.attrs["steps"] = steps
     return out
+
+
+def attention_change(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace", seq: int = 0,
+                     rows: int = 256, texts: tuple[TokenText, TokenText] | None = None) -> xr.DataArray | None:
+    """The largest |b - a| of each head's attention weights, over the latest ``rows`` query rows of
+    the tokens both runs' sequence ``seq`` share (up to where their texts part).
+
+    A layer whose own inputs did not change keeps its weights: exactly for ARM's layer against the
+    same layer without ARM (its attention precedes its MLP), to rounding for TP=2 against TP=1.
+
+    Args:
+        a, b: trace store paths or opened ``Trace`` objects.
+        seq: the sequence to compare (b's last one if it has fewer).
+        rows: query rows at most, the latest ones.
+        texts: the two sequences' ``TokenText`` if the caller already reads them (the dashboard).
+    Returns:
+        DataArray (layer, head), attributes ``first_query``/``last_query`` (positions used) and
+        ``shared_tokens``; None if the runs share no token.
+    Raises:
+        WorkbenchError: a run without attention maps, or the runs recorded different layers or heads.
+    """
+    ta, tb = _open(a), _open(b)
+    for t in (ta, tb):
+        if not has_attention_maps(t) or t.n_steps == 0:
+            raise WorkbenchError(f"{t.path} holds no attention maps to compare")
+    layers, heads = list(ta.attention["layer"].values), list(ta.attention["head"].values)
+    if layers != list(tb.attention["layer"].values) or heads != list(tb.attention["head"].values):
+        raise WorkbenchError("the runs recorded attention maps of different layers or heads")
+    seqs = (min(seq, ta.spec.n_seq - 1), min(seq, tb.spec.n_seq - 1))
+    text_a, text_b = texts or (read_token_text(ta, seqs[0]), read_token_text(tb, seqs[1]))
+    n = 0
+    for x, y, px, py in zip(text_a.ids, text_b.ids, text_a.positions, text_b.positions):
+        if x != y or px != py:
+            break
+        n += 1
+    stop = min(int(t.tokens["query_stop"][s, int(t.n_steps) - 1].values) for t, s in ((ta, seqs[0]), (tb, seqs[1])))
+    keys = np.asarray(text_a.positions[:n], dtype=np.int64)
+    keys = keys[keys < stop]
+    queries = keys[-rows:]
+    if not len(queries):
+        return None
+    first, last = int(queries[0]), int(queries[-1])
+    cols = keys[keys <= last]
+    change = np.full((len(layers), len(heads)), np.nan)
+    for li in range(len(layers)):  # a layer at a time: a long trace's rows of one layer are tens of MB
+        w = [np.asarray(t.attention["weights"][s, li, :, first:last + 1, :last + 1].values,
+                        dtype=np.float32)[:, queries - first][:, :, cols]  # [head, row, key]
+             for t, s in ((ta, seqs[0]), (tb, seqs[1]))]
+        diff = np.abs(w[1] - w[0])  # NaN: keys after a row's query
+        seen = ~np.isnan(diff).all(axis=(1, 2))
+        change[li, seen] = np.nanmax(diff[seen], axis=(1, 2))
+    return xr.DataArray(change, dims=("layer", "head"), coords={"layer": layers, "head": heads},
+                        name="attention_change",
+                        attrs={"first_query": first, "last_query": last, "shared_tokens": n})
+
+
+def format_attention_change(change: xr.DataArray | None) -> str:
+    """Printable lines: per layer, the largest change of any head's weights, and which head."""
+    if change is None:
+        return "attention weights: the runs share no token, so no query row compares"
+    lines = [f"attention weights, largest |b - a| over query rows {change.attrs['first_query']}-"
+             f"{change.attrs['last_query']} ({change.attrs['shared_tokens']} tokens both runs share):"]
+    for layer in change["layer"].values:
+        row = change.sel(layer=layer)
+        if np.isnan(row.values).all():
+            lines.append(f"  layer {int(layer)}: not compared")
+            continue
+        head = int(row["head"].values[int(np.nanargmax(row.values))])
+        lines.append(f"  layer {int(layer)}: {float(row.max()):.3g} (head {head})")
+    return "\n".join(lines)
 
 
 def _arm_text(arm: dict | None) -> str:

@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterable
 import ipywidgets as ipw
 import panel as pn
 from workbench.errors import WorkbenchError
+from workbench.trace import has_attention_maps
 from workbench.views.activations import ActivationsView
-from workbench.views.attention import AttentionView, has_attention_maps
+from workbench.views.attention import AttentionView
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView
 from workbench.views.cross_attention import PerceiverAttentionView

@@ -6,7 +6,7 @@ Exports are lazy so that the writer's worker process starts without importing xa
 import importlib
 
 _EXPORTS = {
-    "Trace": "reader", "TraceError": "reader", "open_trace": "reader",
+    "Trace": "reader", "TraceError": "reader", "open_trace": "reader", "has_attention_maps": "reader",
     "FORMAT_NAME": "schema", "FORMAT_VERSION": "schema", "PerceiverSpec": "schema", "TraceSpec": "schema",
     "default_bin_edges": "schema", "ActivationStats": "stats", "finish_moments": "stats",
     "TraceWriter": "writer", "TraceWriterError": "writer", "WriterStats": "writer", "create_store": "writer",

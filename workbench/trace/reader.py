@@ -423,3 +423,12 @@ def _validate(path: Path) -> tuple[dict[str, Any], TraceSpec]:
                 raise TraceError(f"{path}: array {name!r} has shape {shape}, "
                                  f"expected {array.shape} from the spec")
     return attrs, spec
+
+
+def has_attention_maps(trace: Trace) -> bool:
+    """True if the run recorded self-attention maps: a trace always holds the arrays, but a run whose
+    probes left out "attention" (``--probes light``) never wrote them."""
+    probes = (trace.metadata.get("probes") or {}).get("probes")
+    if probes is not None and "attention" not in probes:
+        return False
+    return bool(trace.spec.attention_layers) and getattr(trace, "attention", None) is not None

@@ -15,6 +15,7 @@ from bokeh.events import Tap
 from bokeh.models import BoxAnnotation, ColumnDataSource, LinearColorMapper, Range1d
 from bokeh.plotting import figure
 
+from workbench.trace import has_attention_maps
 from workbench.views.base import TraceView
 from workbench.views.heatmap import NAN_COLOR, PALETTE, Heatmap, color_high, max_pool
 from workbench.views.tokens import SequenceText
@@ -29,15 +30,6 @@ SCORES = {
     "self": "self (diagonal) score",
     "entropy": "entropy (bits; low: focused)",
 }
-
-
-def has_attention_maps(trace) -> bool:
-    """True if the run recorded self-attention maps: a trace always holds the arrays, but a run whose
-    probes left out "attention" (``--probes light``) never wrote them."""
-    probes = (trace.metadata.get("probes") or {}).get("probes")
-    if probes is not None and "attention" not in probes:
-        return False
-    return bool(trace.spec.attention_layers) and getattr(trace, "attention", None) is not None
 
 
 def maps_to_draw(view) -> bool:

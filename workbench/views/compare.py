@@ -20,10 +20,12 @@ from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, HoverTool, Le
                           LinearColorMapper, Range1d, Span)
 from bokeh.plotting import figure
 
-from workbench.compare import STEP_CHOICES, activation_sums, comparable_sites, finish_sums, merge_sums, step_range
+from workbench.compare import (STEP_CHOICES, activation_sums, attention_change, comparable_sites, finish_sums,
+                               merge_sums, step_range)
 from workbench.errors import WorkbenchError
+from workbench.trace import has_attention_maps
 from workbench.views.activations import bin_geometry, per_unit
-from workbench.views.attention import GRID_ROWS, has_attention_maps
+from workbench.views.attention import GRID_ROWS
 from workbench.views.base import TraceView, finite_floats
 from workbench.views.heads import HEAD_SCORES, all_head_scores, fit_head_matrix
 from workbench.views.tokens import SequenceText
@@ -94,38 +96,6 @@ def text_divergence(a, b) -> str:
 
 
 WEIGHTS_CHANGE = "largest |b - a| of the attention weights"
-
-
-def weights_change(a, b, text_a, text_b, rows: int = GRID_ROWS) -> tuple[np.ndarray, tuple, int] | None:
-    """The largest |b - a| of each head's attention weights [layer, head] over the latest ``rows``
-    query rows of the tokens both runs share (``TokenText`` of one sequence each), the (first,
-    last) query positions used and how many tokens they share; None if they share none. A layer
-    whose own inputs did not change keeps its weights: exactly for ARM's layer against the same
-    layer without it (its attention precedes its MLP), to rounding for TP=2 against TP=1. Read and
-    compared a layer at a time (a long trace's rows of one layer are tens of MB)."""
-    n = 0
-    for x, y, px, py in zip(text_a.ids, text_b.ids, text_a.positions, text_b.positions):
-        if x != y or px != py:
-            break
-        n += 1
-    stop = min(int(tr.tokens["query_stop"][seq, int(tr.n_steps) - 1].values)
-               for tr, seq in ((a, text_a.seq), (b, text_b.seq)))
-    keys = np.asarray(text_a.positions[:n], dtype=np.int64)
-    keys = keys[keys < stop]
-    queries = keys[-rows:]
-    if not len(queries):
-        return None
-    first, last = int(queries[0]), int(queries[-1])
-    cols = keys[keys <= last]
-    change = np.full((a.attention.sizes["layer"], a.attention.sizes["head"]), np.nan)
-    for li in range(len(change)):
-        w = [np.asarray(tr.attention["weights"][seq, li, :, first:last + 1, :last + 1].values,
-                        dtype=np.float32)[:, queries - first][:, :, cols]  # [head, row, key]
-             for tr, seq in ((a, text_a.seq), (b, text_b.seq))]
-        diff = np.abs(w[1] - w[0])  # NaN: keys after a row's query
-        seen = ~np.isnan(diff).all(axis=(1, 2))
-        change[li, seen] = np.nanmax(diff[seen], axis=(1, 2))
-    return change, (first, last), n
 
 
 def _token(text, i: int) -> str:
@@ -485,7 +455,8 @@ class CompareView(TraceView):
             and [int(v) for v in a.attention["head"].values] == [int(v) for v in b.attention["head"].values])
         key = (id(a), int(a.n_steps), id(b), int(b.n_steps), self.state.seq)
         if shown and self._head_scores.get("weights", (None,))[0] != key:
-            self._head_scores["weights"] = (key, weights_change(a, b, self._text("a", a), self._text("b", b)))
+            texts = (self._text("a", a), self._text("b", b))
+            self._head_scores["weights"] = (key, attention_change(a, b, self.state.seq, GRID_ROWS, texts))
         result = self._head_scores["weights"][1] if shown else None
         self.heads_fig.visible = shown and result is not None
         if not shown or result is None:
@@ -493,9 +464,10 @@ class CompareView(TraceView):
                 "the runs share no token, so no query row compares" if shown else
                 "not recorded in both runs, or for different layers or heads") + "</span>")
             return
-        change, (first, last), n = result
-        layers = [int(v) for v in a.attention["layer"].values]
-        heads = [int(v) for v in a.attention["head"].values]
+        change = result.values
+        first, last, n = (result.attrs[k] for k in ("first_query", "last_query", "shared_tokens"))
+        layers = [int(v) for v in result["layer"].values]
+        heads = [int(v) for v in result["head"].values]
         grid_l, grid_h = np.meshgrid(np.arange(len(layers)), np.arange(len(heads)), indexing="ij")
         finite = change[np.isfinite(change)]
         top = float(max(finite.max(), 1e-9)) if finite.size else 1.0

@@ -19,8 +19,9 @@ from bokeh.core.validation import silence
 from bokeh.core.validation.warnings import MISSING_RENDERERS
 
 from workbench.errors import WorkbenchError
+from workbench.trace import has_attention_maps
 from workbench.views.activations import ActivationsView
-from workbench.views.attention import AttentionView, has_attention_maps
+from workbench.views.attention import AttentionView
 from workbench.views.catalog import MAX_DEPTH, TraceCatalog
 from workbench.views.comm import CommView
 from workbench.views.compare import CompareView

@@ -19,7 +19,7 @@ from bokeh.models import (AdaptiveTicker, BasicTicker, BasicTickFormatter, Colum
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
-from workbench.views.attention import has_attention_maps
+from workbench.trace import has_attention_maps
 from workbench.views.base import TraceView, legend_outside
 from workbench.views.heatmap import Heatmap
 from workbench.views.tokens import SequenceText
