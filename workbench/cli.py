@@ -331,15 +331,13 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args) -> int:
-    from workbench.compare import attention_change, compare_traces, format_attention_change, format_comparison
-    from workbench.trace import has_attention_maps, open_trace
+    from workbench.compare import (attention_change, attention_comparable, compare_traces, format_attention_change,
+                                   format_comparison)
+    from workbench.trace import open_trace
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     a, b = open_trace(args.run_a), open_trace(args.run_b)
     print(format_comparison(compare_traces(a, b, steps=args.steps, sites=sites)))
-    same_maps = (has_attention_maps(a) and has_attention_maps(b) and a.n_steps and b.n_steps
-                 and list(a.attention["layer"].values) == list(b.attention["layer"].values)
-                 and list(a.attention["head"].values) == list(b.attention["head"].values))
-    if same_maps:  # sequence 0; the dashboard's Compare tab follows the selected one
+    if attention_comparable(a, b):  # sequence 0; the dashboard's Compare tab follows the selected one
         print()
         print(format_attention_change(attention_change(a, b)))
     return 0

@@ -153,6 +153,12 @@ def compare_traces(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace
     return out
 
 
+def attention_comparable(a: Trace, b: Trace) -> bool:
+    """True if both runs committed a step and recorded attention maps of the same layers and heads."""
+    return all(has_attention_maps(t) and t.n_steps > 0 for t in (a, b)) and all(
+        list(a.attention[dim].values) == list(b.attention[dim].values) for dim in ("layer", "head"))
+
+
 def attention_change(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Trace", seq: int = 0,
                      rows: int = 256, texts: tuple[TokenText, TokenText] | None = None) -> xr.DataArray | None:
     """The largest |b - a| of each head's attention weights, over the latest ``rows`` query rows of
@@ -170,15 +176,12 @@ def attention_change(a: "str | os.PathLike | Trace", b: "str | os.PathLike | Tra
         DataArray (layer, head), attributes ``first_query``/``last_query`` (positions used) and
         ``shared_tokens``; None if the runs share no token.
     Raises:
-        WorkbenchError: a run without attention maps, or the runs recorded different layers or heads.
+        WorkbenchError: not ``attention_comparable``.
     """
     ta, tb = _open(a), _open(b)
-    for t in (ta, tb):
-        if not has_attention_maps(t) or t.n_steps == 0:
-            raise WorkbenchError(f"{t.path} holds no attention maps to compare")
+    if not attention_comparable(ta, tb):
+        raise WorkbenchError("the runs did not both record attention maps of the same layers and heads")
     layers, heads = list(ta.attention["layer"].values), list(ta.attention["head"].values)
-    if layers != list(tb.attention["layer"].values) or heads != list(tb.attention["head"].values):
-        raise WorkbenchError("the runs recorded attention maps of different layers or heads")
     seqs = (min(seq, ta.spec.n_seq - 1), min(seq, tb.spec.n_seq - 1))
     text_a, text_b = texts or (read_token_text(ta, seqs[0]), read_token_text(tb, seqs[1]))
     n = 0

@@ -20,8 +20,8 @@ from bokeh.models import (BasicTicker, ColorBar, ColumnDataSource, HoverTool, Le
                           LinearColorMapper, Range1d, Span)
 from bokeh.plotting import figure
 
-from workbench.compare import (STEP_CHOICES, activation_sums, attention_change, comparable_sites, finish_sums,
-                               merge_sums, step_range)
+from workbench.compare import (STEP_CHOICES, activation_sums, attention_change, attention_comparable,
+                               comparable_sites, finish_sums, merge_sums, step_range)
 from workbench.errors import WorkbenchError
 from workbench.trace import has_attention_maps
 from workbench.views.activations import bin_geometry, per_unit
@@ -450,9 +450,7 @@ class CompareView(TraceView):
     def _draw_weights_change(self, a, b) -> None:
         """The head matrix of the largest change of each head's attention weights over the tokens
         both runs share."""
-        shown = has_attention_maps(a) and has_attention_maps(b) and a.n_steps > 0 and b.n_steps > 0 and (
-            [int(v) for v in a.attention["layer"].values] == [int(v) for v in b.attention["layer"].values]
-            and [int(v) for v in a.attention["head"].values] == [int(v) for v in b.attention["head"].values])
+        shown = attention_comparable(a, b)
         key = (id(a), int(a.n_steps), id(b), int(b.n_steps), self.state.seq)
         if shown and self._head_scores.get("weights", (None,))[0] != key:
             texts = (self._text("a", a), self._text("b", b))
