@@ -268,6 +268,16 @@ def test_kv_tab_maps_each_steps_share_of_attention_per_position(synthetic):
     assert kv.steps_cursor.location == 4.5 and kv.steps_map.source.data["image"][0] is sent
     kv._tapped_step(Tap(model=kv.steps_map.figure, x=3.0, y=11.4))   # a click on a row selects its step
     assert st.step == 11
+    # the bars above it come from the same rows: the step's mass, or steps 0..step summed
+    import xarray as xr
+    raw = xr.open_zarr(synthetic, group="kv_cache", consolidated=False)["attention_mass"][0, :, 0].values
+    for accumulate in (False, True):
+        kv.accumulate.value = accumulate
+        pos = kv.mass_source.data["position"]
+        want = np.nansum(raw[: 12] if accumulate else raw[11:12], axis=(0, 1))[pos]
+        np.testing.assert_allclose(kv.mass_source.data["mass"], want, rtol=1e-6)
+        assert len(pos) == 16 + 11 and max(kv.mass_source.data["mass"]) > 0
+    kv.accumulate.value = False
     st.layer = 2
     image = np.asarray(kv.steps_map.source.data["image"][0])
     assert np.allclose(image, _reference_shares(synthetic, 0, 2, np.arange(image.shape[1])), equal_nan=True)

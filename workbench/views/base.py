@@ -34,6 +34,14 @@ def legend_outside(fig, side: str = "above", **style) -> None:
                       click_policy="hide", **style)
 
 
+def waits_for_live(state: TraceState, changed: set[str], allowed: set[str], last_at: float, seconds: float) -> bool:
+    """True while a view's costly redraw may wait: the user follows a live run, nothing but
+    ``allowed`` changed, and the last such redraw (at ``last_at``, time.monotonic) is younger than
+    ``seconds``. A step the user picks, or the run's end, is drawn at once."""
+    return (state.status == "running" and state.follow and changed <= allowed
+            and time.monotonic() - last_at < seconds)
+
+
 class TraceView(pn.viewable.Viewer):
     """Base class: subclasses set ``watch_params`` and implement ``build`` and ``redraw``."""
 

@@ -20,7 +20,7 @@ from bokeh.models import ColorBar, ColumnDataSource, FixedTicker, HoverTool, Lin
 from bokeh.plotting import figure
 
 from workbench.views.attention import GRID_ROWS, SCORES, head_scores, map_window, maps_to_draw
-from workbench.views.base import TraceView, finite_floats
+from workbench.views.base import TraceView, finite_floats, waits_for_live
 from workbench.views.tokens import SequenceText
 
 HEAD_SCORES = {k: v for k, v in SCORES.items() if k != "head"}
@@ -109,9 +109,8 @@ class HeadsView(TraceView):
             return
         key = (id(st.trace), st.seq, st.step, st.n_steps, self.score.value)
         if key != self._key:
-            following = st.status == "running" and st.follow  # a step the user picks is drawn at once
-            if not (following and self._key is not None and changed <= {"step", "version", "layer", "head"}
-                    and time.monotonic() - self._computed_at < LIVE_SECONDS):
+            if not (self._key is not None and waits_for_live(st, changed, {"step", "version", "layer", "head"},
+                                                             self._computed_at, LIVE_SECONDS)):
                 text = self._text.read(st.trace, st.seq)
                 self._scores, self._layers, self._heads, rows = all_head_scores(st.trace, st.seq, st.step, text,
                                                                                 [self.score.value])

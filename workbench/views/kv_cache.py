@@ -20,7 +20,7 @@ from bokeh.palettes import Category10_10
 from bokeh.plotting import figure
 
 from workbench.trace import has_attention_maps
-from workbench.views.base import TraceView, legend_outside
+from workbench.views.base import TraceView, legend_outside, waits_for_live
 from workbench.views.heatmap import Heatmap
 from workbench.views.tokens import SequenceText
 
@@ -39,15 +39,6 @@ def occupancy(trace, start: int = 0, stop: int | None = None) -> dict[str, np.nd
         v[v < 0] = np.nan  # unwritten (fill -1)
         out[name] = np.nansum(v, axis=2) if v.size else np.zeros((0, ds.sizes["layer"]))
     return out
-
-
-def attention_mass(trace, seq: int, layer: int, step: int, accumulate: bool = False) -> np.ndarray:
-    """Attention mass received per cached position at ``step`` (summed over ranks), or summed over
-    steps 0..step when ``accumulate`` (the heavy-hitter score of H2O-style eviction)."""
-    ds = trace.kv_cache
-    steps = slice(0, step + 1) if accumulate else slice(step, step + 1)
-    m = np.asarray(ds["attention_mass"][seq, steps, layer].values, dtype=np.float64)  # [step, rank, pos]
-    return np.nansum(m, axis=(0, 1))
 
 
 def mass_over_steps(trace, seq: int, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -172,8 +163,10 @@ class KVCacheView(TraceView):
             self._make_lines(n_layers)
         self._stream_growth()
         self.cursor.location = st.step
-        self._draw_mass()
-        self._draw_steps_map(changed)
+        if st.n_steps:
+            self._read_mass_rows()
+            self._draw_mass()
+            self._draw_steps_map(changed)
 
     def _stream_growth(self) -> None:
         st = self.state
@@ -201,11 +194,25 @@ class KVCacheView(TraceView):
                 self.growth.yaxis.formatter = BasicTickFormatter()
         self.growth.title.text = f"KV cache {METRICS[metric]} against step (lines: layers, black: total)"
 
-    def _draw_mass(self) -> None:
+    def _read_mass_rows(self) -> None:
+        """Bring ``_mass_rows`` (``mass_over_steps`` of the trace, sequence and layer shown) up to the
+        committed steps: all of them when the key changes, else only the new ones."""
         st = self.state
-        if st.n_steps == 0:
-            return
-        mass = attention_mass(st.trace, st.seq, st.layer, st.step, self.accumulate.value)
+        key = (id(st.trace), st.seq, st.layer)
+        if key != self._mass_key:
+            self._mass_key, self._mass_rows = key, mass_over_steps(st.trace, st.seq, st.layer, 0, st.n_steps)
+        elif st.n_steps > len(self._mass_rows):
+            new = mass_over_steps(st.trace, st.seq, st.layer, len(self._mass_rows), st.n_steps)
+            # the reader cuts positions at the last committed query: later reads are wider
+            width = max(self._mass_rows.shape[1], new.shape[1])
+            self._mass_rows = np.concatenate([_pad_positions(self._mass_rows, width), _pad_positions(new, width)])
+
+    def _draw_mass(self) -> None:
+        """Attention mass received per cached position at the step, or summed over steps 0..step
+        (the heavy-hitter score of H2O-style eviction), from the rows already read."""
+        st = self.state
+        rows = self._mass_rows[:st.step + 1] if self.accumulate.value else self._mass_rows[st.step:st.step + 1]
+        mass = np.nansum(rows.astype(np.float64), axis=0)
         # Only this sequence's cached positions: keys up to the step's last query, without the
         # padding of a shorter prompt or the positions after a sequence that stopped.
         text = self._text.read(st.trace, st.seq)
@@ -228,27 +235,18 @@ class KVCacheView(TraceView):
                                  f"heavy hitter (top {HEAVY_FRACTION:.0%}) · most attended: {top}</span>")
 
     def _draw_steps_map(self, changed: set[str]) -> None:
-        """The step x position heatmap of shares; only new steps are read, and a live run that is
-        followed is redrawn at most every LIVE_SECONDS (its cursor moves at once)."""
+        """The step x position heatmap of shares; a live run that is followed is redrawn at most
+        every LIVE_SECONDS (its cursor moves at once)."""
         st = self.state
         shown = has_attention_maps(st.trace) and st.n_steps > 0  # a run without attention maps has no mass
         self.steps_map.figure.visible = self.steps_note.visible = shown
         if not shown:
             return
-        key = (id(st.trace), st.seq, st.layer)
-        if key != self._mass_key:
-            self._mass_key, self._mass_rows = key, mass_over_steps(st.trace, st.seq, st.layer, 0, st.n_steps)
-        elif st.n_steps > len(self._mass_rows):
-            new = mass_over_steps(st.trace, st.seq, st.layer, len(self._mass_rows), st.n_steps)
-            # the reader cuts positions at the last committed query: later reads are wider
-            width = max(self._mass_rows.shape[1], new.shape[1])
-            self._mass_rows = np.concatenate([_pad_positions(self._mass_rows, width), _pad_positions(new, width)])
         self.steps_cursor.location = st.step + 0.5
-        drawn = (key, len(self._mass_rows))
-        following = st.status == "running" and st.follow
-        if drawn == self._map_drawn or (following and self._map_drawn is not None and self._map_drawn[0] == key
-                                        and changed <= {"step", "version"}
-                                        and time.monotonic() - self._map_at < LIVE_SECONDS):
+        drawn = (self._mass_key, len(self._mass_rows))
+        if drawn == self._map_drawn or (self._map_drawn is not None and self._map_drawn[0] == self._mass_key
+                                        and waits_for_live(st, changed, {"step", "version"}, self._map_at,
+                                                           LIVE_SECONDS)):
             return
         text = self._text.read(st.trace, st.seq)
         # the sequence's own positions that were ever cached (the last sampled token never was)
