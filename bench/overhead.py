@@ -6,7 +6,8 @@ return of `generate`, so it includes everything the recorder does on the generat
 (taps, listeners, batches, queueing) and the CPU its worker process takes from generation.
 Recording runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs
 a core); no-probes runs with both that and torch's default, and the baseline is the one faster
-in the median repeat (marked *). Repeats are interleaved; a ratio is the median over repeats of
+in the median repeat (marked *). Repeats are interleaved, each starting one kind later than the
+last so that no kind always runs in the same place; a ratio is the median over repeats of
 the rate divided by the baseline's rate in the same repeat, so load that drifts between repeats
 cancels; the middle half of those per-repeat ratios shows how much the repeats disagree, and
 +us/step is the same comparison as the median time added to a decode step. Also prints the
@@ -192,9 +193,12 @@ def main() -> None:
     callback_share: dict[str, list[float]] = {k: [] for k in kinds}  # per repeat, recording runs
     with tempfile.TemporaryDirectory() as d:
         run_once(model, tok, prompts, 8, "all", Path(d))  # warm-up (imports, allocator)
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             rates = {}
-            for kind, probes in kinds.items():
+            # Each repeat starts one kind later: a kind that always ran right after the same
+            # other kind (or first, after a trace was written) would carry that neighbour's wake.
+            order = list(kinds.items())
+            for kind, probes in order[r % len(order):] + order[:r % len(order)]:
                 run = plain_with_fewer_threads if kind == f"no probes, {fewer} thr" else run_once
                 rates[kind], info = run(model, tok, prompts, args.new_tokens, probes, Path(d))
                 if info is not None:
@@ -204,7 +208,7 @@ def main() -> None:
             for kind in kinds:
                 rates_of[kind].append(rates[kind])
             if args.verbose:
-                print("  repeat:", "  ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+                print("  repeat:", "  ".join(f"{k} {rates[k]:.0f}" for k in kinds))
     # The baseline is the no-probes thread count that is faster in the median repeat (compared
     # within repeats, like every ratio: load that drifts between repeats cancels); each repeat's
     # ratios are to that run of the same repeat, and their median is the figure to quote.
