@@ -20,7 +20,9 @@ callback over the decode time of the same steps (column "callback"), and what ta
 clocks add inside the forward pass, from steps with and without them taken alternately. Ends
 with whether this run met each goal (light >= 0.95, everything >= 0.75 of the no-probes rate;
 idle hook points under 1% of a step).
-Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 15] [--batch 1] [--model 18m]
+`--model perceiver` measures the shipped Perceiver AR model instead (its recorder reduces every
+step as it ends; the goals are stated for the default model).
+Usage: .venv/bin/python bench/overhead.py [--new-tokens 256] [--repeats 15] [--batch 1] [--model 18m|perceiver]
 """
 from __future__ import annotations
 
@@ -37,14 +39,15 @@ from workbench.models.activation_taps import attach_activation_taps, detach_acti
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
 from workbench.models.part_clock import attach_part_clock, detach_part_clock
-from workbench.probes.recorder import Recorder, trace_spec_for
-from workbench.probes.recording import a_core_left_for_the_writer
+from workbench.models.hook_points import HookPoint
+from workbench.probes.recording import a_core_left_for_the_writer, recorder_class
 from workbench.probes.selection import ProbeSelection
 from workbench.runtime.generate import generate
-from workbench.runtime.session import DEFAULT_MODEL, load_model
+from workbench.runtime.session import DEFAULT_MODEL, PROJECT_ROOT, load_model
 from workbench.runtime.tokenizer import ByteTokenizer
 from workbench.trace.writer import TraceWriter
 
+PERCEIVER_MODEL = PROJECT_ROOT / "data" / "models" / "perceiver-ar-bytes"
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 # Above this spread of the two no-probes runs' ratio a run warns (most runs here: 0.3-2.8%).
 NOISY_SPREAD = 0.03
@@ -67,6 +70,10 @@ def random_18m():
     cfg = LlamaConfig(vocab_size=259, d_model=512, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=1408, max_seq_len=1024,
                       bos_id=256, eos_id=257)
     return Llama(cfg).eval(), ByteTokenizer(), "random ~18M config (bench/decode.py's)"
+
+
+def perceiver():
+    return (*load_model(PERCEIVER_MODEL, torch.device("cpu")), str(PERCEIVER_MODEL))
 
 
 def dir_bytes(path: Path) -> int:
@@ -94,9 +101,10 @@ def run_once(model, tok, prompts, new_tokens, probes: str | None, workdir: Path)
         return decode_rate(model, prompts, new_tokens), None
     sel = ProbeSelection.parse(probes)
     path = workdir / f"{probes}-{time.perf_counter_ns()}.zarr"
-    spec = trace_spec_for(model, sel, len(prompts), max(len(p) for p in prompts), new_tokens)
+    recorder_cls = recorder_class(model)
+    spec = recorder_cls.trace_spec(model, sel, len(prompts), max(len(p) for p in prompts), new_tokens)
     writer = TraceWriter(path, spec, {"bench": True})
-    recorder = Recorder(model, writer, sel, tok.token_text, prompts).attach()
+    recorder = recorder_cls(model, writer, sel, tok.token_text, prompts).attach()
     in_callback = [0]  # ns the recorder's per-step callback took on the generating thread, decode steps
 
     def on_step(event):
@@ -129,9 +137,9 @@ def hook_point_cost(model, step_seconds: float) -> tuple[int, float, float]:
     test); timeit measures exactly that statement on one of the model's own modules.
     """
     checks = len(model.hook_points)
-    owner = model.layers[0].attn
+    owner, attr = next((m, a) for m in model.modules() for a, v in vars(m).items() if isinstance(v, HookPoint))
     n = 200_000
-    per_check = timeit.timeit("if owner.hook_in.listeners: pass", globals={"owner": owner}, number=n) / n
+    per_check = timeit.timeit(f"if owner.{attr}.listeners: pass", globals={"owner": owner}, number=n) / n
     return checks, per_check * 1e9, checks * per_check / step_seconds
 
 
@@ -175,14 +183,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--model", choices=("default", "18m"), default="default",
-                    help="the shipped default model, or a random ~18M-parameter one of the same family")
+    ap.add_argument("--model", choices=("default", "18m", "perceiver"), default="default",
+                    help="the shipped default model, a random ~18M-parameter one of the same family, or the "
+                         "shipped Perceiver AR model")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--verbose", action="store_true", help="print every repeat's rates")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok, name = default_model() if args.model == "default" else random_18m()
+    model, tok, name = {"default": default_model, "18m": random_18m, "perceiver": perceiver}[args.model]()
     prompts = [tok.encode(PROMPT)] * args.batch
     threads = torch.get_num_threads()
     fewer = max(1, threads - 1)
@@ -250,9 +259,12 @@ def main() -> None:
     with a_core_left_for_the_writer(model):
         fwd_us, fwd_share = forward_probe_cost(model, prompts, args.new_tokens, max(3, args.repeats // 2))
     light_callback = float(np.median(callback_share["light"]))
-    print(f"light on the generating thread: per-step callback {light_callback:.1%} of decode time, taps and "
-          f"part clocks in the forward pass +{fwd_us:.1f} us per step ({fwd_share:.1%}); together "
-          f"{light_callback + fwd_share:.1%} (the rest of light's measured cost: its worker process, and noise)")
+    if np.isnan(fwd_us):  # no activation taps (Perceiver blocks): listeners keep the sites
+        print(f"light on the generating thread: per-step callback {light_callback:.1%} of decode time")
+    else:
+        print(f"light on the generating thread: per-step callback {light_callback:.1%} of decode time, taps and "
+              f"part clocks in the forward pass +{fwd_us:.1f} us per step ({fwd_share:.1%}); together "
+              f"{light_callback + fwd_share:.1%} (the rest of light's measured cost: its worker process, and noise)")
     plain = max(best[k] for k in kinds if k.startswith("no probes"))
     checks, ns, share = hook_point_cost(model, 1.0 / plain * args.batch)
     print(f"hook points with no listener: {checks} guard checks per forward, {ns:.0f} ns each, "

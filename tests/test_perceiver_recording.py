@@ -161,6 +161,10 @@ def test_kv_totals_activations_and_timing(recorded, model_dir):
                          for s in seqs]).astype(np.float64)
     assert np.isclose(a.value_sum.values[0, 0, site, 0], x0.sum(), rtol=1e-5, atol=1e-6)
     assert np.array_equal(a.hist_count.values[0, 0, site, 0], np.histogram(x0, bins=np.asarray(tr.spec.bin_edges))[0])
+    # Every (step, layer, site) keeps the threshold its near-zero values were counted with (no ARM:
+    # the trace's fixed one), written with the histograms in one region per array.
+    assert np.allclose(a.near_zero_eps.values[..., 0], tr.spec.near_zero_eps)
+    assert a.near_zero_count.values[0, 0, site, 0] == np.count_nonzero(np.abs(x0) < tr.spec.near_zero_eps)
     secs = tr.timing.seconds.values[1:, :, :, 0]
     parts = list(tr.timing.part.values)
     assert (secs[..., parts.index("attention")] > 0).all() and (secs[..., parts.index("mlp")] > 0).all()

@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.probes.recorder import Recorder, batched_stats
+from workbench.probes.recorder import Recorder
 from workbench.probes.selection import ProbeSelection
 from workbench.trace.schema import PerceiverSpec, TraceSpec
-from workbench.trace.stats import ActivationStats
 
 # First part of a decoder hook suffix -> the cross block's module of the same role.
 CROSS_PARTS = {"attn": "cross", "mlp": "cross_mlp", "attn_allreduce": "cross_allreduce",
@@ -184,18 +183,12 @@ class PerceiverRecorder(Recorder):
             x = self._acts[(layer, s)]  # [b, Q, width]
             rows = (self._rows(layer) >= 0) & keep.to(x.device)[:, None]
             tensors.append(x[rows])
-            eps.append(self._near_zero_eps(layer, sites[s]))
+            eps.append(self._site_eps(layer, sites[s]))
         if not tensors or all(t.numel() == 0 for t in tensors):
             return
-        stats = batched_stats(tensors, self.edges.to(tensors[0].device),
-                              torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
-        for n, (layer, s) in enumerate(keys):
-            one = ActivationStats(hist=stats.hist[n], count=stats.count[n], sum=stats.sum[n], sumsq=stats.sumsq[n],
-                                  sum3=stats.sum3[n], sum4=stats.sum4[n], min=stats.min[n], max=stats.max[n],
-                                  near_zero=stats.near_zero[n])
-            self.writer.write_activations(step, one, layer=layer, site=sites[s])
+        self._write_stats(step, keys, tensors, eps)
 
-    def _near_zero_eps(self, layer: int, site: str) -> float:
+    def _site_eps(self, layer: int, site: str) -> float:
         if site.startswith("mlp.act"):
             mlp = self.model.get_submodule(block_part(self.blocks[layer], "mlp"))
             arm = getattr(mlp, "redistribute", None)

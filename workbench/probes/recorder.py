@@ -455,7 +455,6 @@ class Recorder:
                     self.writer.write_attention_mass(step, mass[li][None], layer=layer, seq=slice(j, j + 1))
 
     def _write_activations(self, step: int, q_start, q_stop, active) -> None:
-        sites = self.spec.hist_sites
         keys = sorted(self._acts)
         rows = [j for j in range(len(active)) if active[j]]
         tensors = []
@@ -471,7 +470,13 @@ class Recorder:
             return
         if step == 0 and self._ship_step_values(step, keys, tensors):
             return
-        eps = self._near_zero_eps(keys, tensors)
+        self._write_stats(step, keys, tensors, self._near_zero_eps(keys, tensors))
+
+    def _write_stats(self, step: int, keys: list[tuple[int, int]], tensors: list[torch.Tensor],
+                     eps: list[float]) -> None:
+        """Reduce ``tensors`` (one per sorted (layer, site) of ``keys``) on their device and queue
+        their histograms, moments and near-zero thresholds ``eps``."""
+        sites = self.spec.hist_sites
         stats = batched_stats(tensors, self.edges.to(tensors[0].device),
                               torch.tensor(eps, dtype=torch.float64, device=tensors[0].device))
         if len(keys) == self.n_layers * len(sites):  # every (layer, site): one region write per array
