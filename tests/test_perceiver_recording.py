@@ -226,3 +226,33 @@ def test_tp2_trace_equals_tp1(recorded, model_dir, tmp_path):
     assert (b.comm.bytes.values[1:] > 0).all()
     tokens = b.kv_cache.tokens.values[:, 0]
     assert (tokens == a.kv_cache.tokens.values[:, 0, :1]).all()      # each rank caches its own heads
+
+
+def test_steps_the_worker_reduces_equal_steps_reduced_on_the_generating_thread(tmp_path, monkeypatch):
+    """While every block computes the same rows (the window still growing), a step's activations
+    go to the writer's worker (numpy); reduced on the generating thread instead (torch), the same
+    run records the same histograms, moments and thresholds."""
+    from workbench.probes.recorder import Recorder
+    from workbench.probes.selection import ProbeSelection
+    from workbench.trace.writer import TraceWriter
+
+    torch.manual_seed(1)
+    model_dir = tmp_path / "wide"
+    save_perceiver(PerceiverAR(PerceiverConfig(**{**CFG, "n_latents": 32})), model_dir)  # 3 + 10 < 32: no slide
+    shipped = []
+    real = TraceWriter.write_activation_values
+    monkeypatch.setattr(TraceWriter, "write_activation_values",
+                        lambda self, first, *a, **k: shipped.append(first) or real(self, first, *a, **k))
+    spec = dict(model=str(model_dir), prompts=["ab"], max_new_tokens=STEPS, device="cpu",
+                probes=ProbeSelection.parse("activations"))
+    run(RunSpec(**spec, record=str(tmp_path / "worker.zarr")))
+    assert shipped == list(range(STEPS))
+    monkeypatch.setattr(Recorder, "max_shipped_prefill_values", 0)  # nothing fits: reduce every step here
+    run(RunSpec(**spec, record=str(tmp_path / "here.zarr")))
+    assert shipped == list(range(STEPS))
+    a, b = open_trace(tmp_path / "worker.zarr").activations, open_trace(tmp_path / "here.zarr").activations
+    assert (a.value_count.values > 0).all()  # every step, block and site recorded
+    for name in ("hist_count", "value_count", "near_zero_count"):
+        assert np.array_equal(a[name].values, b[name].values), name
+    for name in ("value_sum", "value_sumsq", "value_sum3", "value_sum4", "value_min", "value_max", "near_zero_eps"):
+        assert np.allclose(a[name].values, b[name].values, rtol=1e-9, atol=1e-12), name

@@ -60,6 +60,7 @@ class PerceiverRecorder(Recorder):
         cfg = model.cfg
         self.n_self = cfg.n_self_layers
         self.blocks = perceiver_blocks(cfg)
+        self._mlps = [model.get_submodule(block_part(b, "mlp")) for b in self.blocks]
         self._hook_layer: dict[str, int] = {}
 
     # ------------------------------------------------------------ what this model records
@@ -178,20 +179,27 @@ class PerceiverRecorder(Recorder):
         sites = self.spec.hist_sites
         keys = sorted(self._acts)
         keep = torch.tensor(active)
+        masks: dict[int, torch.Tensor | None] = {}  # per layer: its rows; None: every row
         tensors, eps = [], []
         for layer, s in keys:
             x = self._acts[(layer, s)]  # [b, Q, width]
-            rows = (self._rows(layer) >= 0) & keep.to(x.device)[:, None]
-            tensors.append(x[rows])
+            if layer not in masks:
+                rows = (self._rows(layer) >= 0) & keep.to(x.device)[:, None]
+                masks[layer] = None if bool(rows.all()) else rows
+            rows = masks[layer]
+            tensors.append(x.reshape(-1, x.shape[-1]) if rows is None else x[rows])
             eps.append(self._site_eps(layer, sites[s]))
         if not tensors or all(t.numel() == 0 for t in tensors):
             return
-        self._write_stats(step, keys, tensors, eps)
+        # While every block computed the same rows (the latent window still growing), the writer's
+        # worker reduces them; once it slides, latent blocks recompute the window and the step is
+        # reduced here.
+        if not self._ship_step_values(step, keys, tensors, eps):
+            self._write_stats(step, keys, tensors, eps)
 
     def _site_eps(self, layer: int, site: str) -> float:
         if site.startswith("mlp.act"):
-            mlp = self.model.get_submodule(block_part(self.blocks[layer], "mlp"))
-            arm = getattr(mlp, "redistribute", None)
+            arm = getattr(self._mlps[layer], "redistribute", None)
             if arm is not None and getattr(arm, "stats", None) is not None:
                 return float(arm.stats.eps)
         return float(self.spec.near_zero_eps)
