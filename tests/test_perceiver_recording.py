@@ -228,10 +228,50 @@ def test_tp2_trace_equals_tp1(recorded, model_dir, tmp_path):
     assert (tokens == a.kv_cache.tokens.values[:, 0, :1]).all()      # each rank caches its own heads
 
 
+@pytest.mark.parametrize("prompts", [["ab"], PROMPTS])  # one window that slides from step 4; two
+def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_path, monkeypatch, prompts):
+    """Light probes batch decode steps: the worker reduces those whose blocks computed one row per
+    sequence, and a step whose window slid (its latent blocks recompute every row) is reduced on
+    the generating thread. Recorded one step at a time, the same run keeps the same tokens, KV
+    sizes, histograms, moments and thresholds."""
+    from workbench.probes.perceiver_recorder import PerceiverRecorder
+    from workbench.probes.recorder import KV_FIELDS
+    from workbench.probes.selection import ProbeSelection
+    from workbench.trace.writer import TraceWriter
+
+    shipped = []
+    real = TraceWriter.write_activation_values
+    monkeypatch.setattr(TraceWriter, "write_activation_values",
+                        lambda self, first, last, *a, **k: shipped.append((first, last)) or real(self, first, last, *a, **k))
+    spec = dict(model=str(model_dir), prompts=prompts, max_new_tokens=STEPS, device="cpu",
+                probes=ProbeSelection.parse("light"))
+    run(RunSpec(**spec, record=str(tmp_path / "batched.zarr")))
+    # "ab": the prefill, steps 1-3 in one batch, then (window sliding) each step reduced here;
+    # PROMPTS: seq 0's window slides from step 1, so only the prefill is shipped.
+    assert shipped == ([(0, 0), (1, 3)] if len(prompts) == 1 else [(0, 0)])
+    monkeypatch.setattr(PerceiverRecorder, "batches_decode", False)
+    run(RunSpec(**spec, record=str(tmp_path / "steps.zarr")))
+    a, b = open_trace(tmp_path / "batched.zarr"), open_trace(tmp_path / "steps.zarr")
+    assert a.n_steps == b.n_steps == STEPS
+    assert np.array_equal(a.tokens.token_id.values, b.tokens.token_id.values)
+    for name in KV_FIELDS:
+        assert np.array_equal(a.kv_cache[name].values, b.kv_cache[name].values), name
+    assert (a.kv_cache.tokens.values[:, 0] > 0).all() and (a.kv_cache.tokens.values[:, 1:] == -1).all()
+    x, y = a.activations, b.activations
+    assert (x.value_count.values > 0).all()  # every step, block and site recorded
+    for name in ("hist_count", "value_count", "near_zero_count"):
+        assert np.array_equal(x[name].values, y[name].values), name
+    for name in ("value_sum", "value_sumsq", "value_sum3", "value_sum4", "value_min", "value_max", "near_zero_eps"):
+        assert np.allclose(x[name].values, y[name].values, rtol=1e-9, atol=1e-12), name
+    assert np.allclose(x.near_zero_eps.values, a.spec.near_zero_eps)
+    assert (a.timing.seconds.values[1:, :, :, 0] > 0).any(axis=-1).all()  # every decode step and block timed
+    assert np.array_equal(a.tokens.chosen.values, b.tokens.chosen.values)
+
+
 def test_steps_the_worker_reduces_equal_steps_reduced_on_the_generating_thread(tmp_path, monkeypatch):
-    """While every block computes the same rows (the window still growing), a step's activations
-    go to the writer's worker (numpy); reduced on the generating thread instead (torch), the same
-    run records the same histograms, moments and thresholds."""
+    """While every block computes one row per sequence (the window still growing), decode steps'
+    activations go to the writer's worker (numpy); reduced on the generating thread instead
+    (torch), the same run records the same histograms, moments and thresholds."""
     from workbench.probes.recorder import Recorder
     from workbench.probes.selection import ProbeSelection
     from workbench.trace.writer import TraceWriter
@@ -242,14 +282,15 @@ def test_steps_the_worker_reduces_equal_steps_reduced_on_the_generating_thread(t
     shipped = []
     real = TraceWriter.write_activation_values
     monkeypatch.setattr(TraceWriter, "write_activation_values",
-                        lambda self, first, *a, **k: shipped.append(first) or real(self, first, *a, **k))
+                        lambda self, first, last, *a, **k: shipped.append((first, last)) or real(self, first, last, *a, **k))
     spec = dict(model=str(model_dir), prompts=["ab"], max_new_tokens=STEPS, device="cpu",
                 probes=ProbeSelection.parse("activations"))
     run(RunSpec(**spec, record=str(tmp_path / "worker.zarr")))
-    assert shipped == list(range(STEPS))
+    assert shipped == [(0, 0), (1, STEPS - 1)]  # the prefill, then the decode steps in one batch
     monkeypatch.setattr(Recorder, "max_shipped_prefill_values", 0)  # nothing fits: reduce every step here
+    monkeypatch.setattr(Recorder, "max_shipped_values", 0)
     run(RunSpec(**spec, record=str(tmp_path / "here.zarr")))
-    assert shipped == list(range(STEPS))
+    assert shipped == [(0, 0), (1, STEPS - 1)]
     a, b = open_trace(tmp_path / "worker.zarr").activations, open_trace(tmp_path / "here.zarr").activations
     assert (a.value_count.values > 0).all()  # every step, block and site recorded
     for name in ("hist_count", "value_count", "near_zero_count"):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.probes.recorder import Recorder
+from workbench.probes.recorder import KV_FIELDS, Recorder
 from workbench.probes.selection import ProbeSelection
 from workbench.trace.schema import PerceiverSpec, TraceSpec
 
@@ -52,16 +52,17 @@ def block_hook(block: str, suffix: str) -> str:
 class PerceiverRecorder(Recorder):
     """Records one Perceiver AR generation on one rank (same arguments as ``Recorder``)."""
 
-    # Latent windows move and decode rows vary per block: every step is reduced as it ends.
-    batches_decode = False
-
     def __init__(self, model, writer, selection, token_text, prompts, user_probes=()) -> None:
         super().__init__(model, writer, selection, token_text, prompts, user_probes)
         cfg = model.cfg
         self.n_self = cfg.n_self_layers
         self.blocks = perceiver_blocks(cfg)
         self._mlps = [model.get_submodule(block_part(b, "mlp")) for b in self.blocks]
+        self._arms = [(i, mlp.redistribute) for i, mlp in enumerate(self._mlps)
+                      if getattr(mlp, "redistribute", None) is not None]
         self._hook_layer: dict[str, int] = {}
+        if "attention" in selection:  # maps are written a step at a time (latent windows move,
+            self.batches_decode = False  # and a sliding window's latent blocks recompute every row)
 
     # ------------------------------------------------------------ what this model records
     @classmethod
@@ -135,6 +136,30 @@ class PerceiverRecorder(Recorder):
         w.write(step, "cross_attention/input_position", inp.numpy())
         if spec.n_self_layers:
             w.write(step, "latent_attention/latent_position", lat.numpy())
+
+    def _kv_usage(self, cache):
+        return cache.stats()  # totals, a few numbers: kept per decode step
+
+    def _queue_kv(self, steps) -> None:
+        for name in KV_FIELDS:
+            self.writer.write(steps[0].step, f"kv_cache/{name}", np.array([getattr(st.kv, name) for st in steps]),
+                              n_steps=len(steps), layer=0)
+
+    def _keep_activations(self, step: int) -> bool:
+        # Once a window slides, its latent blocks recompute every row: reduce the step here,
+        # after queueing the steps shipped so far (a batch's values cover all its steps).
+        if any(x.shape[-2] != 1 for x in self._acts.values()):
+            if self._values_kept:
+                self._drain()
+            self._write_activations(step, None, None, [not f for f in self.finished])
+            return False
+        return super()._keep_activations(step)
+
+    def _column_blocks(self, keys, first: int, last: int, arm_eps: dict[int, dict]):
+        layers, site_ids, eps = super()._column_blocks(keys, first, last, arm_eps)
+        # MLP sites without ARM count near-zero values below the trace's fixed threshold, as
+        # _site_eps does, not by ARM's MAD rule (the decoder's).
+        return layers, site_ids, np.where(np.isnan(eps), float(self.spec.near_zero_eps), eps)
 
     def _write_kv(self, step: int, cache) -> None:
         st = cache.stats()  # totals over inputs, latent rings and cross outputs: not per layer

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ class _DecodeStep:
     patterns: dict
     comm: np.ndarray | None  # [3, layers, sites]; None: no collective ran (one rank)
     stamps: list[int] | None  # [layers * BOUNDARIES] perf_counter_ns (models/part_clock.py)
-    kv: tuple[int, int] | None  # tokens and blocks in the KV cache
+    kv: Any  # what ``Recorder._kv_usage`` kept of the cache at this step; None: not recorded
     seconds: float
     wall: float
     cand_ids: torch.Tensor | None
@@ -572,9 +572,7 @@ class Recorder:
         # Runs every step, between forward passes: positional arguments, no comprehensions.
         taps = self._taps
         values = bool(self._acts if taps is None else taps[0] is not None) and self._keep_activations(event.step)
-        kv = None
-        if self._keeps_kv and hasattr(event.cache, "usage"):
-            self._kv_cache, kv = event.cache, event.cache.usage()
+        kv = self._kv_usage(event.cache) if self._keeps_kv else None
         self._pending.append(_DecodeStep(
             event.step, event.tokens, event.positions, self.finished, values,
             self._arm_eps() if values and self._arms else None, self._patterns,
@@ -645,9 +643,7 @@ class Recorder:
             self._queue_attention(steps)
         self._queue_activation_values(steps)
         if steps[0].kv is not None:
-            kv = self._kv_cache.stats_of(*np.array([st.kv for st in steps], dtype=np.int64).T)  # [k] each
-            for name in KV_FIELDS:  # every layer holds the same
-                w.write(first, f"kv_cache/{name}", getattr(kv, name)[:, None], n_steps=k)
+            self._queue_kv(steps)
         comm = None
         if any(st.comm is not None for st in steps):
             no_comm = np.zeros_like(self._comm)
@@ -661,6 +657,18 @@ class Recorder:
         if self._user:
             self._queue_user_values(steps)
         w.end_step(first, steps[-1].step)  # together: a record of several steps commits as one
+
+    def _kv_usage(self, cache):
+        """What a decode step keeps of the KV cache for ``_queue_kv``: tokens and blocks."""
+        if not hasattr(cache, "usage"):
+            return None
+        self._kv_cache = cache
+        return cache.usage()
+
+    def _queue_kv(self, steps: list[_DecodeStep]) -> None:
+        kv = self._kv_cache.stats_of(*np.array([st.kv for st in steps], dtype=np.int64).T)  # [k] each
+        for name in KV_FIELDS:  # every layer holds the same
+            self.writer.write(steps[0].step, f"kv_cache/{name}", getattr(kv, name)[:, None], n_steps=len(steps))
 
     def _queue_tokens(self, steps: list[_DecodeStep]) -> None:
         """The chosen tokens of each sequence at their positions (consecutive while it is active)."""
