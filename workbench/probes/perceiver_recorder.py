@@ -10,7 +10,8 @@ so every decoder site (``mlp.act.pre``, ``attn_allreduce`` ...) has one hook poi
 names are stored in ``spec.perceiver.layer_blocks``. Attention maps go to the ``cross_attention``
 (latent x input) and ``latent_attention`` (latent x latent_key) groups, one row per latent the step
 computed, at latent slot ``position - window_start``. ``PerceiverARCache.stats()`` gives totals
-over the whole cache: they go to layer 0 and the other layers stay unwritten (-1).
+over the whole cache: they go to layer 0 and the other layers stay unwritten (-1). Without maps,
+decode steps are batched as the decoder's are (see ``PerceiverRecorder._keep_activations``).
 """
 from __future__ import annotations
 
