@@ -218,9 +218,9 @@ class PerceiverRecorder(Recorder):
         if not tensors or all(t.numel() == 0 for t in tensors):
             return
         # While every block computed the same rows (the latent window still growing), the writer's
-        # worker reduces them; once it slides, latent blocks recompute the window and the step is
-        # reduced here.
-        if not self._ship_step_values(step, keys, tensors, eps):
+        # worker reduces them (thresholds from _column_blocks, the same as eps); once it slides,
+        # latent blocks recompute the window and the step is reduced here.
+        if not self._ship_step_values(step, keys, tensors):
             self._write_stats(step, keys, tensors, eps)
 
     def _site_eps(self, layer: int, site: str) -> float:

@@ -490,23 +490,19 @@ class Recorder:
             self.writer.write_activations(step, one, layer=layer, site=sites[s])
             self.writer.write(step, "activations/near_zero_eps", eps[i], layer=layer, site=sites[s])
 
-    def _ship_step_values(self, step: int, keys: list[tuple[int, int]], tensors: list[torch.Tensor],
-                          eps: Sequence[float] | None = None) -> bool:
+    def _ship_step_values(self, step: int, keys: list[tuple[int, int]], tensors: list[torch.Tensor]) -> bool:
         """Hand one step's activations, every row of every (layer, site), to the writer's worker
         to reduce, as decode batches are; False (nothing sent) if they are too many or their rows
-        differ. ``eps``: each key's near-zero threshold (default: ``_column_blocks``'s)."""
+        differ."""
         mats = [t.reshape(-1, t.shape[-1]) for t in tensors]  # [rows, width] each
         if (sum(m.numel() for m in mats) > self.max_shipped_prefill_values
                 or any(m.shape[0] != mats[0].shape[0] for m in mats)):
             return False
-        layers, site_ids, col_eps = self._column_blocks(keys, step, step,
-                                                        {step: self._arm_eps()} if self._arms else {})
-        if eps is not None:
-            col_eps = np.asarray(eps, dtype=np.float64)[None, :]
+        layers, site_ids, eps = self._column_blocks(keys, step, step, {step: self._arm_eps()} if self._arms else {})
         values = torch.cat(mats, dim=1).float().cpu().numpy()
         offsets = np.concatenate([[0], np.cumsum([m.shape[1] for m in mats])]).astype(np.int64)
         self.writer.write_activation_values(step, step, values, np.full(len(values), step), offsets, layers,
-                                            site_ids, col_eps)
+                                            site_ids, eps)
         return True
 
     def _column_blocks(self, keys: Sequence[tuple[int, int]], first: int, last: int,
