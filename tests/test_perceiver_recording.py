@@ -264,6 +264,11 @@ def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_
     for name in ("value_sum", "value_sumsq", "value_sum3", "value_sum4", "value_min", "value_max", "near_zero_eps"):
         assert np.allclose(x[name].values, y[name].values, rtol=1e-9, atol=1e-12), name
     assert np.allclose(x.near_zero_eps.values, a.spec.near_zero_eps)
+    for group in ("cross_attention", "latent_attention"):  # each step's window, written with its batch
+        for name in ("latent_position", "input_position"):
+            if name in a.dataset(group):
+                assert np.array_equal(a.dataset(group)[name].values, b.dataset(group)[name].values), (group, name)
+    assert (a.cross_attention.latent_position.values[:, 1:] >= 0).any(axis=-1).all()
     assert (a.timing.seconds.values[1:, :, :, 0] > 0).any(axis=-1).all()  # every decode step and block timed
     assert np.array_equal(a.tokens.chosen.values, b.tokens.chosen.values)
 

@@ -62,6 +62,7 @@ class PerceiverRecorder(Recorder):
         self._arms = [(i, mlp.redistribute) for i, mlp in enumerate(self._mlps)
                       if getattr(mlp, "redistribute", None) is not None]
         self._hook_layer: dict[str, int] = {}
+        self._windows: list = []  # rank 0: (window start, last latent, finished) of each batched step
         if "attention" in selection:  # maps are written a step at a time (latent windows move,
             self.batches_decode = False  # and a sliding window's latent blocks recompute every row)
 
@@ -117,26 +118,41 @@ class PerceiverRecorder(Recorder):
 
     # ------------------------------------------------------------ per step
     def on_step(self, event) -> None:
-        if self.rank == 0:
-            self._write_positions(event.step)
+        if self.rank == 0 and (event.step == 0 or not self.batches_decode):
+            info = self.model.info.extra["perceiver"]
+            self._write_positions(event.step, [(info["window_start"], info["last_latent"], self.finished)])
         super().on_step(event)
 
-    def _write_positions(self, step: int) -> None:
-        """Which absolute position each latent and input slot holds at this step (-1: none)."""
-        info = self.model.info.extra["perceiver"]
+    def _keep_decode_step(self, event) -> None:
+        super()._keep_decode_step(event)  # may queue the steps before this one first
+        if self.rank == 0:  # the window of this step, written with its batch
+            info = self.model.info.extra["perceiver"]
+            self._windows.append((info["window_start"].clone(), info["last_latent"].clone(),
+                                  self._pending[-1].finished))
+
+    def _drain(self) -> None:
+        if self._windows:
+            self._write_positions(self._pending[0].step, self._windows)
+            self._windows = []
+        super()._drain()
+
+    def _write_positions(self, first: int, windows) -> None:
+        """Which absolute position each latent and input slot holds (-1: none) at steps first,
+        first + 1, ...: ``windows`` holds each step's window start and last latent [b] and which
+        sequences had finished before it."""
         spec = self.spec.perceiver
-        ws = info["window_start"].cpu()[:, None]
-        end = info["last_latent"].cpu()[:, None]
-        active = torch.tensor([not f for f in self.finished])[:, None]
+        ws = torch.stack([w[0] for w in windows], 1).cpu()[..., None]  # [b, steps, 1]
+        end = torch.stack([w[1] for w in windows], 1).cpu()[..., None]
+        gone = torch.tensor([w[2] for w in windows]).T[..., None]
         lat = ws + torch.arange(spec.n_latents)
-        lat = lat.masked_fill((lat > end) | ~active, -1)
-        inp = torch.arange(spec.n_inputs).expand(len(self.finished), -1)
-        inp = inp.masked_fill((inp > end) | ~active, -1)
-        w = self.writer
-        w.write(step, "cross_attention/latent_position", lat.numpy())
-        w.write(step, "cross_attention/input_position", inp.numpy())
+        lat = lat.masked_fill((lat > end) | gone, -1).numpy()
+        inp = torch.arange(spec.n_inputs).expand(*ws.shape[:2], -1)
+        inp = inp.masked_fill((inp > end) | gone, -1).numpy()
+        w, k = self.writer, len(windows)
+        w.write(first, "cross_attention/latent_position", lat, n_steps=k)
+        w.write(first, "cross_attention/input_position", inp, n_steps=k)
         if spec.n_self_layers:
-            w.write(step, "latent_attention/latent_position", lat.numpy())
+            w.write(first, "latent_attention/latent_position", lat, n_steps=k)
 
     def _kv_usage(self, cache):
         return cache.stats()  # totals, a few numbers: kept per decode step
