@@ -158,9 +158,13 @@ class PerceiverRecorder(Recorder):
         return cache.stats()  # totals, a few numbers: kept per decode step
 
     def _queue_kv(self, steps) -> None:
+        self._write_kv_totals(steps[0].step, [st.kv for st in steps])
+
+    def _write_kv_totals(self, first: int, totals) -> None:
+        """``totals`` (CacheStats of steps first, first + 1, ...) into layer 0."""
         for name in KV_FIELDS:
-            self.writer.write(steps[0].step, f"kv_cache/{name}", np.array([getattr(st.kv, name) for st in steps]),
-                              n_steps=len(steps), layer=0)
+            self.writer.write(first, f"kv_cache/{name}", np.array([getattr(t, name) for t in totals]),
+                              n_steps=len(totals), layer=0)
 
     def _keep_activations(self, step: int) -> bool:
         # Once a window slides, its latent blocks recompute every row: reduce the step here,
@@ -174,14 +178,12 @@ class PerceiverRecorder(Recorder):
 
     def _column_blocks(self, keys, first: int, last: int, arm_eps: dict[int, dict]):
         layers, site_ids, eps = super()._column_blocks(keys, first, last, arm_eps)
-        # MLP sites without ARM count near-zero values below the trace's fixed threshold, as
-        # _site_eps does, not by ARM's MAD rule (the decoder's).
+        # MLP sites without ARM count near-zero values below the trace's fixed threshold, not by
+        # ARM's MAD rule (the decoder's).
         return layers, site_ids, np.where(np.isnan(eps), float(self.spec.near_zero_eps), eps)
 
     def _write_kv(self, step: int, cache) -> None:
-        st = cache.stats()  # totals over inputs, latent rings and cross outputs: not per layer
-        self.writer.write_kv(step, layer=0, tokens=st.tokens, blocks=st.blocks, bytes_used=st.bytes_used,
-                             bytes_reserved=st.bytes_reserved)
+        self._write_kv_totals(step, [cache.stats()])  # totals over inputs, latent rings and cross outputs
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         info = self.model.info.extra["perceiver"]
@@ -218,30 +220,22 @@ class PerceiverRecorder(Recorder):
                 w.write_attention_mass(step, mass[None], layer=layer, seq=slice(j, j + 1))
 
     def _write_activations(self, step: int, q_start, q_stop, active) -> None:
-        sites = self.spec.hist_sites
         keys = sorted(self._acts)
         keep = torch.tensor(active)
         masks: dict[int, torch.Tensor | None] = {}  # per layer: its rows; None: every row
-        tensors, eps = [], []
-        for layer, s in keys:
-            x = self._acts[(layer, s)]  # [b, Q, width]
+        tensors = []
+        for key in keys:
+            layer, x = key[0], self._acts[key]  # x: [b, Q, width]
             if layer not in masks:
                 rows = (self._rows(layer) >= 0) & keep.to(x.device)[:, None]
                 masks[layer] = None if bool(rows.all()) else rows
             rows = masks[layer]
             tensors.append(x.reshape(-1, x.shape[-1]) if rows is None else x[rows])
-            eps.append(self._site_eps(layer, sites[s]))
         if not tensors or all(t.numel() == 0 for t in tensors):
             return
         # While every block computed the same rows (the latent window still growing), the writer's
-        # worker reduces them (thresholds from _column_blocks, the same as eps); once it slides,
-        # latent blocks recompute the window and the step is reduced here.
+        # worker reduces them; once it slides, latent blocks recompute the window and the step is
+        # reduced here, with the same thresholds.
         if not self._ship_step_values(step, keys, tensors):
-            self._write_stats(step, keys, tensors, eps)
-
-    def _site_eps(self, layer: int, site: str) -> float:
-        if site.startswith("mlp.act"):
-            arm = getattr(self._mlps[layer], "redistribute", None)
-            if arm is not None and getattr(arm, "stats", None) is not None:
-                return float(arm.stats.eps)
-        return float(self.spec.near_zero_eps)
+            eps = self._column_blocks(keys, step, step, {step: self._arm_eps()} if self._arms else {})[2][0]
+            self._write_stats(step, keys, tensors, eps.tolist())
