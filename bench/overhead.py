@@ -148,7 +148,9 @@ def forward_probe_cost(model, prompts, new_tokens, repeats) -> tuple[float, floa
     decode step: us and share of a step. Taps and clocks are attached on every other step of the
     same generations and each probed step is paired with the plain one after it, so load that
     drifts over milliseconds cancels."""
-    blocks = [b for b in getattr(model, "layers", []) if hasattr(b, "attach_taps")]
+    # The modules that tap and stamp the trace's layers, in forward order (a Perceiver's Repeats
+    # do it for their cross blocks).
+    blocks = [m for m in model.modules() if hasattr(m, "attach_taps")]
     if not blocks:
         return float("nan"), float("nan")
     device = next(model.parameters()).device

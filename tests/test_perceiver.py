@@ -3,6 +3,7 @@ errors, checkpoints, the runtime's generate loop, and TP=2 == TP=1 with real glo
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,27 @@ def test_cache_rejects_a_gap_and_reports_stats():
     assert parts["latent"].tokens == 4 and parts["latent"].bytes_used == 4 * kv_token * 4  # 2 repeats x 2 layers
     assert parts["cross"].bytes_used == 4 * 2 * 32 * 4  # residual and normed, d_model 32
     assert s.bytes_used == sum(p.bytes_used for p in parts.values()) <= s.bytes_reserved
+
+
+@torch.no_grad()
+def test_cache_usage_counts_ring_slots_through_fill_and_release():
+    m = _ar()  # 5 latents
+    cache = m.make_cache(batch=2, max_len=16)
+    seq = torch.randint(0, 256, (2, 9))
+    m(seq[:, :3], cache)
+    cache.set_lengths([3, 3])
+    usages, totals = [cache.usage()], [cache.stats()]
+    for pos in range(3, 9):  # the rings fill at position 4, then the windows slide
+        m(seq[:, pos:pos + 1], cache, start_pos=torch.tensor([pos, pos]))
+        cache.set_lengths([pos + 1] * 2)
+        usages.append(cache.usage())
+        totals.append(cache.stats())
+        assert usages[-1][2] == int((cache.slot_pos >= 0).sum()) == 2 * min(5, pos + 1)
+    per_step = cache.stats_of(*np.array(usages).T)  # what a recorder's batch computes
+    assert per_step.bytes_used.tolist() == [t.bytes_used for t in totals]
+    assert per_step.tokens.tolist() == [t.tokens for t in totals]
+    cache.release(1)
+    assert cache.usage()[2] == 5 == int((cache.slot_pos >= 0).sum())
 
 
 # --- hook points -------------------------------------------------------------------------------

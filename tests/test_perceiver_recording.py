@@ -44,6 +44,12 @@ def _sequences(result):
 _MODELS = {}
 
 
+# Hook point -> (trace layer, site) of cross-block sites checked against a full forward.
+CROSS_SITE_HOOKS = {"repeats.0.cross_mlp.act.post": (0, "mlp.act.post"), "repeats.0.cross.out": (0, "attn.out"),
+                    "repeats.0.cross_mlp_allreduce.residual": (0, "resid.post"),
+                    "repeats.1.cross_mlp_allreduce.residual": (1 + L, "resid.post")}
+
+
 def _full_forward(model_dir, ids):
     """One forward over ``ids`` without a cache (independent of the cached decode path): maps of
     every repeat and latent block, rows = the last min(len, N) positions in order."""
@@ -54,6 +60,8 @@ def _full_forward(model_dir, ids):
     model.add_listener("repeats.*.layers.*.attn.pattern",
                        lambda p, hp: latent.__setitem__((hp.repeat, hp.layer), p[0].clone()))
     model.add_listener("repeats.0.cross_mlp.act.pre", lambda a, hp: acts.__setitem__("cross0", a[0].clone()))
+    for name, key in CROSS_SITE_HOOKS.items():  # the cross blocks' sites, which the Repeats tap
+        model.add_listener(name, lambda a, hp, key=key: acts.__setitem__(key, a[0].clone()))
     with torch.no_grad():
         model(torch.tensor([ids]))
     return cross, latent, acts
@@ -161,6 +169,14 @@ def test_kv_totals_activations_and_timing(recorded, model_dir):
                          for s in seqs]).astype(np.float64)
     assert np.isclose(a.value_sum.values[0, 0, site, 0], x0.sum(), rtol=1e-5, atol=1e-6)
     assert np.array_equal(a.hist_count.values[0, 0, site, 0], np.histogram(x0, bins=np.asarray(tr.spec.bin_edges))[0])
+    # The other sites of the cross blocks (kept by activation taps in the Repeats) at the prefill.
+    prefill = [_full_forward(model_dir, s[: len(s) - STEPS])[2] for s in seqs]
+    for layer, name in CROSS_SITE_HOOKS.values():
+        x = np.concatenate([acts[(layer, name)].numpy().reshape(-1) for acts in prefill]).astype(np.float64)
+        i = list(a.site.values).index(name)
+        assert a.value_count.values[0, layer, i, 0] == x.size
+        assert np.isclose(a.value_sum.values[0, layer, i, 0], x.sum(), rtol=1e-5, atol=1e-5)
+        assert np.isclose(a.value_sumsq.values[0, layer, i, 0], (x * x).sum(), rtol=1e-5)
     # Every (step, layer, site) keeps the threshold its near-zero values were counted with (no ARM:
     # the trace's fixed one), written with the histograms in one region per array.
     assert np.allclose(a.near_zero_eps.values[..., 0], tr.spec.near_zero_eps)

@@ -169,6 +169,14 @@ class Repeat(nn.Module):
                                     for i in range(cfg.n_self_layers))
         self.part_clock: PartClock | None = None  # the cross block's, while timing is recorded
         self.part_clock_slot = 0
+        self.taps: list | None = None  # the cross block's activation taps (models/activation_taps.py)
+        self.tap_slot = 0
+
+    def attach_taps(self, taps: list | None, slot: int) -> None:
+        """Store the cross block's TAP_SITES tensors into ``taps[slot:slot + 4]`` (None: stop);
+        the latent blocks are ``llama.Block``s with taps of their own."""
+        self.taps = self.cross_mlp.taps = taps
+        self.tap_slot = self.cross_mlp.tap_slot = slot
 
     def cross_block(self, h, residual, next_norm, cos, sin, k, v, mask):
         """Cross-attend then MLP; returns (residual, next_norm(residual))  # [b, latent, d_model] each."""
@@ -179,6 +187,9 @@ class Repeat(nn.Module):
         a = self.cross(h, cos, sin, k, v, mask)
         if clock is not None:
             ns[i + 1] = now()
+        taps = self.taps
+        if taps is not None:
+            taps[self.tap_slot + 2] = a  # attn.out
         residual, h = self.cross_allreduce(a, residual, self.cross_mlp_norm)
         if clock is not None:
             ns[i + 2] = now()
@@ -188,6 +199,8 @@ class Repeat(nn.Module):
         residual, h = self.cross_mlp_allreduce(m, residual, self.layers[0].input_norm if self.layers else next_norm)
         if clock is not None:
             ns[i + 4] = now()
+        if taps is not None:
+            taps[self.tap_slot + 3] = residual  # resid.post
         return residual, h
 
     def latent_stack(self, h, residual, next_norm, cos, sin, mask, cache):

@@ -99,12 +99,12 @@ class PerceiverRecorder(Recorder):
     def _attention_hooks(self) -> list[str]:
         return self._layer_hooks("attn.pattern")
 
-    def _tapped_blocks(self) -> list:
-        return []  # cross blocks have no activation taps: listeners keep every site
-
     def _timed_blocks(self) -> list:
         # A cross block is stamped by its Repeat (Repeat.cross_block), a latent block by itself.
         return [self.model.get_submodule(b.removesuffix(".cross")) for b in self.blocks]
+
+    def _tapped_blocks(self) -> list:
+        return self._timed_blocks()  # a Repeat taps its cross block, as it stamps it
 
     def _where(self, layer: int) -> tuple[int, int | None]:
         """(repeat, latent block i or None for the cross block) of a trace layer."""
@@ -154,24 +154,23 @@ class PerceiverRecorder(Recorder):
         if spec.n_self_layers:
             w.write(first, "latent_attention/latent_position", lat, n_steps=k)
 
-    def _kv_usage(self, cache):
-        return cache.stats()  # totals, a few numbers: kept per decode step
-
     def _queue_kv(self, steps) -> None:
-        self._write_kv_totals(steps[0].step, [st.kv for st in steps])
+        self._write_kv_totals(steps[0].step, self._kv_cache.stats_of(*np.array([st.kv for st in steps]).T))
 
     def _write_kv_totals(self, first: int, totals) -> None:
-        """``totals`` (CacheStats of steps first, first + 1, ...) into layer 0."""
+        """``totals`` (CacheStats of arrays over steps first, first + 1, ...) into layer 0."""
         for name in KV_FIELDS:
-            self.writer.write(first, f"kv_cache/{name}", np.array([getattr(t, name) for t in totals]),
-                              n_steps=len(totals), layer=0)
+            data = getattr(totals, name)
+            self.writer.write(first, f"kv_cache/{name}", data, n_steps=len(data), layer=0)
 
     def _keep_activations(self, step: int) -> bool:
         # Once a window slides, its latent blocks recompute every row: reduce the step here,
         # after queueing the steps shipped so far (a batch's values cover all its steps).
-        if any(x.shape[-2] != 1 for x in self._acts.values()):
+        acts = self._acts.values() if self._taps is None else self._taps
+        if any(x.shape[-2] != 1 for x in acts):
             if self._values_kept:
                 self._drain()
+            self._acts_from_taps()
             self._write_activations(step, None, None, [not f for f in self.finished])
             return False
         return super()._keep_activations(step)
@@ -183,7 +182,7 @@ class PerceiverRecorder(Recorder):
         return layers, site_ids, np.where(np.isnan(eps), float(self.spec.near_zero_eps), eps)
 
     def _write_kv(self, step: int, cache) -> None:
-        self._write_kv_totals(step, [cache.stats()])  # totals over inputs, latent rings and cross outputs
+        self._write_kv_totals(step, cache.stats_of(*np.array([cache.usage()]).T))  # totals over every part
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         info = self.model.info.extra["perceiver"]

@@ -12,6 +12,7 @@ Three parts (docs/perceiver.md has the reasoning and the cost):
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from workbench.errors import WorkbenchError
@@ -35,6 +36,9 @@ class PerceiverARCache:
         self.window_start = torch.zeros(batch, dtype=torch.long, device=device)
         self.latent_end = torch.full((batch,), -1, dtype=torch.long, device=device)  # last latent computed
         self.recomputes = 0  # steps that rebuilt the latent stack because a window slid
+        self._rings_full = False  # every latent ring slot holds a position (until a release)
+        # slot_pos only changes in place, so on the CPU one numpy view of it stays current.
+        self._slot_pos_np = self.slot_pos.numpy() if self.slot_pos.device.type == "cpu" else None
         self._bidx = torch.arange(batch, device=device)[:, None]
         self._write: torch.Tensor | None = None
         self._write_sel: torch.Tensor | None = None
@@ -112,14 +116,44 @@ class PerceiverARCache:
     def release(self, seq: int) -> None:
         self.inputs.release(seq)
         self.slot_pos[seq] = -1
+        self._rings_full = False
         self.window_start[seq], self.latent_end[seq] = 0, -1
+
+    def usage(self) -> tuple[int, int, int]:
+        """Input tokens and blocks, and latent ring slots held: what ``stats_of`` needs, cheap
+        enough to call every step (counting held slots is one small reduction, and none once
+        every ring is full)."""
+        tokens, blocks = self.inputs.usage()
+        ring = self.batch * self.n_latents
+        if not self._rings_full:
+            if self._slot_pos_np is not None:  # a numpy call costs a fraction of three torch ops
+                held = int(np.count_nonzero(self._slot_pos_np >= 0))
+            else:
+                held = int((self.slot_pos >= 0).sum())
+            self._rings_full = held == ring
+            return tokens, blocks, held
+        return tokens, blocks, ring
 
     def stats_by_part(self) -> dict[str, CacheStats]:
         """Usage per part: ``input`` (all cross-attention slots), ``latent`` (all latent layers) and
         ``cross`` (repeat 0's cached cross outputs); blocks count input blocks or ring slots."""
-        inp = self.inputs.stats()
+        return self._parts(*self.usage())
+
+    def stats(self) -> CacheStats:
+        """Totals over the whole cache: input tokens and blocks, bytes of every part (used/reserved)."""
+        return self.stats_of(*self.usage())
+
+    def stats_of(self, tokens, blocks, held) -> CacheStats:
+        """``stats()`` for the numbers ``usage()`` returned (ints, or arrays of them per step)."""
+        parts = self._parts(tokens, blocks, held)
+        inp = parts["input"]
+        return CacheStats(tokens=inp.tokens, blocks=inp.blocks,
+                          bytes_used=sum(p.bytes_used for p in parts.values()),
+                          bytes_reserved=sum(p.bytes_reserved for p in parts.values()))
+
+    def _parts(self, tokens, blocks, held) -> dict[str, CacheStats]:
+        inp = self.inputs.stats_of(tokens, blocks)
         n_cross = self.inputs.n_layers
-        held = int((self.slot_pos >= 0).sum())
         lat_bytes = 2 * self.n_latent_layers * self.n_kv_heads * self.head_dim * self.k.element_size()
         cross_bytes = 2 * self.cross_residual.shape[-1] * self.cross_residual.element_size()
         ring = self.batch * self.n_latents
@@ -131,11 +165,3 @@ class PerceiverARCache:
             "cross": CacheStats(tokens=held, blocks=ring, bytes_used=held * cross_bytes,
                                 bytes_reserved=ring * cross_bytes),
         }
-
-    def stats(self) -> CacheStats:
-        """Totals over the whole cache: input tokens and blocks, bytes of every part (used/reserved)."""
-        parts = self.stats_by_part()
-        inp = parts["input"]
-        return CacheStats(tokens=inp.tokens, blocks=inp.blocks,
-                          bytes_used=sum(p.bytes_used for p in parts.values()),
-                          bytes_reserved=sum(p.bytes_reserved for p in parts.values()))
