@@ -185,38 +185,68 @@ class PerceiverRecorder(Recorder):
         self._write_kv_totals(step, cache.stats_of(*np.array([cache.usage()]).T))  # totals over every part
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
+        """This step's cross and latent maps and the attention mass each position received: per
+        sequence, one write per cross block, one for a repeat's latent blocks (they share rows and
+        keys) and one for the mass of every block (each write is a record the worker handles)."""
         info = self.model.info.extra["perceiver"]
         ws = info["window_start"].cpu()
         end = info["last_latent"].cpu()
         keys = info["latent_keys"].cpu()
         dtype = torch.float16 if self.spec.attention_dtype == "float16" else torch.float32
         w = self.writer
-        for layer, pattern in sorted(self._patterns.items()):
-            r, i = self._where(layer)
-            rows = self._rows(layer).cpu()  # [b, Q]
-            pattern = pattern.detach()      # [b, heads, Q, keys]
-            for j in range(pattern.shape[0]):
-                valid = rows[j] >= 0
-                if not active[j] or not bool(valid.any()):
+        patterns = sorted((layer, pattern.detach()) for layer, pattern in self._patterns.items())  # [b, heads, Q, keys]
+        rows = {layer: self._rows(layer).cpu() for layer, _ in patterns}  # [b, Q]
+        for j in range(len(active)):
+            if not active[j]:
+                continue
+            n_pos = int(end[j]) + 1
+            masses: dict[int, np.ndarray] = {}
+            latent: dict[int, list] = {}  # repeat -> [(self layer, map)], written together
+            for layer, pattern in patterns:
+                r, i = self._where(layer)
+                valid = rows[layer][j] >= 0
+                if not bool(valid.any()):
                     continue
                 q = valid.nonzero()[:, 0]  # valid slots: consecutive positions first..end
-                start = int(rows[j, q[0]]) - int(ws[j])
+                start = int(rows[layer][j, q[0]]) - int(ws[j])
                 if i is None:  # cross: key column c is input position c; inputs 0..end exist
-                    m = pattern[j][:, q, : int(end[j]) + 1]
+                    m = pattern[j][:, q, :n_pos]
                     w.write_cross_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, latent_start=start,
                                             seq=slice(j, j + 1))
-                    key_pos = torch.arange(m.shape[-1])
+                    key_pos = torch.arange(n_pos)
                 else:  # latent: key slot k holds position keys[j, k]; the window's first slots
                     k = (keys[j] >= 0).nonzero()[:, 0]
                     m = pattern[j][:, q][:, :, k]
-                    w.write_latent_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, self_layer=i,
-                                             latent_start=start, key_start=int(keys[j, k[0]]) - int(ws[j]),
-                                             seq=slice(j, j + 1))
+                    latent.setdefault(r, []).append((i, m, start, int(keys[j, k[0]]) - int(ws[j])))
                     key_pos = keys[j, k]
                 # Attention received per position 0..end: sum over this rank's heads and the step's rows.
-                mass = np.zeros(int(end[j]) + 1, dtype=np.float32)
+                mass = np.zeros(n_pos, dtype=np.float32)
                 mass[key_pos.numpy()] = m.float().sum(dim=(0, 1)).cpu().numpy()
-                w.write_attention_mass(step, mass[None], layer=layer, seq=slice(j, j + 1))
+                masses[layer] = mass
+            for r, maps in latent.items():
+                self._write_latent_maps(step, j, r, maps, dtype)
+            if len(masses) == self.n_layers:  # every block: one write
+                w.write_attention_mass(step, np.stack([masses[k] for k in range(self.n_layers)])[None],
+                                       seq=slice(j, j + 1))
+            else:
+                for layer, mass in masses.items():
+                    w.write_attention_mass(step, mass[None], layer=layer, seq=slice(j, j + 1))
+
+    def _write_latent_maps(self, step: int, j: int, r: int, maps: list, dtype) -> None:
+        """Sequence ``j``'s maps of repeat ``r``'s latent blocks, ``maps`` = [(self layer, map
+        [heads, rows, keys], latent start, key start)]: one write when they are all the blocks
+        (the same rows and keys), else one each."""
+        w, seq = self.writer, slice(j, j + 1)
+        if [i for i, *_ in maps] == list(range(self.n_self)):
+            _, _, start, key_start = maps[0]
+            block = torch.stack([m for _, m, _, _ in maps]).to(dtype).cpu().numpy()  # [layers, heads, rows, keys]
+            w.write(step, "latent_attention/weights", block[None], seq=seq, repeat=r,
+                    self_layer=slice(0, self.n_self), latent=slice(start, start + block.shape[-2]),
+                    latent_key=slice(key_start, key_start + block.shape[-1]))
+            return
+        for i, m, start, key_start in maps:
+            w.write_latent_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, self_layer=i,
+                                     latent_start=start, key_start=key_start, seq=seq)
 
     def _write_activations(self, step: int, q_start, q_stop, active) -> None:
         keys = sorted(self._acts)
