@@ -9,8 +9,8 @@ forward order: for each repeat r its cross block, then its latent blocks,
 so every decoder site (``mlp.act.pre``, ``attn_allreduce`` ...) has one hook point per layer; the
 names are stored in ``spec.perceiver.layer_blocks``. Attention maps go to the ``cross_attention``
 (latent x input) and ``latent_attention`` (latent x latent_key) groups, one row per latent the step
-computed, at latent slot ``position - window_start``. ``PerceiverARCache.stats()`` gives totals
-over the whole cache: they go to layer 0 and the other layers stay unwritten (-1). Without maps,
+computed, at latent slot ``position - window_start``. KV totals are over the whole cache
+(``PerceiverARCache.stats_of``): they go to layer 0 and the other layers stay unwritten (-1). Without maps,
 decode steps are batched as the decoder's are (see ``PerceiverRecorder._keep_activations``).
 """
 from __future__ import annotations
