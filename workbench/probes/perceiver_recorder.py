@@ -194,14 +194,14 @@ class PerceiverRecorder(Recorder):
         keys = info["latent_keys"].cpu()
         dtype = torch.float16 if self.spec.attention_dtype == "float16" else torch.float32
         w = self.writer
-        patterns = sorted((layer, pattern.detach()) for layer, pattern in self._patterns.items())  # [b, heads, Q, keys]
+        patterns = [(layer, p.detach()) for layer, p in sorted(self._patterns.items())]  # [b, heads, Q, keys]
         rows = {layer: self._rows(layer).cpu() for layer, _ in patterns}  # [b, Q]
         for j in range(len(active)):
             if not active[j]:
                 continue
             n_pos = int(end[j]) + 1
             masses: dict[int, np.ndarray] = {}
-            latent: dict[int, list] = {}  # repeat -> [(self layer, map)], written together
+            latent: dict[int, list] = {}  # repeat -> its latent blocks' maps, written together
             for layer, pattern in patterns:
                 r, i = self._where(layer)
                 valid = rows[layer][j] >= 0
