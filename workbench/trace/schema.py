@@ -28,6 +28,9 @@ ATTENTION_ROW_BAND = 64
 # Steps per chunk of a Perceiver map (a step writes a few latent rows of each head's full window
 # map): one chunk file per step and head made the worker's file writes the cost of recording maps.
 PERCEIVER_MAP_STEPS = 8
+# Latent rows per chunk of a Perceiver map: a growing window's decode steps write one row each, so
+# 8 steps touch a few rows; a chunk of the whole window made the worker encode ~1 GB/s of fill.
+PERCEIVER_MAP_LATENTS = 32
 # Longest key/position extent kept in one chunk; longer sequences are tiled along that axis.
 MAX_POSITION_CHUNK = 4096
 
@@ -474,7 +477,7 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
             _coord("latent", sp), _coord("input", sp),
             _arr("weights", ("seq", "step", "repeat", "head", "latent", "input"),
                  spec.attention_dtype, sp,
-                 {"seq": 1, "step": PERCEIVER_MAP_STEPS, "repeat": 1, "head": 1},
+                 {"seq": 1, "step": PERCEIVER_MAP_STEPS, "repeat": 1, "head": 1, "latent": PERCEIVER_MAP_LATENTS},
                  "cross-attention of latents over inputs at each step"),
             _arr("input_position", ("seq", "step", "input"), "int64", sp, {"step": 64},
                  "absolute position of each input slot at the step (-1: empty)"),
@@ -488,7 +491,8 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
                 _coord("head", sl), _coord("latent", sl), _coord("latent_key", sl),
                 _arr("weights", ("seq", "step", "repeat", "self_layer", "head", "latent", "latent_key"),
                      spec.attention_dtype, sl,
-                     {"seq": 1, "step": PERCEIVER_MAP_STEPS, "repeat": 1, "self_layer": 1, "head": 1},
+                     {"seq": 1, "step": PERCEIVER_MAP_STEPS, "repeat": 1, "self_layer": 1, "head": 1,
+                      "latent": PERCEIVER_MAP_LATENTS},
                      "latent self-attention at each step; latent and latent_key slot i both hold "
                      "position latent_position[i] (= window start + i)"),
                 _arr("latent_position", ("seq", "step", "latent"), "int64", sl, {"step": 64},
