@@ -244,12 +244,13 @@ def test_tp2_trace_equals_tp1(recorded, model_dir, tmp_path):
     assert (tokens == a.kv_cache.tokens.values[:, 0, :1]).all()      # each rank caches its own heads
 
 
+@pytest.mark.parametrize("probes", ["light", "all"])
 @pytest.mark.parametrize("prompts", [["ab"], PROMPTS])  # one window that slides from step 4; two
-def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_path, monkeypatch, prompts):
-    """Light probes batch decode steps: the worker reduces those whose blocks computed one row per
-    sequence, and a step whose window slid (its latent blocks recompute every row) is reduced on
-    the generating thread. Recorded one step at a time, the same run keeps the same tokens, KV
-    sizes, histograms, moments and thresholds."""
+def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_path, monkeypatch, prompts, probes):
+    """Decode steps are batched: the worker reduces those whose blocks computed one row per
+    sequence, a step whose window slid (its latent blocks recompute every row) is reduced on the
+    generating thread, and maps are written as each step ends. Recorded one step at a time, the
+    same run keeps the same tokens, KV sizes, histograms, moments, thresholds and maps."""
     from workbench.probes.perceiver_recorder import PerceiverRecorder
     from workbench.probes.recorder import KV_FIELDS
     from workbench.probes.selection import ProbeSelection
@@ -260,7 +261,7 @@ def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_
     monkeypatch.setattr(TraceWriter, "write_activation_values",
                         lambda self, first, last, *a, **k: shipped.append((first, last)) or real(self, first, last, *a, **k))
     spec = dict(model=str(model_dir), prompts=prompts, max_new_tokens=STEPS, device="cpu",
-                probes=ProbeSelection.parse("light"))
+                probes=ProbeSelection.parse(probes))
     run(RunSpec(**spec, record=str(tmp_path / "batched.zarr")))
     # "ab": the prefill, steps 1-3 in one batch, then (window sliding) each step reduced here;
     # PROMPTS: seq 0's window slides from step 1, so only the prefill is shipped.
@@ -285,6 +286,11 @@ def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_
             if name in a.dataset(group):
                 assert np.array_equal(a.dataset(group)[name].values, b.dataset(group)[name].values), (group, name)
     assert (a.cross_attention.latent_position.values[:, 1:] >= 0).any(axis=-1).all()
+    if probes == "all":
+        for group in ("cross_attention", "latent_attention"):
+            wa, wb = a.dataset(group).weights.values, b.dataset(group).weights.values
+            assert np.isfinite(wa[:, 1:]).any() and np.array_equal(wa, wb, equal_nan=True), group
+        assert np.array_equal(a.kv_cache.attention_mass.values, b.kv_cache.attention_mass.values, equal_nan=True)
     assert (a.timing.seconds.values[1:, :, :, 0] > 0).any(axis=-1).all()  # every decode step and block timed
     assert np.array_equal(a.tokens.chosen.values, b.tokens.chosen.values)
 

@@ -10,8 +10,9 @@ so every decoder site (``mlp.act.pre``, ``attn_allreduce`` ...) has one hook poi
 names are stored in ``spec.perceiver.layer_blocks``. Attention maps go to the ``cross_attention``
 (latent x input) and ``latent_attention`` (latent x latent_key) groups, one row per latent the step
 computed, at latent slot ``position - window_start``. KV totals are over the whole cache
-(``PerceiverARCache.stats_of``): they go to layer 0 and the other layers stay unwritten (-1). Without maps,
-decode steps are batched as the decoder's are (see ``PerceiverRecorder._keep_activations``).
+(``PerceiverARCache.stats_of``): they go to layer 0 and the other layers stay unwritten (-1). Decode
+steps are batched as the decoder's are (see ``PerceiverRecorder._keep_activations``), except that
+a step's maps are written when it ends: its batch ends it with the rest.
 """
 from __future__ import annotations
 
@@ -63,8 +64,6 @@ class PerceiverRecorder(Recorder):
                       if getattr(mlp, "redistribute", None) is not None]
         self._hook_layer: dict[str, int] = {}
         self._windows: list = []  # rank 0: (window start, last latent, finished) of each batched step
-        if "attention" in selection:  # maps are written a step at a time (latent windows move,
-            self.batches_decode = False  # and a sliding window's latent blocks recompute every row)
 
     # ------------------------------------------------------------ what this model records
     @classmethod
@@ -124,6 +123,11 @@ class PerceiverRecorder(Recorder):
         super().on_step(event)
 
     def _keep_decode_step(self, event) -> None:
+        # Maps are written as their step ends (the windows move); the rest of the step waits for
+        # its batch, which ends it.
+        if self._patterns:
+            self._write_attention(event.step, None, None, [not f for f in self.finished])
+            self._patterns.clear()
         super()._keep_decode_step(event)  # may queue the steps before this one first
         if self.rank == 0:  # the window of this step, written with its batch
             info = self.model.info.extra["perceiver"]
