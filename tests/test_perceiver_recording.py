@@ -154,9 +154,14 @@ def test_kv_totals_activations_and_timing(recorded, model_dir):
     # Attention mass of repeat 0's cross block at the last decode step: one row per head.
     seqs = _sequences(result)
     end = len(seqs[0]) - 2
-    cross, _, acts = _full_forward(model_dir, seqs[0][: end + 1])
+    cross, latent, acts = _full_forward(model_dir, seqs[0][: end + 1])
     mass = kv.attention_mass.values[0, STEPS - 1, 0, 0, : end + 1]
     assert np.allclose(mass, cross[0][:, -1].sum(0).numpy(), atol=1e-5)
+    # Repeat 0's first latent block: seq 0's window has slid, so the step recomputed all N rows;
+    # the window's keys are the last N positions, and earlier positions received nothing.
+    expect = np.zeros(end + 1, dtype=np.float32)
+    expect[end + 1 - N:] = latent[(0, 0)].sum(dim=(0, 1)).numpy()
+    assert np.allclose(kv.attention_mass.values[0, STEPS - 1, 1, 0, : end + 1], expect, atol=1e-5)
 
     a = tr.activations
     site = list(a.site.values).index("mlp.act.pre")

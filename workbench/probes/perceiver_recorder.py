@@ -191,66 +191,77 @@ class PerceiverRecorder(Recorder):
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         """This step's cross and latent maps and the attention mass each position received: per
         sequence, one write per cross block, one for a repeat's latent blocks (they share rows and
-        keys) and one for the mass of every block (each write is a record the worker handles)."""
+        keys) and one for the mass of every block (each write is a record the worker handles).
+        Index arithmetic runs on numpy copies of the few small position tensors: a torch op on
+        them costs microseconds, and there were dozens a step."""
         info = self.model.info.extra["perceiver"]
-        ws = info["window_start"].cpu()
-        end = info["last_latent"].cpu()
-        keys = info["latent_keys"].cpu()
+        ws = info["window_start"].cpu().numpy()
+        end = info["last_latent"].cpu().numpy()
+        keys = info["latent_keys"].cpu().numpy()  # [b, N] position in each key slot, -1: none
         dtype = torch.float16 if self.spec.attention_dtype == "float16" else torch.float32
         w = self.writer
         patterns = [(layer, p.detach()) for layer, p in sorted(self._patterns.items())]  # [b, heads, Q, keys]
-        rows = {layer: self._rows(layer).cpu() for layer, _ in patterns}  # [b, Q]
+        rows: dict[int, np.ndarray] = {}  # [b, Q] per block
+        converted: dict[int, np.ndarray] = {}  # the blocks share two row tensors: convert each once
+        for layer, _ in patterns:
+            t = self._rows(layer)
+            if id(t) not in converted:
+                converted[id(t)] = t.cpu().numpy()
+            rows[layer] = converted[id(t)]
         for j in range(len(active)):
             if not active[j]:
                 continue
             n_pos = int(end[j]) + 1
-            masses: dict[int, np.ndarray] = {}
-            latent: dict[int, list] = {}  # repeat -> its latent blocks' maps, written together
+            slots = np.flatnonzero(keys[j] >= 0)  # the window's first key slots
+            key_slots, key_pos = _index(slots), keys[j, slots]
+            masses = np.full((self.n_layers, n_pos), np.nan, dtype=np.float32)  # NaN: block not written
+            latent: dict[int, list] = {}  # repeat -> (self layer, layer, map) of its latent blocks
             for layer, pattern in patterns:
                 r, i = self._where(layer)
-                valid = rows[layer][j] >= 0
-                if not bool(valid.any()):
+                q = np.flatnonzero(rows[layer][j] >= 0)  # valid slots: consecutive positions first..end
+                if not len(q):
                     continue
-                q = valid.nonzero()[:, 0]  # valid slots: consecutive positions first..end
-                start = int(rows[layer][j, q[0]]) - int(ws[j])
+                start = int(rows[layer][j, q[0]] - ws[j])
                 if i is None:  # cross: key column c is input position c; inputs 0..end exist
-                    m = pattern[j][:, q, :n_pos]
+                    m = pattern[j][:, _index(q), :n_pos]
                     w.write_cross_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, latent_start=start,
                                             seq=slice(j, j + 1))
-                    key_pos = torch.arange(n_pos)
-                else:  # latent: key slot k holds position keys[j, k]; the window's first slots
-                    k = (keys[j] >= 0).nonzero()[:, 0]
-                    m = pattern[j][:, q][:, :, k]
-                    latent.setdefault(r, []).append((i, m, start, int(keys[j, k[0]]) - int(ws[j])))
-                    key_pos = keys[j, k]
-                # Attention received per position 0..end: sum over this rank's heads and the step's rows.
-                mass = np.zeros(n_pos, dtype=np.float32)
-                mass[key_pos.numpy()] = m.float().sum(dim=(0, 1)).cpu().numpy()
-                masses[layer] = mass
+                    # Attention received per position 0..end: sum over this rank's heads and the rows.
+                    masses[layer] = m.float().sum(dim=(0, 1)).cpu().numpy()
+                else:  # latent: key slot k holds position keys[j, k]
+                    latent.setdefault(r, []).append((i, layer, pattern[j][:, _index(q)][:, :, key_slots], start))
             for r, maps in latent.items():
-                self._write_latent_maps(step, j, r, maps, dtype)
-            if len(masses) == self.n_layers:  # every block: one write
-                w.write_attention_mass(step, np.stack([masses[k] for k in range(self.n_layers)])[None],
-                                       seq=slice(j, j + 1))
+                key_start = int(key_pos[0] - ws[j])
+                mass = self._write_latent_maps(step, j, r, maps, key_start, dtype)  # [blocks, keys]
+                layers = [layer for _, layer, _, _ in maps]
+                masses[layers] = 0.0
+                masses[np.ix_(layers, key_pos)] = mass
+            written = ~np.isnan(masses).all(axis=1)
+            if written.all():  # every block: one write
+                w.write_attention_mass(step, masses[None], seq=slice(j, j + 1))
             else:
-                for layer, mass in masses.items():
-                    w.write_attention_mass(step, mass[None], layer=layer, seq=slice(j, j + 1))
+                for layer in np.flatnonzero(written):
+                    w.write_attention_mass(step, masses[layer][None], layer=int(layer), seq=slice(j, j + 1))
 
-    def _write_latent_maps(self, step: int, j: int, r: int, maps: list, dtype) -> None:
-        """Sequence ``j``'s maps of repeat ``r``'s latent blocks, ``maps`` = [(self layer, map
-        [heads, rows, keys], latent start, key start)]: one write when they are all the blocks
-        (the same rows and keys), else one each."""
+    def _write_latent_maps(self, step: int, j: int, r: int, maps: list, key_start: int, dtype) -> np.ndarray:
+        """Sequence ``j``'s maps of repeat ``r``'s latent blocks, ``maps`` = [(self layer, trace
+        layer, map [heads, rows, keys], latent start)], all over the same keys: one write when they
+        are all the blocks (the same rows), else one each. Returns the attention each key received
+        in each block, summed over heads and rows  # [blocks, keys]."""
         w, seq = self.writer, slice(j, j + 1)
+        block = torch.stack([m for _, _, m, _ in maps])  # [blocks, heads, rows, keys]
+        mass = block.float().sum(dim=(1, 2)).cpu().numpy()
         if [i for i, *_ in maps] == list(range(self.n_self)):
-            _, _, start, key_start = maps[0]
-            block = torch.stack([m for _, m, _, _ in maps]).to(dtype).cpu().numpy()  # [layers, heads, rows, keys]
-            w.write(step, "latent_attention/weights", block[None], seq=seq, repeat=r,
-                    self_layer=slice(0, self.n_self), latent=slice(start, start + block.shape[-2]),
-                    latent_key=slice(key_start, key_start + block.shape[-1]))
-            return
-        for i, m, start, key_start in maps:
+            start = maps[0][3]
+            weights = block.to(dtype).cpu().numpy()
+            w.write(step, "latent_attention/weights", weights[None], seq=seq, repeat=r,
+                    self_layer=slice(0, self.n_self), latent=slice(start, start + weights.shape[-2]),
+                    latent_key=slice(key_start, key_start + weights.shape[-1]))
+            return mass
+        for i, _, m, start in maps:
             w.write_latent_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, self_layer=i,
                                      latent_start=start, key_start=key_start, seq=seq)
+        return mass
 
     def _write_activations(self, step: int, q_start, q_stop, active) -> None:
         keys = sorted(self._acts)
@@ -272,3 +283,13 @@ class PerceiverRecorder(Recorder):
         if not self._ship_step_values(step, keys, tensors):
             eps = self._column_blocks(keys, step, step, {step: self._arm_eps()} if self._arms else {})[2][0]
             self._write_stats(step, keys, tensors, eps.tolist())
+
+
+def _index(positions: np.ndarray) -> slice | torch.Tensor:
+    """Ascending indices as a slice when consecutive (indexing a tensor with it makes a view, with
+    no copy), else as a tensor."""
+    if not len(positions):
+        return slice(0, 0)
+    if positions[-1] - positions[0] + 1 == len(positions):
+        return slice(int(positions[0]), int(positions[-1]) + 1)
+    return torch.from_numpy(positions)
