@@ -25,11 +25,10 @@ DEFAULT_TIMING_PARTS: tuple[str, ...] = ("attention", "mlp", "norm", "comm")
 # Query rows per attention chunk: a flush of a few decode steps touches one band per (layer, head),
 # and one (layer, head) map of 2,000 positions is ~32 small chunks to read.
 ATTENTION_ROW_BAND = 64
-# Steps per chunk of a Perceiver map (a step writes a few latent rows of each head's full window
-# map): one chunk file per step and head made the worker's file writes the cost of recording maps.
-PERCEIVER_MAP_STEPS = 8
-# Latent rows per chunk of a Perceiver map: a growing window's decode steps write one row each, so
-# 8 steps touch a few rows; a chunk of the whole window made the worker encode ~1 GB/s of fill.
+# Steps and latent rows per chunk of a Perceiver map. A growing window's decode step writes one
+# latent row of each head's window map: a chunk per step and head made the worker's file writes
+# the cost of recording maps, and chunks of the whole window made it encode ~1 GB/s of fill.
+PERCEIVER_MAP_STEPS = 32
 PERCEIVER_MAP_LATENTS = 32
 # Longest key/position extent kept in one chunk; longer sequences are tiled along that axis.
 MAX_POSITION_CHUNK = 4096
