@@ -60,6 +60,7 @@ def _full_forward(model_dir, ids):
     model.add_listener("repeats.*.layers.*.attn.pattern",
                        lambda p, hp: latent.__setitem__((hp.repeat, hp.layer), p[0].clone()))
     model.add_listener("repeats.0.cross_mlp.act.pre", lambda a, hp: acts.__setitem__("cross0", a[0].clone()))
+    model.add_listener("repeats.0.layers.0.mlp.act.pre", lambda a, hp: acts.__setitem__("lat0", a[0].clone()))
     for name, key in CROSS_SITE_HOOKS.items():  # the cross blocks' sites, which the Repeats tap
         model.add_listener(name, lambda a, hp, key=key: acts.__setitem__(key, a[0].clone()))
     with torch.no_grad():
@@ -168,8 +169,13 @@ def test_kv_totals_activations_and_timing(recorded, model_dir):
     counts = a.value_count.values[:, :, site, 0]                         # [step, layer]
     assert counts[0].tolist() == [9 * 64] * (R * (1 + L))                # prefill: 6 + 3 latents x d_ff
     # Step 1: repeat 0's cross block runs the new latent of each sequence; seq 0's window slid, so
-    # the batch's latent stack is rebuilt: seq 0's N latents and seq 1's whole (growing) window of 4.
-    assert counts[1, 0] == 2 * 64 and counts[1, 1] == (N + 4) * 64
+    # the batch's latent stack is rebuilt (seq 0's N latents and seq 1's window of 4), but a step
+    # records only the latent of the position it added, in every block.
+    assert counts[1].tolist() == [2 * 64] * (R * (1 + L))
+    new = [_full_forward(model_dir, s[: len(s) - STEPS + 1])[2]["lat0"][-1].numpy() for s in seqs]
+    x1 = np.concatenate(new).astype(np.float64)  # repeat 0, latent block 0, the new position's row
+    assert np.isclose(a.value_sum.values[1, 1, site, 0], x1.sum(), rtol=1e-5, atol=1e-5)
+    assert np.isclose(a.value_sumsq.values[1, 1, site, 0], (x1 * x1).sum(), rtol=1e-5)
     x0 = np.concatenate([_full_forward(model_dir, s[: len(s) - STEPS])[2]["cross0"].numpy().reshape(-1)
                          for s in seqs]).astype(np.float64)
     assert np.isclose(a.value_sum.values[0, 0, site, 0], x0.sum(), rtol=1e-5, atol=1e-6)
@@ -252,10 +258,10 @@ def test_tp2_trace_equals_tp1(recorded, model_dir, tmp_path):
 @pytest.mark.parametrize("probes", ["light", "all"])
 @pytest.mark.parametrize("prompts", [["ab"], PROMPTS])  # one window that slides from step 4; two
 def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_path, monkeypatch, prompts, probes):
-    """Decode steps are batched: the worker reduces those whose blocks computed one row per
-    sequence, a step whose window slid (its latent blocks recompute every row) is reduced on the
-    generating thread, and maps are written as each step ends. Recorded one step at a time, the
-    same run keeps the same tokens, KV sizes, histograms, moments, thresholds and maps."""
+    """Decode steps are batched: the worker reduces their activations (the row of the position
+    each step added, also once a window slid and its latent blocks recompute every row), and maps
+    are written as each step ends. Recorded one step at a time, the same run keeps the same
+    tokens, KV sizes, histograms, moments, thresholds and maps."""
     from workbench.probes.perceiver_recorder import PerceiverRecorder
     from workbench.probes.recorder import KV_FIELDS
     from workbench.probes.selection import ProbeSelection
@@ -268,9 +274,9 @@ def test_batched_decode_steps_equal_steps_recorded_one_at_a_time(model_dir, tmp_
     spec = dict(model=str(model_dir), prompts=prompts, max_new_tokens=STEPS, device="cpu",
                 probes=ProbeSelection.parse(probes))
     run(RunSpec(**spec, record=str(tmp_path / "batched.zarr")))
-    # "ab": the prefill, steps 1-3 in one batch, then (window sliding) each step reduced here;
-    # PROMPTS: seq 0's window slides from step 1, so only the prefill is shipped.
-    assert shipped == ([(0, 0), (1, 3)] if len(prompts) == 1 else [(0, 0)])
+    # The prefill, then every decode step in one batch: once a window slides ("ab": from step 4;
+    # PROMPTS: seq 0's from step 1) a step still records one row per block and sequence.
+    assert shipped == [(0, 0), (1, STEPS - 1)]
     monkeypatch.setattr(PerceiverRecorder, "batches_decode", False)
     run(RunSpec(**spec, record=str(tmp_path / "steps.zarr")))
     a, b = open_trace(tmp_path / "batched.zarr"), open_trace(tmp_path / "steps.zarr")

@@ -168,16 +168,32 @@ class PerceiverRecorder(Recorder):
             self.writer.write(first, f"kv_cache/{name}", data, n_steps=len(data), layer=0)
 
     def _keep_activations(self, step: int) -> bool:
-        # Once a window slides, its latent blocks recompute every row: reduce the step here,
-        # after queueing the steps shipped so far (a batch's values cover all its steps).
-        acts = self._acts.values() if self._taps is None else self._taps
-        if any(x.shape[-2] != 1 for x in acts):
-            if self._values_kept:
-                self._drain()
-            self._acts_from_taps()
-            self._write_activations(step, None, None, [not f for f in self.finished])
-            return False
+        # Once a window slides, its latent blocks recompute every row: keep each sequence's row of
+        # the position the step added, as a growing window's step computes (see _recorded_rows).
+        if self._taps is None:
+            for key, x in self._acts.items():
+                if x.shape[-2] != 1:
+                    self._acts[key] = self._new_row(key[0], x)
+        else:
+            for i, x in enumerate(self._taps):
+                if x.shape[-2] != 1:
+                    self._taps[i] = self._new_row(self._tap_keys[i][0], x)
         return super()._keep_activations(step)
+
+    def _new_row(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Each sequence's row of ``x`` [b, Q, width] at the position this decode step added  # [b, 1, width]."""
+        row = self._recorded_rows(layer, 1).int().argmax(dim=1)  # finished sequences: any row
+        return x[torch.arange(len(row), device=x.device), row.to(x.device)][:, None]
+
+    def _recorded_rows(self, layer: int, step: int) -> torch.Tensor:
+        """Which rows of ``layer``'s activations [b, Q] a step records: at the prefill every latent
+        it computed, at a decode step the latent of the position it added. A window that slid
+        makes the latent blocks recompute all N rows; recording them would reduce N times the
+        values (more work than the step) and count each position again at every step."""
+        rows = self._rows(layer)
+        if step == 0:
+            return rows >= 0
+        return rows == self.model.info.extra["perceiver"]["last_latent"][:, None]
 
     def _column_blocks(self, keys, first: int, last: int, arm_eps: dict[int, dict]):
         layers, site_ids, eps = super()._column_blocks(keys, first, last, arm_eps)
@@ -271,14 +287,13 @@ class PerceiverRecorder(Recorder):
         for key in keys:
             layer, x = key[0], self._acts[key]  # x: [b, Q, width]
             if layer not in masks:
-                rows = (self._rows(layer) >= 0) & keep.to(x.device)[:, None]
+                rows = self._recorded_rows(layer, step) & keep.to(x.device)[:, None]
                 masks[layer] = None if bool(rows.all()) else rows
             rows = masks[layer]
             tensors.append(x.reshape(-1, x.shape[-1]) if rows is None else x[rows])
         if not tensors or all(t.numel() == 0 for t in tensors):
             return
-        # While every block computed the same rows (the latent window still growing), the writer's
-        # worker reduces them; once it slides, latent blocks recompute the window and the step is
+        # The writer's worker reduces them when every block has the same rows; else they are
         # reduced here, with the same thresholds.
         if not self._ship_step_values(step, keys, tensors):
             eps = self._column_blocks(keys, step, step, {step: self._arm_eps()} if self._arms else {})[2][0]
