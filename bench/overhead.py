@@ -113,7 +113,7 @@ def run_once(model, tok, prompts, new_tokens, probes: str | None, workdir: Path)
         if event.step > 0:
             in_callback[0] += time.perf_counter_ns() - t0
 
-    with a_core_left_for_the_writer(model):
+    with a_core_left_for_the_writer(model, writer) as recorder.core_share:  # the runtime's thread policy
         try:
             rate = decode_rate(model, prompts, new_tokens, on_step)
         finally:

@@ -335,3 +335,29 @@ def test_steps_the_worker_reduces_equal_steps_reduced_on_the_generating_thread(t
         assert np.array_equal(a[name].values, b[name].values), name
     for name in ("value_sum", "value_sumsq", "value_sum3", "value_sum4", "value_min", "value_max", "near_zero_eps"):
         assert np.allclose(a[name].values, b[name].values, rtol=1e-9, atol=1e-12), name
+
+
+def test_a_slid_window_runs_on_every_core_while_the_worker_is_mostly_idle(model_dir, tmp_path, monkeypatch):
+    """Recording leaves the writer's worker a core, but once a window slid (its latent blocks
+    recompute all N rows: a matrix product) a step runs on every core, unless the worker is busy."""
+    from workbench.probes.recording import CoreShare
+    from workbench.probes.selection import ProbeSelection
+
+    monkeypatch.setattr(CoreShare, "rows_for_every_core", N)  # "ab": N rows a step from step 4 on
+    monkeypatch.setattr(CoreShare, "window", 1e9)  # the worker's share is never sampled: it stays 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def threads_after_each_step(name):
+            seen = []  # torch's threads for the next step, as the recorder left them
+            run(RunSpec(model=str(model_dir), prompts=["ab"], max_new_tokens=STEPS, record=str(tmp_path / name),
+                        device="cpu", probes=ProbeSelection.parse("light")),
+                on_step=lambda e: seen.append(torch.get_num_threads()))
+            assert torch.get_num_threads() == 2  # given back after the run
+            return seen
+
+        assert threads_after_each_step("idle.zarr") == [1, 1, 1, 1] + [2] * (STEPS - 4)
+        monkeypatch.setattr(CoreShare, "worker_share_for_every_core", -1.0)  # as if the worker were busy
+        assert threads_after_each_step("busy.zarr") == [1] * STEPS
+    finally:
+        torch.set_num_threads(before)

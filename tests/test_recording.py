@@ -84,6 +84,26 @@ def test_attention_rows_equal_model_softmax(recorded, model_dir):
         assert np.allclose(mass, maps[0][:, n - 1, :].sum(0).numpy(), atol=1e-4)
 
 
+def test_attention_steps_record_only_their_rows(model_dir, tmp_path):
+    """--attention-steps 0,4,7: those steps' rows equal the model's softmax; the decode steps in
+    between (batched with them) keep no row and no attention mass."""
+    path = tmp_path / "steps.zarr"
+    result = run(RunSpec(model=str(model_dir), prompts=["hello world"], max_new_tokens=10, record=str(path),
+                         device="cpu", probes=ProbeSelection.parse("all", steps="0,4,7")))
+    tr = open_trace(path)
+    p = ByteTokenizer(bos_id=256, eos_id=None).encode("hello world")
+    maps, _ = _full_forward(model_dir, (p + result.generated[0])[:-1])
+    weights = tr.attention.weights.values[0, 0, 0]  # layer 0, head 0: [query, key]
+    mass = tr.kv_cache.attention_mass.values[0, :, 0, 0]  # [step, position]
+    for step in range(1, 10):
+        q = len(p) + step - 1  # the query row a decode step computes
+        if step in (4, 7):
+            assert np.allclose(weights[q, : q + 1], maps[0][0, q, : q + 1].numpy(), atol=2e-3), step
+            assert np.isfinite(mass[step, : q + 1]).all(), step
+        else:
+            assert np.isnan(weights[q]).all() and np.isnan(mass[step]).all(), step
+
+
 def test_histograms_and_moments_match_numpy(recorded, model_dir):
     path, result = recorded
     tr = open_trace(path)

@@ -122,6 +122,10 @@ class PerceiverRecorder(Recorder):
             self._write_positions(event.step, [(info["window_start"], info["last_latent"], self.finished)])
         super().on_step(event)
 
+    def _step_rows(self, event) -> int:
+        # The latent blocks' rows: one per sequence while its window grows, all N once it slid.
+        return self.model.info.extra["perceiver"]["latents"].numel()
+
     def _keep_decode_step(self, event) -> None:
         # Maps are written as their step ends (the windows move); the rest of the step waits for
         # its batch, which ends it.

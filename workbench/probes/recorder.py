@@ -117,7 +117,7 @@ class _DecodeStep:
     finished: list[bool]  # sequences that finished before this step: no rows of theirs are recorded
     values: bool  # its activations are in the batch's buffer (in step order); False: none kept
     arm_eps: dict | None  # layer -> ARM's eps at this step
-    patterns: dict
+    patterns: dict | None  # layer -> this step's map; None: no maps
     comm: np.ndarray | None  # [3, layers, sites]; None: no collective ran (one rank)
     stamps: list[int] | None  # [layers * BOUNDARIES] perf_counter_ns (models/part_clock.py)
     kv: Any  # what ``Recorder._kv_usage`` kept of the cache at this step; None: not recorded
@@ -216,6 +216,9 @@ class Recorder:
     # A batch holds at most this many bytes of activations (fewer steps for big models or batches).
     max_batch_value_bytes = 16 << 20
     batches_decode = True  # False: every step is reduced and queued as it ends
+    # Sets torch's threads for each step while the writer's worker shares the cores (set by
+    # probes.recording; None: leave them).
+    core_share = None
 
     # ------------------------------------------------- model-specific parts (subclasses override)
     @classmethod
@@ -372,6 +375,8 @@ class Recorder:
 
     def on_step(self, event) -> None:
         """Keep what the listeners saw during this step; queue the batch when it is due."""
+        if self.core_share is not None and event.step > 0:  # the next decode step computes as many rows
+            self.core_share.before_step(self._step_rows(event))
         if event.step == 0 or not self.batches_decode:
             self._record_step(event)
             return
@@ -382,6 +387,10 @@ class Recorder:
             if (len(pending) >= self._batch_steps or all(event.finished) or event.step >= self.spec.max_steps - 1
                     or pending[-1].wall - pending[0].wall + pending[0].seconds >= self.batch_seconds):
                 self._drain()
+
+    def _step_rows(self, event) -> int:
+        """Rows a decode step's blocks computed: one per sequence."""
+        return len(event.tokens)
 
     def _record_step(self, event) -> None:
         """Reduce what the listeners kept during this step, queue it, and end the step."""
@@ -571,13 +580,13 @@ class Recorder:
         kv = self._kv_usage(event.cache) if self._keeps_kv else None
         self._pending.append(_DecodeStep(
             event.step, event.tokens, event.positions, self.finished, values,
-            self._arm_eps() if values and self._arms else None, self._patterns,
+            self._arm_eps() if values and self._arms else None, self._patterns or None,
             self._comm if self._comm_written else None, self._clock.take() if self._clock is not None else None,
             kv, event.seconds, time.time(), event.cand_ids if self._keeps_samples else None,
             event.cand_probs if self._keeps_samples else None, [u.take() for u in self._user] if self._user else None))
         self.finished = event.finished
         self._acts.clear()  # its values are in the step; reusing the dict spares the garbage collector
-        if self._patterns:  # the step keeps this dict
+        if self._patterns:  # the step keeps this dict (an empty one stays here: the next forward fills it)
             self._patterns = {}
         if self._comm_written:  # the step keeps this array; collectives write into a fresh one
             self._comm, self._comm_written = np.zeros_like(self._comm), False

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 import workbench
 from workbench.errors import WorkbenchError
 from workbench.probes.recorder import Recorder
@@ -57,23 +59,60 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
     }
 
 
-@contextlib.contextmanager
-def a_core_left_for_the_writer(model) -> Iterator[None]:
-    """On CPU, run torch on one core fewer inside the block (the thread count is restored after).
+class CoreShare:
+    """Torch's thread count for each step while the trace writer's worker process needs a core.
 
-    The trace writer's worker process needs a core. Torch's intra-op threads spin while they wait
-    for each other, so with every core busy generation slows down several-fold, far more than
-    the one thread fewer costs (small decode-step ops barely use a second thread anyway).
+    Torch's intra-op threads spin while they wait for each other, so with every core busy a
+    decode step of one row per sequence (small, memory-bound products that barely use a second
+    thread) slows down several-fold: such steps run on one core fewer. A step whose blocks compute
+    many rows (a Perceiver AR window that slid recomputes all its latents) is a matrix product
+    that gains more from every core than the worker loses sharing one, as long as the worker is
+    mostly idle (light probes; not maps of a whole window at every step, which keep it busy).
     """
-    import torch
+
+    # Rows a step computes (sequences x rows per block) from which it may run on every core.
+    rows_for_every_core = 64
+    # ... while the worker was busy at most this share of the last `window` seconds.
+    worker_share_for_every_core = 0.3
+    window = 0.25
+
+    def __init__(self, fewer: int, every: int, writer: TraceWriter) -> None:
+        self.fewer, self.every, self.writer = fewer, every, writer
+        self.current = torch.get_num_threads()
+        self._since = (time.monotonic(), writer.writer_stats().worker_seconds)
+        self._worker_share = 0.0
+
+    def before_step(self, rows: int) -> None:
+        """Set the thread count for a step that computes ``rows`` rows."""
+        want = self.fewer
+        if rows >= self.rows_for_every_core and self._worker_mostly_idle():
+            want = self.every
+        if want != self.current:
+            torch.set_num_threads(want)
+            self.current = want
+
+    def _worker_mostly_idle(self) -> bool:
+        now = time.monotonic()
+        t0, busy0 = self._since
+        if now - t0 >= self.window:  # the worker's share of the last window, sampled once a window
+            busy = self.writer.writer_stats().worker_seconds
+            self._worker_share, self._since = (busy - busy0) / (now - t0), (now, busy)
+        return self._worker_share <= self.worker_share_for_every_core
+
+
+@contextlib.contextmanager
+def a_core_left_for_the_writer(model, writer: TraceWriter | None = None) -> Iterator[CoreShare | None]:
+    """On CPU, run torch on one core fewer inside the block (the thread count is restored after);
+    yields the CoreShare of ``writer`` that may give a heavy step every core (None without a
+    writer, off the CPU or on one core)."""
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
-        yield
+        yield None
         return
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, before - 1))
     try:
-        yield
+        yield CoreShare(max(1, before - 1), before, writer) if before > 1 and writer is not None else None
     finally:
         torch.set_num_threads(before)
 
@@ -112,7 +151,7 @@ def recording(spec, model, tok, prompts, rank: int = 0, world: int = 1, group=No
     if rank != 0:
         writer = TraceWriter.open(spec.record, rank, world)
     recorder = recorder_cls(model, writer, selection, tok.token_text, prompts, user_probes).attach()
-    with a_core_left_for_the_writer(model):
+    with a_core_left_for_the_writer(model, writer) as recorder.core_share:
         try:
             yield recorder
         except BaseException as e:
