@@ -177,16 +177,16 @@ class PerceiverRecorder(Recorder):
         if self._taps is None:
             for key, x in self._acts.items():
                 if x.shape[-2] != 1:
-                    self._acts[key] = self._new_row(key[0], x)
+                    self._acts[key] = self._new_row(key[0], x, step)
         else:
             for i, x in enumerate(self._taps):
                 if x.shape[-2] != 1:
-                    self._taps[i] = self._new_row(self._tap_keys[i][0], x)
+                    self._taps[i] = self._new_row(self._tap_keys[i][0], x, step)
         return super()._keep_activations(step)
 
-    def _new_row(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Each sequence's row of ``x`` [b, Q, width] at the position this decode step added  # [b, 1, width]."""
-        row = self._recorded_rows(layer, 1).int().argmax(dim=1)  # finished sequences: any row
+    def _new_row(self, layer: int, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Each sequence's row of ``x`` [b, Q, width] at the position decode step ``step`` added  # [b, 1, width]."""
+        row = self._recorded_rows(layer, step).int().argmax(dim=1)  # finished sequences: any row
         return x[torch.arange(len(row), device=x.device), row.to(x.device)][:, None]
 
     def _recorded_rows(self, layer: int, step: int) -> torch.Tensor:
