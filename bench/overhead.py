@@ -5,8 +5,9 @@ trained yet). A rate is wall-clock decode tokens per second from the end of the 
 return of `generate`, so it includes everything the recorder does on the generating thread
 (taps, listeners, batches, queueing) and the CPU its worker process takes from generation.
 Recording runs with the runtime's thread policy (one torch thread fewer on CPU: the worker needs
-a core; every thread for steps of many rows while the worker is mostly idle); no-probes runs with both that and torch's default, and the baseline is the one faster
-in the median repeat (marked *). Repeats are interleaved, each starting one kind later than the
+a core; every thread for steps of many rows while the worker is mostly idle); no-probes runs with
+both one thread fewer and torch's default, and the baseline is the one faster in the median
+repeat (marked *). Repeats are interleaved, each starting one kind later than the
 last so that no kind always runs in the same place; a ratio is the median over repeats of
 the rate divided by the baseline's rate in the same repeat, so load that drifts between repeats
 cancels; the middle half of those per-repeat ratios shows how much the repeats disagree, and
