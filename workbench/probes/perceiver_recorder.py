@@ -10,9 +10,11 @@ so every decoder site (``mlp.act.pre``, ``attn_allreduce`` ...) has one hook poi
 names are stored in ``spec.perceiver.layer_blocks``. Attention maps go to the ``cross_attention``
 (latent x input) and ``latent_attention`` (latent x latent_key) groups, one row per latent the step
 computed, at latent slot ``position - window_start``. KV totals are over the whole cache
-(``PerceiverARCache.stats_of``): they go to layer 0 and the other layers stay unwritten (-1). Decode
-steps are batched as the decoder's are (see ``PerceiverRecorder._keep_activations``), except that
-a step's maps are written when it ends: its batch ends it with the rest.
+(``PerceiverARCache.stats_of``): they go to layer 0 and the other layers stay unwritten (-1).
+Activations: the prefill's every latent row, then each decode step's row of the position it added
+(``_recorded_rows``; a window that slid recomputes all its rows, which are not recorded). Decode
+steps are batched as the decoder's are, except that a step's maps are written when it ends: its
+batch ends it with the rest.
 """
 from __future__ import annotations
 
