@@ -305,6 +305,26 @@ def test_recording_gives_the_writer_a_core_and_gives_it_back(model_dir):
     assert torch.get_num_threads() == before
 
 
+def test_a_started_worker_leaves_the_prefill_every_core(model_dir, tmp_path):
+    """The writer's worker has nothing to do before the first step ends: once it has started (a
+    process that recorded before keeps it), the prefill runs on every core, decode steps on one
+    fewer, and the count is given back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def threads_per_step(name):
+            seen = []  # torch's threads while each step's forward pass runs
+            run(RunSpec(model=str(model_dir), prompts=["hello world"], max_new_tokens=4, record=str(tmp_path / name),
+                        device="cpu", hooks=[("layers.0.attn.out", lambda x, hp: seen.append(torch.get_num_threads()))]))
+            assert torch.get_num_threads() == 2
+            return seen
+
+        threads_per_step("first.zarr")  # its worker may still be importing at the prefill
+        assert threads_per_step("second.zarr") == [2, 1, 1, 1]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_prefill_is_reduced_by_the_worker_and_equals_the_generating_threads_reduction(model_dir, tmp_path,
                                                                                           monkeypatch):
     """A normal prefill ships its rows to the writer's worker; one above the cap is reduced in place."""

@@ -145,6 +145,11 @@ def _cmd_generate(args) -> int:
 
 def _generate(args, served: bool) -> int:
     """Run the generation; ``served``: a dashboard already shows its trace (no pointer to one)."""
+    if args.record and args.tp == 1:
+        # The trace writer's worker imports while this process imports torch, so it has started
+        # by the prefill, which then keeps every core (probes.recording).
+        from workbench.trace import worker_pool
+        worker_pool.prestart()
     from workbench.runtime import session
     spec = _spec_from_args(args)
     if args.json:

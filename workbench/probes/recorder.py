@@ -375,8 +375,8 @@ class Recorder:
 
     def on_step(self, event) -> None:
         """Keep what the listeners saw during this step; queue the batch when it is due."""
-        if self.core_share is not None and event.step > 0:  # the next decode step computes as many rows
-            self.core_share.before_step(self._step_rows(event))
+        if self.core_share is not None:  # the next decode step computes as many rows as this one
+            self.core_share.before_step(self._step_rows(event) if event.step > 0 else len(event.tokens))
         if event.step == 0 or not self.batches_decode:
             self._record_step(event)
             return

@@ -104,13 +104,15 @@ class CoreShare:
 def a_core_left_for_the_writer(model, writer: TraceWriter | None = None) -> Iterator[CoreShare | None]:
     """On CPU, run torch on one core fewer inside the block (the thread count is restored after);
     yields the CoreShare of ``writer`` that may give a heavy step every core (None without a
-    writer, off the CPU or on one core)."""
+    writer, off the CPU or on one core). The prefill keeps every core if ``writer``'s worker has
+    started: it has nothing to do before the first step ends (a worker still importing has)."""
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
         yield None
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, before - 1))
+    if writer is None or not writer.worker_started():
+        torch.set_num_threads(max(1, before - 1))
     try:
         yield CoreShare(max(1, before - 1), before, writer) if before > 1 and writer is not None else None
     finally:

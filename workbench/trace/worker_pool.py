@@ -91,6 +91,19 @@ def release(worker: Worker, reusable: bool) -> None:
     stop(worker)
 
 
+def has_started(worker: Worker) -> bool:
+    """True once the worker has finished its imports: its "ready" was read, or something it sent
+    waits unread (peeked at, not consumed: the writer reads it at its first flush)."""
+    if worker.ready:
+        return True
+    try:
+        return bool(worker.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True  # it died: the writer's first flush says so
+
+
 def prestart() -> None:
     """Start a worker now, if none is idle, so that the next writer need not wait for its imports."""
     with _lock:

@@ -690,6 +690,10 @@ class TraceWriter:
         reused): the step is committed, or the writer is closed."""
         return step < self._committed or self._closed
 
+    def worker_started(self) -> bool:
+        """True once the worker process has finished starting up (its imports)."""
+        return worker_pool.has_started(self._worker)
+
     def writer_stats(self) -> WriterStats:
         """A snapshot of this writer's counters."""
         with self._cond:
