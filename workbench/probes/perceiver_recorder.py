@@ -176,20 +176,20 @@ class PerceiverRecorder(Recorder):
     def _keep_activations(self, step: int) -> bool:
         # Once a window slides, its latent blocks recompute every row: keep each sequence's row of
         # the position the step added, as a growing window's step computes (see _recorded_rows).
-        if self._taps is None:
-            for key, x in self._acts.items():
-                if x.shape[-2] != 1:
-                    self._acts[key] = self._new_row(key[0], x, step)
-        else:
-            for i, x in enumerate(self._taps):
-                if x.shape[-2] != 1:
-                    self._taps[i] = self._new_row(self._tap_keys[i][0], x, step)
+        acts = self._acts.items() if self._taps is None else zip(self._tap_keys, self._taps)
+        new_rows: dict[int, torch.Tensor] = {}  # layer -> each sequence's row index, for its four sites
+        for i, (key, x) in enumerate(acts):
+            if x.shape[-2] == 1:
+                continue
+            if key[0] not in new_rows:  # finished sequences: any row
+                new_rows[key[0]] = self._recorded_rows(key[0], step).int().argmax(dim=1).to(x.device)
+            row = new_rows[key[0]]
+            x = x[torch.arange(len(row), device=x.device), row][:, None]  # [b, 1, width]
+            if self._taps is None:
+                self._acts[key] = x
+            else:
+                self._taps[i] = x
         return super()._keep_activations(step)
-
-    def _new_row(self, layer: int, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Each sequence's row of ``x`` [b, Q, width] at the position decode step ``step`` added  # [b, 1, width]."""
-        row = self._recorded_rows(layer, step).int().argmax(dim=1)  # finished sequences: any row
-        return x[torch.arange(len(row), device=x.device), row.to(x.device)][:, None]
 
     def _recorded_rows(self, layer: int, step: int) -> torch.Tensor:
         """Which rows of ``layer``'s activations [b, Q] a step records: at the prefill every latent
@@ -236,7 +236,7 @@ class PerceiverRecorder(Recorder):
             n_pos = int(end[j]) + 1
             slots = np.flatnonzero(keys[j] >= 0)  # the window's first key slots
             key_slots, key_pos = _index(slots), keys[j, slots]
-            masses = np.full((self.n_layers, n_pos), np.nan, dtype=np.float32)  # NaN: block not written
+            masses = np.full((self.n_layers, n_pos), np.nan, dtype=np.float32)  # NaN (the fill): no rows
             latent: dict[int, list] = {}  # repeat -> (self layer, layer, map) of its latent blocks
             for layer, pattern in patterns:
                 r, i = self._where(layer)
@@ -258,32 +258,22 @@ class PerceiverRecorder(Recorder):
                 layers = [layer for _, layer, _, _ in maps]
                 masses[layers] = 0.0
                 masses[np.ix_(layers, key_pos)] = mass
-            written = ~np.isnan(masses).all(axis=1)
-            if written.all():  # every block: one write
-                w.write_attention_mass(step, masses[None], seq=slice(j, j + 1))
-            else:
-                for layer in np.flatnonzero(written):
-                    w.write_attention_mass(step, masses[layer][None], layer=int(layer), seq=slice(j, j + 1))
+            w.write_attention_mass(step, masses[None], seq=slice(j, j + 1))  # every block, one write
 
     def _write_latent_maps(self, step: int, j: int, r: int, maps: list, key_start: int, dtype) -> np.ndarray:
-        """Sequence ``j``'s maps of repeat ``r``'s latent blocks, ``maps`` = [(self layer, trace
-        layer, map [heads, rows, keys], latent start)], all over the same keys: one write when they
-        are all the blocks (the same rows), else one each. Returns the attention each key received
-        in each block, summed over heads and rows  # [blocks, keys]."""
-        w, seq = self.writer, slice(j, j + 1)
+        """Sequence ``j``'s maps of repeat ``r``'s latent blocks in one write, ``maps`` = [(self
+        layer, trace layer, map [heads, rows, keys], latent start)] in block order. Every block
+        computes the same rows over the same keys, and every block is recorded (check_selection
+        refuses layer selection). Returns the attention each key received in each block, summed
+        over heads and rows  # [blocks, keys]."""
+        first, last, start = maps[0][0], maps[-1][0], maps[0][3]
+        assert last - first + 1 == len(maps), "latent blocks of a repeat are recorded together"
         block = torch.stack([m for _, _, m, _ in maps])  # [blocks, heads, rows, keys]
-        mass = block.float().sum(dim=(1, 2)).cpu().numpy()
-        if [i for i, *_ in maps] == list(range(self.n_self)):
-            start = maps[0][3]
-            weights = block.to(dtype).cpu().numpy()
-            w.write(step, "latent_attention/weights", weights[None], seq=seq, repeat=r,
-                    self_layer=slice(0, self.n_self), latent=slice(start, start + weights.shape[-2]),
-                    latent_key=slice(key_start, key_start + weights.shape[-1]))
-            return mass
-        for i, _, m, start in maps:
-            w.write_latent_attention(step, m.to(dtype).cpu().numpy()[None], repeat=r, self_layer=i,
-                                     latent_start=start, key_start=key_start, seq=seq)
-        return mass
+        weights = block.to(dtype).cpu().numpy()
+        self.writer.write(step, "latent_attention/weights", weights[None], seq=slice(j, j + 1), repeat=r,
+                          self_layer=slice(first, last + 1), latent=slice(start, start + weights.shape[-2]),
+                          latent_key=slice(key_start, key_start + weights.shape[-1]))
+        return block.float().sum(dim=(1, 2)).cpu().numpy()
 
     def _write_activations(self, step: int, q_start, q_stop, active) -> None:
         keys = sorted(self._acts)
