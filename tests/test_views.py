@@ -24,6 +24,8 @@ from workbench.views.heatmap import max_pool, tick_labels
 from workbench.views.server import check_port_free, start_server_process
 from workbench.views.state import TraceState
 from workbench.views.timing import step_breakdown
+from workbench.views import tokens as tokens_view
+from workbench.trace.token_text import read_token_text
 
 PROMPT = 6
 
@@ -889,6 +891,33 @@ def test_each_sequence_of_a_recorded_batch_shows_its_own_tokens(recorded_batch):
         strip.clicked = 1
         assert st.step == 0
     assert _danger(dash) == {}
+
+
+def test_candidates_are_named_by_the_traces_vocabulary_table(recorded_batch, synthetic):
+    from workbench.runtime.tokenizer import ByteTokenizer
+    from workbench.trace.token_text import token_labels
+    path, _ = recorded_batch
+    tok = ByteTokenizer(bos_id=256, eos_id=None)
+    trace = open_trace(path)
+    assert list(trace.tokens["vocab_text"].values) == [tok.token_text(i) for i in range(259)]
+    dash = Dashboard(path)
+    view, st = dash.views["tokens"], dash.state
+    seen = set(view.text.ids)
+    unseen = []  # candidates that never appear in the text: named only by the table
+    for step in range(st.n_steps):
+        st.select_step(step)
+        ids = trace.tokens["candidate_id"][0, step].values
+        expected = [f"{r + 1}. {tokens_view._visible(tok.token_text(int(i)))}" for r, i in enumerate(ids)]
+        assert view.cand_source.data["label"] == expected
+        unseen += [int(i) for i in ids if int(i) not in seen]
+    assert unseen
+    assert [tokens_view._visible(t) for t in (" ", "\n", " x", "a b", "\x00")] == ["\u2423", "\\n", "\u2423x", "a b",
+                                                                                 "\\x00"]
+    # A trace recorded before the table existed: ids from its text, then #id.
+    old = open_trace(synthetic)
+    assert "vocab_text" not in old.tokens.data_vars
+    text = read_token_text(old, 0)
+    assert token_labels(old, [text.ids[0], 100_000], text) == [text.texts[0], "#100000"]
 
 
 P, PADDED_LEN, PAD = 6, 3, 0                                     # seq 1: 3 prompt tokens right-padded to 6

@@ -84,6 +84,7 @@ class PerceiverRecorder(Recorder):
         positions = prompt_positions + max_new_tokens
         return TraceSpec(n_seq=n_seq, max_steps=max_new_tokens, max_positions=positions, n_layers=len(blocks),
                          n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, world=world, top_k=top_k,
+                         vocab_size=cfg.vocab_size,
                          attention_layers=(),  # no decoder self-attention: maps live in the perceiver groups
                          perceiver=PerceiverSpec(n_latents=cfg.n_latents, n_inputs=positions,
                                                  n_repeats=cfg.n_repeats, n_heads=cfg.n_heads,

@@ -56,7 +56,7 @@ def trace_spec_for(model, selection: ProbeSelection, n_seq: int, prompt_position
     cfg = model.cfg
     return TraceSpec(n_seq=n_seq, max_steps=max_new_tokens, max_positions=prompt_positions + max_new_tokens,
                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, world=world,
-                     top_k=top_k, attention_layers=selection.attention_layers,
+                     top_k=top_k, vocab_size=cfg.vocab_size, attention_layers=selection.attention_layers,
                      attention_heads=selection.attention_heads, bin_edges=activation_bin_edges())
 
 
@@ -372,6 +372,9 @@ class Recorder:
             w.write_tokens(0, 0, np.asarray([ids]), [[self.token_text(i) for i in ids]], seq=slice(j, j + 1))
         if self.rank == 0:
             w.write(0, "tokens/prompt_len", self.lengths.numpy())
+            if self.spec.vocab_size:  # candidates are ids: readers show them with this table
+                w.write(0, "tokens/vocab_text", np.asarray([self.token_text(i) for i in range(self.spec.vocab_size)],
+                                                           dtype=object))
 
     def on_step(self, event) -> None:
         """Keep what the listeners saw during this step; queue the batch when it is due."""

@@ -197,6 +197,8 @@ class TraceSpec:
         attention_dtype: "float16" or "float32".
         perceiver: optional Perceiver cross-attention section.
         user_arrays: arrays of user probes (group `user`), in probe order.
+        vocab_size: token ids with a display text in `tokens/vocab_text` (0: no such array; traces
+            recorded before 25 Nov 2026 have none).
     """
 
     n_seq: int
@@ -217,6 +219,7 @@ class TraceSpec:
     attention_dtype: str = "float16"
     perceiver: PerceiverSpec | None = None
     user_arrays: tuple[UserArraySpec, ...] = ()
+    vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -239,6 +242,8 @@ class TraceSpec:
         for name in ("n_seq", "max_steps", "max_positions", "n_layers", "n_heads", "world", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TraceSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"TraceSpec.vocab_size must be >= 0, got {self.vocab_size}")
         if self.n_heads % self.world:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by world={self.world}")
         if self.perceiver is not None and self.perceiver.n_heads % self.world:
@@ -361,7 +366,7 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
         "seq": spec.n_seq, "step": spec.max_steps, "position": spec.max_positions,
         "query": spec.max_positions, "key": spec.max_positions, "layer": spec.n_layers,
         "rank": spec.world, "k": spec.top_k, "bin": spec.n_bins, "edge": spec.n_bins + 1,
-        "site": len(spec.hist_sites), "part": len(spec.timing_parts),
+        "site": len(spec.hist_sites), "part": len(spec.timing_parts), "vocab": spec.vocab_size,
     }
     P = MAX_POSITION_CHUNK
     groups: dict[str, GroupLayout] = {}
@@ -398,6 +403,9 @@ def _build_layout(spec: TraceSpec) -> dict[str, GroupLayout]:
              "top-k candidate token ids, most probable first"),
         _arr("candidate_prob", ("seq", "step", "k"), "float32", s, {"step": 256},
              "top-k candidate probabilities"),
+        *((_arr("vocab_text", ("vocab",), STRING, s, {"vocab": 4096},
+                "display text of every token id (candidates are ids; written with step 0)"),)
+          if spec.vocab_size else ()),
     ), "tokens, text, step bookkeeping and sampler candidates (rank 0 writes)")
 
     sa = dict(s, layer=len(spec.attention_layers), head=len(spec.attention_heads))

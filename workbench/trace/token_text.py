@@ -72,6 +72,22 @@ class TokenText:
         return self.vocab.get(int(token_id), f"#{int(token_id)}")
 
 
+def token_labels(trace, ids, known: TokenText | None = None) -> list[str]:
+    """Display text of each token id in ``ids``: from the trace's vocabulary table
+    (``tokens/vocab_text``, read for these ids only), else from a text that holds the id
+    (``known``), else ``#id`` (traces recorded before the table existed)."""
+    ids = [int(i) for i in ids]
+    ds = trace.tokens
+    table: dict[int, str] = {}
+    if "vocab_text" in ds.data_vars:
+        inside = sorted({i for i in ids if 0 <= i < ds.sizes["vocab"]})
+        if inside:
+            texts = ds["vocab_text"].isel(vocab=inside).values
+            table = {i: str(t) for i, t in zip(inside, texts) if t}  # "": not written yet
+    fallback = known.label if known is not None else (lambda i: f"#{i}")
+    return [table[i] if i in table else fallback(i) for i in ids]
+
+
 class SequenceText:
     """A view's TokenText of the selected sequence, read incrementally as steps are committed
     (another trace or sequence starts over)."""

@@ -3,8 +3,9 @@ sampler's top-k candidates at the selected step, and the sampled token's probabi
 (where the model was unsure; click to select that step).
 
 The text is read once and then extended with only the newly committed positions. Candidate token
-texts come from the trace itself (every id that appears in the text), since a trace carries no
-tokenizer; ids never seen in the text are shown as ``#id``.
+texts come from the trace's vocabulary table (``tokens/vocab_text``: a trace carries no tokenizer);
+in traces recorded before it existed, from the ids that appear in the text, and other ids show
+as ``#id``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bokeh.events import Tap
 from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d, Span
 from bokeh.plotting import figure
 
-from workbench.trace.token_text import SequenceText, TokenText, read_token_text  # noqa: F401 (re-exported)
+from workbench.trace.token_text import SequenceText, TokenText, read_token_text, token_labels  # noqa: F401
 from workbench.views.base import TraceView, finite_floats
 from workbench.views.token_strip import TokenStrip, as_sent
 
@@ -146,13 +147,14 @@ class TokensView(TraceView):
         if st.n_steps == 0:
             return
         ids, probs, chosen = read_candidates(st.trace, st.seq, st.step)
-        labels = [f"{r + 1}. {_visible(t.label(i))}" for r, i in enumerate(ids)]
+        *texts, chosen_label = token_labels(st.trace, [*ids, chosen], t)
+        labels = [f"{r + 1}. {_visible(text)}" for r, text in enumerate(texts)]
         colors = ["#e0a100" if int(i) == chosen else "#5b8bd0" for i in ids]
         self.cand_fig.y_range.factors = labels[::-1]
         self.cand_source.data = dict(label=labels, prob=probs.tolist(), color=colors,
                                      rank=list(range(1, len(ids) + 1)))
         self.cand_fig.x_range.end = float(max(probs.max() * 1.1, 0.05)) if probs.size else 1.0
-        chosen_text = _visible(t.label(chosen)) if chosen >= 0 else "—"
+        chosen_text = _visible(chosen_label) if chosen >= 0 else "—"
         p = next((float(pr) for i, pr in zip(ids, probs) if int(i) == chosen), float("nan"))
         generated = t.n_generated
         self.summary.object = (
@@ -169,7 +171,11 @@ class TokensView(TraceView):
 
 
 def _visible(text: str) -> str:
-    return repr(text)[1:-1] if text.strip() != text or not text.isprintable() else text
+    """A token's text as a label: escapes for the unprintable, ␣ for a space at either end (a
+    space alone would be an empty label)."""
+    if text.strip() == text and text.isprintable():
+        return text
+    return repr(text)[1:-1].replace(" ", "\u2423")
 
 
 def _html(text: str) -> str:
