@@ -217,14 +217,21 @@ def test_perceiver_view_draws_the_window_maps(recorded):
     view = PerceiverAttentionView(st)
     st.head, st.seq = 2, 1
     view.repeat.value, view.block.value = 1, 1
-    st.select_step(3)
-    assert not view._note.visible, view._note.object
     tr = st.trace
-    shown = view.cross.source.data["image"][0]
-    assert np.array_equal(shown, tr.cross_attention_map(1, 1, 2, step=3).values, equal_nan=True)
-    shown = view.latent.source.data["image"][0]
-    assert np.array_equal(shown, tr.latent_attention_map(1, 1, 1, 2, step=3).values, equal_nan=True)
-    assert view.cross.y_labels.data["text"][:2] == ["0:<bos>", "1:a"]  # seq 1 = "<bos>ab..." window from 0
+    for step, n_filled in ((1, 4), (3, N)):  # seq 1 = "<bos>ab": 3 + step positions, its window full at step 3
+        st.select_step(step)
+        assert not view._note.visible, view._note.object
+        cross = tr.cross_attention_map(1, 1, 2, step=step)
+        filled = cross.latent_position.values >= 0  # slots not filled yet are left out
+        assert filled.sum() == n_filled
+        shown = view.cross.source.data["image"][0]
+        assert np.array_equal(shown, cross.values[filled], equal_nan=True)
+        shown = view.latent.source.data["image"][0]
+        latent = tr.latent_attention_map(1, 1, 1, 2, step=step).values
+        assert np.array_equal(shown, latent[filled][:, filled], equal_nan=True)
+        labels = view.cross.y_labels.data["text"]
+        assert labels[:2] == ["0:<bos>", "1:a"] and len(labels) == n_filled  # the window from position 0
+        assert not any(t.startswith("slot") for t in labels)
 
 
 def test_cli_refuses_layer_selection_for_perceiver(model_dir, tmp_path):

@@ -1,5 +1,5 @@
 """Perceiver AR view: cross-attention (latent x input) and latent self-attention (latent x latent)
-of the selected head, as the window stands after the selected step.
+of the selected head, as the window stands after the selected step (its filled latent slots).
 
 A Perceiver AR step records only the latent rows it computed (repeat 0's cross-attention: one new
 row per decode step); the reader's ``cross_attention_map`` / ``latent_attention_map`` rebuild the
@@ -68,6 +68,11 @@ class PerceiverAttentionView(TraceView):
             token = text.text_at(pos)
             return f"{pos}:{token}" if token is not None else fallback
 
+        # Until the window is full, most latent slots hold nothing yet: show the filled ones only.
+        filled = lat_pos >= 0
+        if filled.any() and not filled.all():
+            cross, lat_pos = cross[filled], lat_pos[filled]
+            latent = latent[filled][:, filled] if latent is not None else None
         rows = [name(int(q), f"slot {i}") for i, q in enumerate(lat_pos)]
         inputs = [name(c, str(c)) for c in range(cross.shape[1])]
         self.cross.show(cross, inputs, rows,
