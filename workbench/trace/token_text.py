@@ -29,7 +29,7 @@ class TokenText:
     # not among the recorded candidates (or the sampler was not recorded)
     probs: list = field(default_factory=list)
     read_to: int = 0             # store positions read so far (padding included)
-    vocab: dict[int, str] = field(default_factory=dict)
+    vocab: dict[int, str] = field(default_factory=dict)  # id -> text, of the text and of `token_labels`
 
     def index_of(self, position: int) -> int:
         """Index of the token at absolute ``position`` in the shown lists (-1 if not shown)."""
@@ -68,24 +68,20 @@ class TokenText:
     def n_generated(self) -> int:
         return max(len(self.texts) - self.prompt_len, 0)
 
-    def label(self, token_id: int) -> str:
-        return self.vocab.get(int(token_id), f"#{int(token_id)}")
-
 
 def token_labels(trace, ids, known: TokenText | None = None) -> list[str]:
-    """Display text of each token id in ``ids``: from the trace's vocabulary table
-    (``tokens/vocab_text``, read for these ids only), else from a text that holds the id
-    (``known``), else ``#id`` (traces recorded before the table existed)."""
+    """Display text of each token id in ``ids``: from a text that holds the id (``known``), else
+    from the trace's vocabulary table (``tokens/vocab_text``, read for the missing ids only and
+    kept in ``known``), else ``#id`` (traces recorded before the table existed)."""
     ids = [int(i) for i in ids]
+    vocab = known.vocab if known is not None else {}
     ds = trace.tokens
-    table: dict[int, str] = {}
-    if "vocab_text" in ds.data_vars:
-        inside = sorted({i for i in ids if 0 <= i < ds.sizes["vocab"]})
-        if inside:
-            texts = ds["vocab_text"].isel(vocab=inside).values
-            table = {i: str(t) for i, t in zip(inside, texts) if t}  # "": not written yet
-    fallback = known.label if known is not None else (lambda i: f"#{i}")
-    return [table[i] if i in table else fallback(i) for i in ids]
+    missing = sorted({i for i in ids if i not in vocab})
+    if missing and "vocab_text" in ds.data_vars:
+        inside = [i for i in missing if 0 <= i < ds.sizes["vocab"]]
+        texts = ds["vocab_text"].isel(vocab=inside).values if inside else []
+        vocab.update((i, str(t)) for i, t in zip(inside, texts) if t)  # "": not written yet
+    return [vocab.get(i, f"#{i}") for i in ids]
 
 
 class SequenceText:
