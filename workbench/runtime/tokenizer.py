@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -49,6 +50,13 @@ class HFTokenizer:
         self._tok = _Tok.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size()
         self.bos_id, self.eos_id = bos_id, eos_id
+        # A token that decodes to one plain character, the same alone and first (see token_text).
+        self._ref, self._ref_text = None, ""
+        for c in "aex0.":
+            i = self._tok.token_to_id(c)
+            if i is not None and self._tok.decode([i], skip_special_tokens=False) == c:
+                self._ref, self._ref_text = i, c
+                break
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -57,10 +65,54 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        """The text ``token_id`` adds after another token. Decoded alone, a token loses what its
+        decoder does at the start of a text (SentencePiece-style decoders strip the first space:
+        "▁the" would show as "the"), so it is decoded after a reference token and that token's
+        text is cut off. A token that holds part of a multi-byte character shows its bytes
+        (\\xNN), as byte tokenizers show them, not U+FFFD."""
+        text = None
+        if self._ref is not None:
+            both = self._tok.decode([self._ref, token_id], skip_special_tokens=False)
+            if both.startswith(self._ref_text):
+                text = both[len(self._ref_text):]
+        if text is None:
+            text = self._tok.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" in text:
+            raw = _token_bytes(self._tok.id_to_token(token_id) or "")
+            if raw is not None:
+                return raw.decode("utf-8", errors="backslashreplace")
+        return text
 
     def to_dict(self) -> dict:
         return {"kind": "tokenizer.json", "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(piece: str) -> bytes | None:
+    """The bytes of a vocabulary piece that stands for bytes: a byte-fallback piece ("<0xC3>") or
+    a byte-level BPE piece ("Ã©"); None for other pieces."""
+    m = BYTE_FALLBACK.fullmatch(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    if piece and all(c in BYTE_LEVEL for c in piece):
+        return bytes(BYTE_LEVEL[c] for c in piece)
+    return None
 
 
 def load_tokenizer(model_dir: Path, vocab_size: int, bos_id: int | None, eos_id) -> Tokenizer:

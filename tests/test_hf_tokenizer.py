@@ -1,0 +1,90 @@
+"""Hugging Face tokenizer.json checkpoints: each token's text as a trace records it.
+
+Two tokenizers are trained here with the `tokenizers` library, in the two styles Llama checkpoints
+ship: SentencePiece-style BPE with byte fallback, whose decoder strips a text's first space (Llama
+2, TinyLlama), and byte-level BPE (Llama 3). The expected texts come from the vocabulary pieces
+themselves, not from decoding.
+"""
+from __future__ import annotations
+
+import torch
+import pytest
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from workbench.models.config import LlamaConfig
+from workbench.models.llama import Llama
+from workbench.runtime.checkpoint import save_llama
+from workbench.runtime.session import RunSpec, load_model, run
+from workbench.runtime.tokenizer import BYTE_LEVEL, HFTokenizer
+from workbench.trace.reader import open_trace
+
+CORPUS = ["def fib(n):", "    return fib(n - 1) + fib(n - 2)", "the end of the file", "if x == y:"] * 20
+SAMPLE = "def fib(n):\n    return the é"
+
+
+def sentencepiece_style() -> Tokenizer:
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials))
+    return tok
+
+
+def byte_level_style() -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=["<|end|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return tok
+
+
+def piece_bytes(piece: str, style: str) -> bytes:
+    """What a vocabulary piece stands for, read off the piece."""
+    if style == "sentencepiece":
+        if piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:-1], 16)])
+        return piece.replace("▁", " ").encode()
+    return bytes(BYTE_LEVEL[c] for c in piece)
+
+
+@pytest.fixture(params=["sentencepiece", "byte_level"])
+def tokenizer_file(request, tmp_path):
+    tok = sentencepiece_style() if request.param == "sentencepiece" else byte_level_style()
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return request.param, tok, path
+
+
+def test_each_token_shows_the_text_it_adds(tokenizer_file):
+    style, raw, path = tokenizer_file
+    tok = HFTokenizer(path, None, None)
+    ids = tok.encode(SAMPLE)
+    texts = [tok.token_text(i) for i in ids]
+    expected = [piece_bytes(raw.id_to_token(i), style).decode("utf-8", errors="backslashreplace") for i in ids]
+    assert texts == expected
+    assert any(t.startswith(" ") and len(t) > 1 for t in texts)  # words keep their leading space
+    assert "\\xc3" in texts and "\\xa9" in texts  # é is two byte tokens in both vocabularies
+    joined = "".join(texts).replace("\\xc3\\xa9", "é")
+    # SentencePiece-style text starts with the space its normalizer put in front (decoding strips it)
+    assert joined == (" " if style == "sentencepiece" else "") + tok.decode(ids)
+
+
+def test_a_recording_names_hf_tokens_as_they_read(tokenizer_file, tmp_path):
+    style, raw, path = tokenizer_file
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=raw.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_seq_len=64, bos_id=None, eos_id=None)
+    model_dir = tmp_path / "model"
+    save_llama(Llama(cfg), model_dir)
+    (model_dir / "tokenizer.json").write_bytes(path.read_bytes())
+    _, tok = load_model(model_dir, torch.device("cpu"))
+    assert isinstance(tok, HFTokenizer)
+    run(RunSpec(model=str(model_dir), prompts=[SAMPLE], max_new_tokens=4, record=str(tmp_path / "t.zarr"),
+                device="cpu", probes=("sampler",)))
+    tokens = open_trace(tmp_path / "t.zarr").tokens
+    ids = tok.encode(SAMPLE)
+    assert list(tokens.text.values[0, :len(ids)]) == [tok.token_text(i) for i in ids]
+    assert list(tokens.vocab_text.values) == [tok.token_text(i) for i in range(cfg.vocab_size)]
