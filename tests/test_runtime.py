@@ -76,6 +76,34 @@ def test_stop_on_eos_and_stop_strings():
     assert res.finish_reasons == ["stop"] and target not in res.texts[0]
 
 
+def test_a_checkpoint_stops_at_every_end_token_it_names(tmp_path):
+    """config.json's eos_token_id may be a list (Llama 3 Instruct), and generation_config.json may
+    name more: generation stops at any of them, as transformers' generate does."""
+    from workbench.runtime.session import RunSpec, run
+    torch.manual_seed(0)
+    path = tmp_path / "m"
+    save_llama(Llama(LlamaConfig(**{**CFG, "eos_id": None})), path, ByteTokenizer(eos_id=None))
+    prompt = "ab"
+    free = run(RunSpec(model=str(path), prompts=[prompt], max_new_tokens=12, device="cpu")).generated[0]
+    assert len(free) == 12
+    config = json.loads((path / "config.json").read_text())
+    for end, where in ((free[4], "config"), (free[6], "generation_config")):
+        unused = next(i for i in range(256) if i not in free)
+        if where == "config":
+            config["eos_token_id"] = [unused, end]
+            (path / "config.json").write_text(json.dumps(config))
+        else:
+            config["eos_token_id"] = unused
+            (path / "config.json").write_text(json.dumps(config))
+            (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused, end]}))
+        res = run(RunSpec(model=str(path), prompts=[prompt], max_new_tokens=12, device="cpu"))
+        assert res.generated[0] == free[:free.index(end) + 1] and res.finish_reasons == ["eos"], where
+    (path / "generation_config.json").write_text("{not json")
+    proc = _cli("generate", "--model", str(path), "--prompt", prompt, "--max-new-tokens", "2")
+    assert proc.returncode == 2 and "generation_config.json is not a readable generation config" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=120)
 

@@ -76,6 +76,23 @@ def load_model(path: str | Path, device: torch.device, rank: int = 0, world: int
     return model, tok
 
 
+def checkpoint_stop_ids(path: str | Path, cfg, tok) -> list[int]:
+    """End tokens of a checkpoint: the tokenizer's, every id of config.json's ``eos_token_id`` (a
+    list in Llama 3 Instruct, whose turns end with <|eot_id|>) and generation_config.json's, which
+    transformers' ``generate`` stops at too."""
+    ids = set(cfg.eos_ids)
+    if tok.eos_id is not None:
+        ids.add(tok.eos_id)
+    gen = Path(path) / "generation_config.json"
+    if gen.exists():
+        try:
+            eos = json.loads(gen.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as e:
+            raise WorkbenchError(f"{gen} is not a readable generation config ({type(e).__name__}: {e})") from None
+        ids.update([] if eos is None else eos if isinstance(eos, list) else [eos])
+    return sorted(int(i) for i in ids)
+
+
 def encode_prompts(spec: RunSpec, tok, max_seq_len: int) -> list[list[int]]:
     ids = [tok.encode(p) for p in spec.prompts]
     for p, i in zip(spec.prompts, ids):
@@ -152,7 +169,7 @@ def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, wor
     from workbench.models.arm import apply_arm  # ARM reads TP rank/world from model.info at call time
     apply_arm(model, spec.arm, seed=spec.sampler.seed, group=group)
     prompts = encode_prompts(spec, tok, model.cfg.max_seq_len)
-    stop_ids = [tok.eos_id] if tok.eos_id is not None else []
+    stop_ids = checkpoint_stop_ids(spec.model, model.cfg, tok)
     for pattern, fn in spec.hooks:
         model.add_listener(pattern, fn)
     with worker_setup(spec, model, rank, world, tok=tok, prompts=prompts, group=group) as rank_on_step:
