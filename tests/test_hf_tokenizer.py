@@ -7,14 +7,17 @@ themselves, not from decoding.
 """
 from __future__ import annotations
 
-import torch
+import io
+from types import SimpleNamespace
+
 import pytest
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
 from workbench.runtime.checkpoint import save_llama
-from workbench.runtime.session import RunSpec, load_model, run
+from workbench.runtime.session import RunSpec, TextStreamer, load_model, run
 from workbench.runtime.tokenizer import BYTE_LEVEL, HFTokenizer
 from workbench.trace.reader import open_trace
 
@@ -70,6 +73,21 @@ def test_each_token_shows_the_text_it_adds(tokenizer_file):
     joined = "".join(texts).replace("\\xc3\\xa9", "é")
     # SentencePiece-style text starts with the space its normalizer put in front (decoding strips it)
     assert joined == (" " if style == "sentencepiece" else "") + tok.decode(ids)
+
+
+def test_streamed_text_keeps_the_space_before_the_first_new_token(tokenizer_file):
+    style, _, path = tokenizer_file
+    tok = HFTokenizer(path, None, None)
+    prompt = "def fib(n):"
+    full = tok.encode(prompt + " return the end")
+    new = full[len(tok.encode(prompt)):]
+    if style == "sentencepiece":  # decoded alone, the first new token loses its space
+        assert not tok.decode(new[:1]).startswith(" ")
+    out = io.StringIO()
+    stream = TextStreamer(tok, out, context=tok.encode(prompt))
+    for i, t in enumerate(new):
+        stream(SimpleNamespace(tokens=[t], finished=[i == len(new) - 1]))
+    assert out.getvalue() == " return the end"
 
 
 def test_a_recording_names_hf_tokens_as_they_read(tokenizer_file, tmp_path):

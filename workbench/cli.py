@@ -186,7 +186,8 @@ class _Streamer:
     def __call__(self, event) -> None:
         if self.inner is None:
             from workbench.runtime.session import TextStreamer, load_tokenizer_only
-            self.inner = TextStreamer(load_tokenizer_only(self.spec.model))
+            tok = load_tokenizer_only(self.spec.model)
+            self.inner = TextStreamer(tok, context=tok.encode(self.spec.prompts[0]))
             sys.stdout.write(self.spec.prompts[0])
         self.inner(event)
 

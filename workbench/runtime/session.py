@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -113,10 +113,12 @@ class TextStreamer:
     (a leading space, a byte sequence split over tokens).
     """
 
-    def __init__(self, tok, out=sys.stdout) -> None:
-        self.tok, self.out, self.ids, self.done = tok, out, [], False
+    def __init__(self, tok, out=sys.stdout, context: Sequence[int] = ()) -> None:
+        # The window starts with ``context``'s last token (the prompt's, printed already): decoded
+        # first, a token can lose its leading space (SentencePiece-style decoders strip it).
+        self.tok, self.out, self.ids, self.done = tok, out, list(context)[-1:], False
         self.head = 0  # the window starts at this token; tokens before it are printed for good
-        self.printed = 0  # the window's tokens before this one are printed
+        self.printed = len(self.ids)  # the window's tokens before this one are printed
 
     def __call__(self, event) -> None:
         if self.done:
