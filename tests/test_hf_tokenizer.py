@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
 from workbench.runtime.checkpoint import save_llama
+from workbench.runtime.generate import generate
 from workbench.runtime.session import RunSpec, TextStreamer, load_model, run
 from workbench.runtime.tokenizer import BYTE_LEVEL, HFTokenizer
 from workbench.trace.reader import open_trace
@@ -88,6 +89,29 @@ def test_streamed_text_keeps_the_space_before_the_first_new_token(tokenizer_file
     for i, t in enumerate(new):
         stream(SimpleNamespace(tokens=[t], finished=[i == len(new) - 1]))
     assert out.getvalue() == " return the end"
+
+
+def test_generated_text_and_stop_strings_keep_the_first_space(tmp_path):
+    raw = sentencepiece_style()
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path / "tokenizer.json", None, None)
+    prompt = tok.encode("def fib(n):")
+    cfg = LlamaConfig(vocab_size=raw.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_seq_len=64, bos_id=None, eos_id=None)
+    for seed in range(100):  # a model whose first new token is a word: a piece that starts with ▁
+        torch.manual_seed(seed)
+        model = Llama(cfg).eval()
+        free = generate(model, [prompt], 6, decode=tok.decode)
+        first = free.generated[0][0]
+        if raw.id_to_token(first).startswith("▁") and len(raw.id_to_token(first)) > 1:
+            break
+    else:
+        pytest.fail("no seed gave a first token with a leading space")
+    text = free.texts[0]
+    assert text == tok.decode(prompt + free.generated[0])[len(tok.decode(prompt)):] and text.startswith(" ")
+    word = tok.token_text(first)  # " xyz": it ends the text at the first step
+    stopped = generate(model, [prompt], 6, decode=tok.decode, stop_strings=[word])
+    assert stopped.finish_reasons == ["stop"] and stopped.generated[0] == [first] and stopped.texts == [""]
 
 
 def test_a_recording_names_hf_tokens_as_they_read(tokenizer_file, tmp_path):
