@@ -15,6 +15,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.runtime.kv_cache import PagedKVCache
 from workbench.runtime.sampler import Sampler, SamplerConfig
+from workbench.runtime.tokenizer import text_after
 
 
 @dataclass
@@ -144,22 +145,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     result = GenerationResult(prompt_ids=[list(p) for p in prompts], generated=generated,
                               finish_reasons=reasons, step_seconds=step_seconds)
     if decode is not None:
-        result.texts = [_cut_at_stop(_text_after(decode, p[-1:], g), stop_strings) for p, g in zip(prompts, generated)]
+        result.texts = [_cut_at_stop(text_after(decode, p[-1:], g), stop_strings) for p, g in zip(prompts, generated)]
     return result
-
-
-def _text_after(decode: Callable[[list[int]], str], before: Sequence[int], ids: Sequence[int]) -> str:
-    """The text ``ids`` add after the tokens ``before``: decoded after them, their text cut off.
-    Decoded alone, a first token can lose its leading space (SentencePiece-style decoders)."""
-    head = decode(list(before))
-    both = decode([*before, *ids])
-    return both[len(head):] if both.startswith(head) else decode(list(ids))
 
 
 def _tail_text(decode: Callable[[list[int]], str], prompt: Sequence[int], generated: list[int], tail: int) -> str:
     """The text of the last ``tail`` generated tokens, read after the token before them."""
     before = prompt[-1:] if len(generated) <= tail else generated[-tail - 1:-tail]
-    return _text_after(decode, before, generated[-tail:])
+    return text_after(decode, before, generated[-tail:])
 
 
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol, Sequence
 
 
 class Tokenizer(Protocol):
@@ -51,12 +51,8 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size()
         self.bos_id, self.eos_id = bos_id, eos_id
         # A token that decodes to one plain character, the same alone and first (see token_text).
-        self._ref, self._ref_text = None, ""
-        for c in "aex0.":
-            i = self._tok.token_to_id(c)
-            if i is not None and self._tok.decode([i], skip_special_tokens=False) == c:
-                self._ref, self._ref_text = i, c
-                break
+        self._ref = next((i for c in "aex0." if (i := self._tok.token_to_id(c)) is not None
+                          and self.decode([i]) == c), None)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
@@ -70,13 +66,8 @@ class HFTokenizer:
         "▁the" would show as "the"), so it is decoded after a reference token and that token's
         text is cut off. A token that holds part of a multi-byte character shows its bytes
         (\\xNN), as byte tokenizers show them, not U+FFFD."""
-        text = None
-        if self._ref is not None:
-            both = self._tok.decode([self._ref, token_id], skip_special_tokens=False)
-            if both.startswith(self._ref_text):
-                text = both[len(self._ref_text):]
-        if text is None:
-            text = self._tok.decode([token_id], skip_special_tokens=False)
+        before = [] if self._ref is None else [self._ref]
+        text = text_after(self.decode, before, [token_id])
         if "\ufffd" in text:
             raw = _token_bytes(self._tok.id_to_token(token_id) or "")
             if raw is not None:
@@ -85,6 +76,15 @@ class HFTokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": "tokenizer.json", "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id}
+
+
+def text_after(decode: Callable[[list[int]], str], before: Sequence[int], ids: Sequence[int]) -> str:
+    """The text tokens ``ids`` add after the tokens ``before``: decoded after them, their text cut
+    off. Decoded alone, a first token can lose its leading space (SentencePiece-style decoders
+    strip a text's first space)."""
+    head = decode(list(before))
+    both = decode([*before, *ids])
+    return both[len(head):] if both.startswith(head) else decode(list(ids))
 
 
 def _byte_level_alphabet() -> dict[str, int]:
