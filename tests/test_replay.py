@@ -52,3 +52,24 @@ def test_replay_of_a_missing_trace_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "workbench.cli", "replay", str(tmp_path / "nope"), "--verify"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_bfloat16_run_records_its_dtype_and_replays_in_it(trace, tmp_path):
+    """--dtype bfloat16 halves a model's memory; a trace says which dtype ran, and replay uses it
+    (bfloat16 and float32 pick different tokens on this model within 12 steps)."""
+    from workbench.runtime.session import load_model
+    from workbench.trace.reader import open_trace
+    model, _ = load_model(trace / "model", torch.device("cpu"), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    spec = RunSpec(model=str(trace / "model"), prompts=["abc", "hello"], max_new_tokens=12, device="cpu",
+                   sampler=SamplerConfig(temperature=0.8, top_k=20, seed=7), dtype="bfloat16",
+                   record=str(tmp_path / "bf16.zarr"), probes=["sampler", "activations"])
+    result = run(spec)
+    t = open_trace(tmp_path / "bf16.zarr")
+    assert t.metadata["dtype"] == "bfloat16" and open_trace(trace / "t.zarr").metadata["dtype"] == "float32"
+    counts = t.activations.value_count.values[1:]                     # decode steps: one row per sequence
+    assert (t.activations.hist_count.values[1:].sum(-1) == counts).all() and (counts > 0).all()
+    report = verify(tmp_path / "bf16.zarr")
+    assert report.ok and report.replayed == result.generated
+    float32 = run(RunSpec(**{**spec.to_dict(), "sampler": spec.sampler, "dtype": "float32", "record": None}))
+    assert float32.generated != result.generated

@@ -50,6 +50,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
+                   help="weights and activations; auto: the checkpoint's torch_dtype (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel size: local ranks to spawn (docs/tensor-parallel.md)")
@@ -82,7 +84,7 @@ def _spec_from_args(args):
     spec = RunSpec(model=args.model, max_new_tokens=args.max_new_tokens,
                    sampler=SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          seed=args.seed),
-                   stop_strings=list(args.stop), device=args.device, block_size=args.block_size)
+                   stop_strings=list(args.stop), device=args.device, block_size=args.block_size, dtype=args.dtype)
     if args.prompt:
         spec.prompts = list(args.prompt)
     spec.arm = _arm_settings(args)

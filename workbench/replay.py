@@ -42,7 +42,8 @@ def spec_from_trace(trace, model: str | None = None):
                        max_new_tokens=int(meta["max_new_tokens"]), sampler=SamplerConfig(**meta["sampler"]),
                        stop_strings=list(meta.get("stop_strings", [])), tp=int(meta.get("tp_size", 1)),
                        tp_algorithm=meta.get("tp_algorithm", "allreduce"), arm=meta.get("arm"),
-                       block_size=int(meta.get("block_size", 16)), device="cpu")
+                       block_size=int(meta.get("block_size", 16)), device="cpu",
+                       dtype=meta.get("dtype", "float32"))  # traces before 25 Nov 2026: always float32
     except KeyError as e:
         raise WorkbenchError(f"{trace.path} lacks run metadata {e.args[0]!r} needed to replay it") from None
 

@@ -40,6 +40,7 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
         "checkpoint_sha256": checkpoint_hash(spec.model),
         "model_config": model.cfg.to_dict(),
         "model_type": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompts": list(spec.prompts),
         "prompt_ids": [list(p) for p in prompts],
         "max_new_tokens": spec.max_new_tokens,

@@ -30,6 +30,7 @@ class RunSpec:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     stop_strings: list[str] = field(default_factory=list)
     device: str = "auto"            # auto: cuda when present, else cpu
+    dtype: str = "float32"          # weights and activations: float32, bfloat16, float16, or auto (the checkpoint's)
     block_size: int = 16
     tp: int = 1                     # tensor-parallel size
     tp_algorithm: str = "allreduce"  # or "reduce_scatter"
@@ -55,11 +56,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(path: str | Path, device: torch.device, rank: int = 0, world: int = 1):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(name: str, checkpoint_dtype: str = "float32") -> torch.dtype:
+    """``name`` as a torch dtype; ``auto`` is the checkpoint's own (``torch_dtype`` of config.json)."""
+    if name == "auto":
+        return DTYPES.get(checkpoint_dtype, torch.float32)
+    if name not in DTYPES:
+        raise WorkbenchError(f"unknown dtype {name!r} (known: {', '.join(DTYPES)}, auto)")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, device: torch.device, rank: int = 0, world: int = 1, dtype: str = "float32"):
     """Model and tokenizer from a local checkpoint directory, by its config.json model_type.
 
     With ``world > 1`` the model is rank ``rank``'s tensor-parallel shard, read as slices from the
-    files (the collectives are installed by the caller: ``tp.install_collective``).
+    files (the collectives are installed by the caller: ``tp.install_collective``). ``dtype`` names
+    the weights' dtype (``pick_dtype``): bfloat16 halves the memory of a float32 model.
     """
     from workbench.runtime.checkpoint import load_llama, read_config
     from workbench.runtime.tokenizer import load_tokenizer
@@ -67,11 +81,12 @@ def load_model(path: str | Path, device: torch.device, rank: int = 0, world: int
     if not path.is_dir():
         raise WorkbenchError(f"model directory {path} does not exist")
     cfg = read_config(path)
+    torch_dtype = pick_dtype(dtype, getattr(cfg, "torch_dtype", "float32"))
     if getattr(cfg, "model_type", "llama") in ("perceiver_ar", "perceiver"):
         from workbench.runtime.perceiver_checkpoint import load_perceiver
-        model = load_perceiver(path, device=device, rank=rank, world=world)
+        model = load_perceiver(path, device=device, dtype=torch_dtype, rank=rank, world=world)
     else:
-        model = load_llama(path, device=device, rank=rank, world=world)
+        model = load_llama(path, device=device, dtype=torch_dtype, rank=rank, world=world)
     tok = load_tokenizer(path, cfg.vocab_size, cfg.bos_id, cfg.eos_id)
     return model, tok
 
@@ -162,7 +177,7 @@ def run_local(spec: RunSpec, on_step: Callable | None = None, rank: int = 0, wor
         from workbench.trace import worker_pool
         worker_pool.prestart()
     device = pick_device(spec.device)
-    model, tok = load_model(spec.model, device, rank=rank, world=world)  # only this rank's shard is read
+    model, tok = load_model(spec.model, device, rank=rank, world=world, dtype=spec.dtype)  # only this rank's shard
     sampler = Sampler(spec.sampler)
     if world > 1:
         from workbench.runtime import tp
