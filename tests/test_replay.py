@@ -67,6 +67,8 @@ def test_a_bfloat16_run_records_its_dtype_and_replays_in_it(trace, tmp_path):
     result = run(spec)
     t = open_trace(tmp_path / "bf16.zarr")
     assert t.metadata["dtype"] == "bfloat16" and open_trace(trace / "t.zarr").metadata["dtype"] == "float32"
+    from workbench.views.run_info import run_summary
+    assert run_summary(t)["model"]["dtype that ran"] == "bfloat16"
     counts = t.activations.value_count.values[1:]                     # decode steps: one row per sequence
     assert (t.activations.hist_count.values[1:].sum(-1) == counts).all() and (counts > 0).all()
     report = verify(tmp_path / "bf16.zarr")

@@ -54,6 +54,8 @@ def run_summary(trace) -> dict[str, dict]:
     model = meta.get("model_config") or meta.get("model") or {}
     if not isinstance(model, dict):
         model = {"model": model}
+    if "dtype" in meta:  # what ran (--dtype), beside the checkpoint's own torch_dtype
+        model = {"dtype that ran": meta["dtype"], **model}
     sampler = meta.get("sampler") or {}
     arm = meta.get("arm") or meta.get("redistribution")
     parallel = {"tensor-parallel size": meta.get("tp_size", meta.get("tp", spec.world)), "algorithm": meta.get("tp_algorithm", "allreduce")}
@@ -68,7 +70,8 @@ def run_summary(trace) -> dict[str, dict]:
     for u in spec.user_arrays:  # your own probes: what ran, where, and of what shape
         shape = ", ".join(f"{d} {n}" for d, n in zip(u.dims, u.shape)) or "one value"
         sizes[f"user probe {u.name}"] = f"{u.fn} on {len(u.hooks)} hook points ({shape})"
-    known = {"model_config", "model", "sampler", "arm", "redistribution", "tp", "tp_size", "tp_algorithm", "prompts"}
+    known = {"model_config", "model", "sampler", "arm", "redistribution", "tp", "tp_size", "tp_algorithm", "prompts",
+             "dtype"}
     other = {k: v for k, v in meta.items() if k not in known}
     return {"model": model, "parallelism": parallel, "sampler": sampler,
             "redistribution (ARM)": arm if isinstance(arm, dict) else {"enabled": bool(arm)},
