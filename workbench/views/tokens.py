@@ -171,8 +171,8 @@ class TokensView(TraceView):
 
 
 def _visible(text: str) -> str:
-    """A token's text as a label: escapes for the unprintable, ␣ for a space at either end (a
-    space alone would be an empty label)."""
+    """A token's text as a label: as it is if printable and not padded with whitespace; else
+    escaped, with ␣ for its spaces (a space alone would be an empty label)."""
     if text.strip() == text and text.isprintable():
         return text
     return repr(text)[1:-1].replace(" ", "\u2423")
