@@ -8,6 +8,9 @@ themselves, not from decoding.
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -130,3 +133,64 @@ def test_a_recording_names_hf_tokens_as_they_read(tokenizer_file, tmp_path):
     ids = tok.encode(SAMPLE)
     assert list(tokens.text.values[0, :len(ids)]) == [tok.token_text(i) for i in ids]
     assert list(tokens.vocab_text.values) == [tok.token_text(i) for i in range(cfg.vocab_size)]
+
+
+LLAMA3_STYLE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                "{{ m['content'] }}<|eot_id|>{% endfor %}"
+                "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture
+def chat_model(tmp_path):
+    raw = byte_level_style()
+    raw.add_special_tokens(SPECIALS)
+    model_dir = tmp_path / "chat-model"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=raw.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      max_seq_len=96, bos_id=None, eos_id=None)
+    save_llama(Llama(cfg), model_dir)
+    raw.save(str(model_dir / "tokenizer.json"))
+    return raw, model_dir
+
+
+def _tokenizer_config(model_dir, template):
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": template, "bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>"}}))
+
+
+def test_chat_lays_the_prompt_out_with_the_checkpoints_template(chat_model, tmp_path):
+    from workbench.replay import verify
+    raw, model_dir = chat_model
+    _tokenizer_config(model_dir, LLAMA3_STYLE)
+    run(RunSpec(model=str(model_dir), prompts=["hi there"], max_new_tokens=3, device="cpu", chat=True,
+                record=str(tmp_path / "chat.zarr"), probes=("sampler",)))
+    meta = open_trace(tmp_path / "chat.zarr").metadata
+    laid_out = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi there<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = meta["prompt_ids"][0]
+    assert meta["chat"] and ids == raw.encode(laid_out, add_special_tokens=False).ids
+    assert ids[0] == raw.token_to_id("<|begin_of_text|>") and ids.count(raw.token_to_id("<|eot_id|>")) == 1
+    plain = run(RunSpec(model=str(model_dir), prompts=["hi there"], max_new_tokens=3, device="cpu"))
+    assert plain.prompt_ids[0] == raw.encode("hi there").ids != ids
+    assert verify(tmp_path / "chat.zarr").ok
+
+
+def test_a_chat_replays_from_the_ids_it_read(chat_model, tmp_path):
+    """A template may name the time (Llama 3.1 writes today's date): replay uses the recorded ids."""
+    from workbench.replay import verify
+    _, model_dir = chat_model
+    _tokenizer_config(model_dir, "{{ bos_token }}{{ strftime_now('%H:%M:%S.%f') }} " + LLAMA3_STYLE)
+    run(RunSpec(model=str(model_dir), prompts=["hi"], max_new_tokens=4, device="cpu", chat=True,
+                record=str(tmp_path / "timed.zarr"), probes=("sampler",)))
+    report = verify(tmp_path / "timed.zarr")
+    assert report.ok and report.steps_checked == 4
+
+
+def test_chat_without_a_template_is_a_one_line_error(chat_model):
+    _, model_dir = chat_model
+    proc = subprocess.run([sys.executable, "-m", "workbench.cli", "generate", "--model", str(model_dir), "--chat",
+                           "--prompt", "hi", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"workbench: error: --chat: {model_dir} has no chat template "
+                                                "(chat_template in tokenizer_config.json or chat_template.jinja)"]

@@ -52,6 +52,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",
                    help="weights and activations; auto: the checkpoint's torch_dtype (default: %(default)s)")
+    p.add_argument("--chat", action="store_true",
+                   help="lay each prompt out as a user turn with the checkpoint's chat template (instruct models)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--tp", type=_positive_int, default=1,
                    help="tensor-parallel size: local ranks to spawn (docs/tensor-parallel.md)")
@@ -84,7 +86,8 @@ def _spec_from_args(args):
     spec = RunSpec(model=args.model, max_new_tokens=args.max_new_tokens,
                    sampler=SamplerConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          seed=args.seed),
-                   stop_strings=list(args.stop), device=args.device, block_size=args.block_size, dtype=args.dtype)
+                   stop_strings=list(args.stop), device=args.device, block_size=args.block_size, dtype=args.dtype,
+                   chat=args.chat)
     if args.prompt:
         spec.prompts = list(args.prompt)
     spec.arm = _arm_settings(args)
@@ -188,8 +191,9 @@ class _Streamer:
     def __call__(self, event) -> None:
         if self.inner is None:
             from workbench.runtime.session import TextStreamer, load_tokenizer_only
+            from workbench.runtime.session import encode_prompts
             tok = load_tokenizer_only(self.spec.model)
-            self.inner = TextStreamer(tok, context=tok.encode(self.spec.prompts[0]))
+            self.inner = TextStreamer(tok, context=encode_prompts(self.spec, tok, max_seq_len=1 << 62)[0])
             sys.stdout.write(self.spec.prompts[0])
         self.inner(event)
 

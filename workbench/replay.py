@@ -43,7 +43,9 @@ def spec_from_trace(trace, model: str | None = None):
                        stop_strings=list(meta.get("stop_strings", [])), tp=int(meta.get("tp_size", 1)),
                        tp_algorithm=meta.get("tp_algorithm", "allreduce"), arm=meta.get("arm"),
                        block_size=int(meta.get("block_size", 16)), device="cpu",
-                       dtype=meta.get("dtype", "float32"))  # traces before 25 Nov 2026: always float32
+                       dtype=meta.get("dtype", "float32"),  # traces before 25 Nov 2026: always float32
+                       # the ids the run read (a chat template may name today's date: never re-render)
+                       prompt_ids=meta.get("prompt_ids"), chat=bool(meta.get("chat", False)))
     except KeyError as e:
         raise WorkbenchError(f"{trace.path} lacks run metadata {e.args[0]!r} needed to replay it") from None
 

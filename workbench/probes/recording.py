@@ -43,6 +43,7 @@ def run_metadata(spec, model, tok, prompts, world: int, selection: ProbeSelectio
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "prompts": list(spec.prompts),
         "prompt_ids": [list(p) for p in prompts],
+        "chat": bool(getattr(spec, "chat", False)),  # prompt_ids hold the chat template's layout
         "max_new_tokens": spec.max_new_tokens,
         "stop_strings": list(spec.stop_strings),
         "sampler": spec.sampler.to_dict(),

@@ -31,6 +31,8 @@ class RunSpec:
     stop_strings: list[str] = field(default_factory=list)
     device: str = "auto"            # auto: cuda when present, else cpu
     dtype: str = "float32"          # weights and activations: float32, bfloat16, float16, or auto (the checkpoint's)
+    chat: bool = False              # lay each prompt out with the checkpoint's chat template (runtime/chat.py)
+    prompt_ids: list | None = None  # token ids per prompt, used instead of encoding ``prompts`` (replay)
     block_size: int = 16
     tp: int = 1                     # tensor-parallel size
     tp_algorithm: str = "allreduce"  # or "reduce_scatter"
@@ -109,7 +111,13 @@ def checkpoint_stop_ids(path: str | Path, cfg, tok) -> list[int]:
 
 
 def encode_prompts(spec: RunSpec, tok, max_seq_len: int) -> list[list[int]]:
-    ids = [tok.encode(p) for p in spec.prompts]
+    if spec.prompt_ids is not None:
+        ids = [[int(i) for i in p] for p in spec.prompt_ids]
+    elif spec.chat:  # the template writes the special tokens it needs
+        from workbench.runtime.chat import render_chat
+        ids = [tok.encode(render_chat(spec.model, p), add_special_tokens=False) for p in spec.prompts]
+    else:
+        ids = [tok.encode(p) for p in spec.prompts]
     for p, i in zip(spec.prompts, ids):
         if len(i) + spec.max_new_tokens > max_seq_len:
             raise WorkbenchError(f"prompt of {len(i)} tokens plus {spec.max_new_tokens} new tokens exceeds "

@@ -12,7 +12,7 @@ class Tokenizer(Protocol):
     bos_id: int | None
     eos_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: list[int]) -> str: ...
     def token_text(self, token_id: int) -> str: ...
 
@@ -25,9 +25,9 @@ class ByteTokenizer:
     def __init__(self, vocab_size: int = 259, bos_id: int | None = 256, eos_id: int | None = 257) -> None:
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = list(text.encode("utf-8"))
-        return ([self.bos_id] if self.bos_id is not None else []) + ids
+        return ([self.bos_id] if self.bos_id is not None and add_special_tokens else []) + ids
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -54,8 +54,8 @@ class HFTokenizer:
         self._ref = next((i for c in "aex0." if (i := self._tok.token_to_id(c)) is not None
                           and self.decode([i]) == c), None)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
