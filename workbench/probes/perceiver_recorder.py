@@ -165,13 +165,10 @@ class PerceiverRecorder(Recorder):
         if spec.n_self_layers:
             w.write(first, "latent_attention/latent_position", lat, n_steps=k)
 
-    def _queue_kv(self, steps) -> None:
-        self._write_kv_totals(steps[0].step, self._kv_cache.stats_of(*np.array([st.kv for st in steps]).T))
-
-    def _write_kv_totals(self, first: int, totals) -> None:
-        """``totals`` (CacheStats of arrays over steps first, first + 1, ...) into layer 0."""
+    def _write_kv_totals(self, first: int, kv) -> None:
+        """Totals over every part of the cache (``PerceiverARCache.stats_of``) go to layer 0."""
         for name in KV_FIELDS:
-            data = getattr(totals, name)
+            data = getattr(kv, name)
             self.writer.write(first, f"kv_cache/{name}", data, n_steps=len(data), layer=0)
 
     def _keep_activations(self, step: int) -> bool:
@@ -207,9 +204,6 @@ class PerceiverRecorder(Recorder):
         # MLP sites without ARM count near-zero values below the trace's fixed threshold, not by
         # ARM's MAD rule (the decoder's).
         return layers, site_ids, np.where(np.isnan(eps), float(self.spec.near_zero_eps), eps)
-
-    def _write_kv(self, step: int, cache) -> None:
-        self._write_kv_totals(step, cache.stats_of(*np.array([cache.usage()]).T))  # totals over every part
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         """This step's cross and latent maps and the attention mass each position received: per

@@ -410,8 +410,8 @@ class Recorder:
         self._acts_from_taps()
         if self._acts:
             self._write_activations(step, q_start, q_stop, active)
-        if "kv" in self.sel and hasattr(event.cache, "stats"):
-            self._write_kv(step, event.cache)
+        if "kv" in self.sel and hasattr(event.cache, "usage"):
+            self._write_kv_totals(step, event.cache.stats_of(*np.array([event.cache.usage()], dtype=np.int64).T))
         if "comm" in self.sel and self._comm[1].any():
             w.write_comm(step, start=self._comm[0], seconds=self._comm[1], nbytes=self._comm[2].astype(np.int64))
         if "timing" in self.sel:
@@ -438,10 +438,6 @@ class Recorder:
         if self._taps is not None and self._taps[0] is not None:
             self._acts.update(zip(self._tap_keys, self._taps))
             self._taps[:] = self._no_taps
-
-    def _write_kv(self, step: int, cache) -> None:
-        st = cache.stats()  # PagedKVCache: per layer, the same in every layer
-        self.writer.write_kv(step, **{k: np.full(self.n_layers, getattr(st, k), dtype=np.int64) for k in KV_FIELDS})
 
     def _write_attention(self, step: int, q_start, q_stop, active) -> None:
         layers = sorted(self._patterns)
@@ -674,9 +670,15 @@ class Recorder:
         return cache.usage()
 
     def _queue_kv(self, steps: list[_DecodeStep]) -> None:
-        kv = self._kv_cache.stats_of(*np.array([st.kv for st in steps], dtype=np.int64).T)  # [k] each
-        for name in KV_FIELDS:  # every layer holds the same
-            self.writer.write(steps[0].step, f"kv_cache/{name}", getattr(kv, name)[:, None], n_steps=len(steps))
+        self._write_kv_totals(steps[0].step, self._kv_cache.stats_of(*np.array([st.kv for st in steps],
+                                                                                dtype=np.int64).T))
+
+    def _write_kv_totals(self, first: int, kv) -> None:
+        """``kv``: CacheStats of arrays over steps first, first + 1, ... (``stats_of`` of what
+        ``usage()`` returned at each); a decoder's every layer holds the same."""
+        for name in KV_FIELDS:
+            data = getattr(kv, name)
+            self.writer.write(first, f"kv_cache/{name}", data[:, None], n_steps=len(data))
 
     def _queue_tokens(self, steps: list[_DecodeStep]) -> None:
         """The chosen tokens of each sequence at their positions (consecutive while it is active)."""
