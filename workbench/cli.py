@@ -190,9 +190,8 @@ class _Streamer:
 
     def __call__(self, event) -> None:
         if self.inner is None:
-            from workbench.runtime.session import TextStreamer, load_tokenizer_only
-            from workbench.runtime.session import encode_prompts
-            tok = load_tokenizer_only(self.spec.model)
+            from workbench.runtime.session import TextStreamer, encode_prompts, load_tokenizer_only
+            tok = load_tokenizer_only(self.spec.model)  # the prompt's last token opens the decode window
             self.inner = TextStreamer(tok, context=encode_prompts(self.spec, tok, max_seq_len=1 << 62)[0])
             sys.stdout.write(self.spec.prompts[0])
         self.inner(event)
