@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from workbench.cli import main
+from workbench.errors import WorkbenchError
 from workbench.runtime.generate import generate
 from workbench.runtime.session import PROJECT_ROOT, load_model
-from workbench.training.corpus import build_corpus, eval_windows, is_held_out, stdlib_files
+from workbench.training.corpus import WindowSampler, build_corpus, eval_windows, is_held_out, stdlib_files
 from workbench.training.train import TrainConfig, bits_per_byte, lr_at, train, train_and_save
 
 MODELS = PROJECT_ROOT / "data" / "models"
@@ -117,6 +118,44 @@ def test_training_lowers_the_loss_and_is_reproducible_from_the_seed(kind, small_
     assert a.report["steps"] == 12 and a.report["heldout_bits_per_byte"] < math.log2(259)
 
 
+def _repeat_covering(row: np.ndarray, changed: np.ndarray) -> tuple[int, int, int] | None:
+    """(first, second, length) of a printable run of 16-128 bytes that ``row`` holds twice, the
+    second copy after the first, and whose two copies hold every ``changed`` position; or None."""
+    n, printable = len(row), (row >= 32) & (row < 127)
+    for gap in range(16, n):
+        same = (row[:n - gap] == row[gap:]) & printable[:n - gap] & printable[gap:]
+        edges = np.diff(np.concatenate([[0], same.astype(np.int8), [0]]))
+        for first, end in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)):
+            m = end - first
+            covered = ((changed >= first) & (changed < end)) | ((changed >= first + gap) & (changed < end + gap))
+            if 16 <= m <= gap + 2 and covered.all():  # a run may grow by a byte that matches by chance
+                return int(first), int(first + gap), int(m)
+    return None
+
+
+def test_repeat_share_writes_a_random_string_twice_into_that_share_of_windows(small_corpus):
+    stream = small_corpus.train
+    # The same seed draws the same window starts first, so the plain windows show what was written.
+    plain = WindowSampler(stream, 255, 64, seed=3).next_batch().numpy()
+    batch = WindowSampler(stream, 255, 64, seed=3, repeat_share=1.0).next_batch().numpy()
+    again = WindowSampler(stream, 255, 64, seed=3, repeat_share=1.0).next_batch().numpy()
+    assert np.array_equal(batch, again)  # reproducible from the seed
+    lengths = []
+    for row, before in zip(batch, plain):
+        changed = np.flatnonzero(row != before)
+        assert changed.size >= 16
+        found = _repeat_covering(row, changed)
+        assert found is not None, changed
+        lengths.append(found[2])
+    assert min(lengths) >= 16 and max(lengths) <= 130 and len(set(lengths)) > 10  # lengths vary over 16-128
+    plain = WindowSampler(stream, 255, 400, seed=4).next_batch().numpy()
+    half = WindowSampler(stream, 255, 400, seed=4, repeat_share=0.5).next_batch().numpy()
+    touched = (half != plain).any(axis=1).mean()
+    assert 0.4 < touched < 0.6, touched
+    with pytest.raises(WorkbenchError, match="repeat share"):
+        WindowSampler(stream, 255, 4, seed=0, repeat_share=1.5)
+
+
 def test_train_and_save_writes_a_loadable_checkpoint(tmp_path, small_corpus, monkeypatch):
     out = tmp_path / "m"
     lines = []
@@ -146,3 +185,7 @@ def test_cli_train_rejects_bad_flags(capsys):
     capsys.readouterr()
     assert main(["train", "--minutes", "0"]) == 2
     assert "more than 0 minutes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--repeat-share", "1.5"])
+    assert e.value.code == 2
+    assert "between 0 and 1" in capsys.readouterr().err

@@ -37,6 +37,13 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+def _share(text: str) -> float:
+    v = _nonneg_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text}")
+    return v
+
+
 def _add_generate(sub) -> None:
     from workbench.paths import DEFAULT_MODEL
     p = sub.add_parser("generate", help="generate text, optionally recording a trace")
@@ -285,6 +292,9 @@ def _add_train(sub) -> None:
                    help="windows per step (default: 8 for llama, as many predicted bytes for perceiver_ar)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--lr", type=_nonneg_float, default=4e-3)
+    p.add_argument("--repeat-share", type=_share, default=None,
+                   help="share of windows that also hold a random string written twice, which grows induction "
+                        "heads (default: 0.3 for llama, 0 for perceiver_ar, as the shipped models were trained)")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_train)
@@ -292,12 +302,13 @@ def _add_train(sub) -> None:
 
 def _cmd_train(args) -> int:
     from workbench.runtime.session import PROJECT_ROOT
-    from workbench.training.train import TrainConfig, train_and_save
+    from workbench.training.train import DEFAULT_REPEAT_SHARE, TrainConfig, train_and_save
     default_out = {"llama": "llama-bytes", "perceiver_ar": "perceiver-ar-bytes"}[args.model_kind]
     tc = TrainConfig(model_kind=args.model_kind, out=args.out or str(PROJECT_ROOT / "data" / "models" / default_out),
                      minutes=None if args.steps else args.minutes, steps=args.steps, seed=args.seed,
                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, threads=args.threads,
-                     device=args.device)
+                     device=args.device, repeat_share=DEFAULT_REPEAT_SHARE[args.model_kind]
+                     if args.repeat_share is None else args.repeat_share)
     train_and_save(tc)
     return 0
 

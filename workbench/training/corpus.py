@@ -94,19 +94,49 @@ def build_corpus(root: Path | None = None, heldout_percent: int = 5, max_files: 
 
 
 class WindowSampler:
-    """Random windows of ``seq_len + 1`` tokens from a stream, from a seeded generator (reproducible)."""
+    """Random windows of ``seq_len + 1`` tokens from a stream, from a seeded generator (reproducible).
 
-    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+    repeat_share: the share of windows that also carry a string of random printable bytes written
+    twice (16-128 bytes, the second copy later in the window). Predicting the second copy takes an
+    induction head (attend to the byte after the earlier occurrence of the current byte), which a
+    small model trained on a few million bytes of code alone does not form.
+    """
+
+    min_repeat, max_repeat = 16, 128
+
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 repeat_share: float = 0.0) -> None:
         if stream.size < seq_len + 2:
             raise WorkbenchError(f"corpus of {stream.size} tokens is shorter than one window of {seq_len + 1}")
+        if not 0.0 <= repeat_share <= 1.0:
+            raise WorkbenchError(f"repeat share must be between 0 and 1, got {repeat_share}")
+        if repeat_share and seq_len + 1 < 2 * self.min_repeat:
+            raise WorkbenchError(f"windows of {seq_len + 1} tokens are too short for repeats of {self.min_repeat}")
         self.data = torch.from_numpy(stream.astype(np.int64))
-        self.seq_len, self.batch_size = seq_len, batch_size
+        self.seq_len, self.batch_size, self.repeat_share = seq_len, batch_size, repeat_share
         self.gen = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> torch.Tensor:
         starts = torch.randint(0, self.data.numel() - self.seq_len - 1, (self.batch_size,), generator=self.gen)
         idx = starts[:, None] + torch.arange(self.seq_len + 1)
-        return self.data[idx]  # [batch, seq_len + 1]
+        batch = self.data[idx]  # [batch, seq_len + 1]
+        if self.repeat_share:
+            chosen = torch.rand(self.batch_size, generator=self.gen) < self.repeat_share
+            for i in chosen.nonzero().flatten().tolist():
+                self._write_repeat(batch[i])  # a view: writes into the batch
+        return batch
+
+    def _write_repeat(self, row: torch.Tensor) -> None:
+        n = row.numel()
+        m = self._randint(self.min_repeat, min(self.max_repeat, n // 2) + 1)
+        first = self._randint(0, n - 2 * m + 1)
+        second = self._randint(first + m, n - m + 1)
+        text = torch.randint(32, 127, (m,), generator=self.gen)
+        row[first:first + m] = text
+        row[second:second + m] = text
+
+    def _randint(self, low: int, high: int) -> int:
+        return int(torch.randint(low, high, (1,), generator=self.gen))
 
 
 def eval_windows(stream: np.ndarray, seq_len: int, n_windows: int) -> torch.Tensor:

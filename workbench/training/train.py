@@ -28,6 +28,8 @@ from workbench.training.corpus import VOCAB_SIZE, Corpus, WindowSampler, build_c
 from workbench.training.curve import write_curve_csv, write_curve_svg
 
 MODEL_KINDS = ("llama", "perceiver_ar")
+# What `workbench train` uses, as the shipped models were trained (the Perceiver AR model before repeats).
+DEFAULT_REPEAT_SHARE = {"llama": 0.3, "perceiver_ar": 0.0}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class TrainConfig:
     eval_windows_final: int = 64
     heldout_percent: int = 5
     max_files: int | None = None     # first N stdlib files only (tests)
+    repeat_share: float = 0.0        # windows that also hold a random string written twice (corpus.WindowSampler)
     threads: int = 2
     device: str = "cpu"
     progress: bool = True
@@ -188,7 +191,8 @@ def train(tc: TrainConfig, corpus: Corpus | None = None, log: Callable[[str], No
     torch.manual_seed(tc.seed)
     model = BUILDERS[tc.model_kind](tc).to(device).train()
     opt = make_optimizer(model, tc)
-    batches = WindowSampler(corpus.train, tc.seq_len, tc.batch_size, seed=tc.seed + 1)
+    batches = WindowSampler(corpus.train, tc.seq_len, tc.batch_size, seed=tc.seed + 1,
+                            repeat_share=tc.repeat_share)
     small_eval = eval_windows(corpus.heldout, tc.seq_len, tc.eval_windows_small)
     budget = tc.minutes * 60 if tc.minutes is not None else None
     n_params = sum(p.numel() for p in model.parameters())
