@@ -28,7 +28,7 @@ from workbench.training.corpus import VOCAB_SIZE, Corpus, WindowSampler, build_c
 from workbench.training.curve import write_curve_csv, write_curve_svg
 
 MODEL_KINDS = ("llama", "perceiver_ar")
-# What `workbench train` uses, as the shipped models were trained.
+# What `workbench train` uses, as the shipped models were trained (the Perceiver AR model before repeats).
 DEFAULT_REPEAT_SHARE = {"llama": 0.3, "perceiver_ar": 0.0}
 
 
