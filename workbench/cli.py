@@ -302,13 +302,12 @@ def _add_train(sub) -> None:
 
 def _cmd_train(args) -> int:
     from workbench.runtime.session import PROJECT_ROOT
-    from workbench.training.train import DEFAULT_REPEAT_SHARE, TrainConfig, train_and_save
+    from workbench.training.train import TrainConfig, train_and_save
     default_out = {"llama": "llama-bytes", "perceiver_ar": "perceiver-ar-bytes"}[args.model_kind]
     tc = TrainConfig(model_kind=args.model_kind, out=args.out or str(PROJECT_ROOT / "data" / "models" / default_out),
                      minutes=None if args.steps else args.minutes, steps=args.steps, seed=args.seed,
                      batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, threads=args.threads,
-                     device=args.device, repeat_share=DEFAULT_REPEAT_SHARE[args.model_kind]
-                     if args.repeat_share is None else args.repeat_share)
+                     device=args.device, repeat_share=args.repeat_share)
     train_and_save(tc)
     return 0
 
