@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from workbench.errors import WorkbenchError
 from workbench.models.config import LlamaConfig
 from workbench.models.llama import Llama
 from workbench.runtime.checkpoint import save_llama
@@ -74,6 +75,8 @@ def test_stop_on_eos_and_stop_strings():
     target = tok.decode(free[2:4])
     res = generate(model, [[1, 2, 3]], 10, stop_strings=[target], decode=tok.decode)
     assert res.finish_reasons == ["stop"] and target not in res.texts[0]
+    with pytest.raises(WorkbenchError, match="a stop string must not be empty"):  # "" would end it at once
+        generate(model, [[1, 2, 3]], 10, stop_strings=["\n", ""], decode=tok.decode)
 
 
 def test_a_checkpoint_stops_at_every_end_token_it_names(tmp_path):
@@ -169,6 +172,7 @@ def test_cli_json_output(model_dir):
     (["--temperature", "-1"], "expected a number >= 0"),
     (["--top-p", "2"], "top-p must be in (0, 1]"),
     (["--prompt", "x" * 80, "--max-new-tokens", "4"], "exceeds the model's context of 64"),
+    (["--stop", ""], "a stop string must not be empty"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(model_dir, args, message):
     if "--model" not in args:

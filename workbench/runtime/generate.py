@@ -93,6 +93,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                              f"model's context of {ctx}")
     if stop_strings and decode is None:
         raise WorkbenchError("stop strings need a decode function")
+    if any(not s for s in stop_strings):  # "" is in every text: it would end every sequence at once
+        raise WorkbenchError("a stop string must not be empty")
     if not isinstance(sampler, Sampler):
         sampler = Sampler(sampler)
     device = next(model.parameters()).device
