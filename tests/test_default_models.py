@@ -1,6 +1,8 @@
 """The default models shipped in data/models, and the training loop that makes them (tiny configs)."""
+import functools
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +61,37 @@ def test_default_model_generates_python_and_keeps_its_reported_bits_per_byte(kin
     windows = eval_windows(corpus.heldout, seq_len, 16)
     bpb = bits_per_byte(model, windows)
     assert bpb < report["heldout_bits_per_byte"] + MARGIN, (bpb, report["heldout_bits_per_byte"])
+
+
+# Prompts a new user meets first: the CLI's default, the README's and docs' examples, the bench's.
+COMMON_PROMPTS = ["def fibonacci(n):\n", "class Stack:", "def fib(n):", "class Stack:\n    def __init__(self):\n",
+                  "import os\nimport sys\n\n\ndef main(argv):\n    ", "def f(x):\n", "if x:\n", "import os\n"]
+# Greedy continuations that are known to end in a run of spaces (docs/default-models.md); strict:
+# a model that gets past one fails here, and the entry goes.
+KNOWN_STUCK = {("llama", "class Stack:")}
+
+
+def longest_space_run(text: str) -> int:
+    return max((len(run) for run in re.findall(" +", text)), default=0)
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_model(kind: str):
+    return load_model(DEFAULTS[kind], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind, prompt", [
+    pytest.param(kind, prompt, marks=[pytest.mark.xfail(strict=True, reason="greedy text gets stuck in spaces")]
+                 if (kind, prompt) in KNOWN_STUCK else [])
+    for kind in SHIPPED for prompt in COMMON_PROMPTS])
+def test_default_model_greedy_text_from_common_prompts_is_code_not_a_run_of_spaces(kind, prompt):
+    """Greedy decoding of a small byte model can get stuck in an indentation that never ends (the
+    Llama model shipped before this test did so on three of these prompts, although its bits per
+    byte were better than its predecessor's): each continuation holds code, and no run of spaces
+    longer than deep Python indentation."""
+    model, tok = shipped_model(kind)
+    text = generate(model, [tok.encode(prompt)], 64, stop_ids=[tok.eos_id], decode=tok.decode).texts[0]
+    assert longest_space_run(text) <= 20 and len(text.replace(" ", "").replace("\n", "")) >= 16, text
 
 
 @pytest.mark.parametrize("kind", SHIPPED)

@@ -300,9 +300,10 @@ def _add_train(sub) -> None:
                    help="windows per step (default: 8 for llama, as many predicted bytes for perceiver_ar)")
     p.add_argument("--seq-len", type=_positive_int, default=512)
     p.add_argument("--lr", type=_nonneg_float, default=4e-3)
-    p.add_argument("--repeat-share", type=_share, default=None,
-                   help="share of windows that also hold a random string written twice, meant to grow induction "
-                        "heads (default: 0.3 for llama, 0 for perceiver_ar, as the shipped models were trained)")
+    p.add_argument("--repeat-share", type=_share, default=0.0,
+                   help="share of windows that also hold a random string written twice, the usual curriculum for "
+                        "induction heads; it grew none in the default models' budget (docs/default-models.md), "
+                        "which train without it (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=2)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_train)

@@ -28,8 +28,6 @@ from workbench.training.corpus import VOCAB_SIZE, Corpus, WindowSampler, build_c
 from workbench.training.curve import write_curve_csv, write_curve_svg
 
 MODEL_KINDS = ("llama", "perceiver_ar")
-# The shipped models' recipe (the Perceiver AR model was trained before repeats existed).
-DEFAULT_REPEAT_SHARE = {"llama": 0.3, "perceiver_ar": 0.0}
 
 
 @dataclass
@@ -51,8 +49,8 @@ class TrainConfig:
     eval_windows_final: int = 64
     heldout_percent: int = 5
     max_files: int | None = None     # first N stdlib files only (tests)
-    repeat_share: float | None = None  # windows that also hold a random string written twice
-                                       # (corpus.WindowSampler); None: DEFAULT_REPEAT_SHARE of the kind
+    repeat_share: float = 0.0        # windows that also hold a random string written twice
+                                     # (corpus.WindowSampler); the shipped models use none
     threads: int = 2
     device: str = "cpu"
     progress: bool = True
@@ -76,8 +74,6 @@ class TrainConfig:
             raise WorkbenchError(f"the wall-clock budget must be more than 0 minutes, got {self.minutes}")
         if self.seq_len > self.max_seq_len:
             raise WorkbenchError(f"seq_len {self.seq_len} exceeds the model context {self.max_seq_len}")
-        if self.repeat_share is None:
-            self.repeat_share = DEFAULT_REPEAT_SHARE[self.model_kind]
         if self.batch_size is None:  # same number of predicted bytes per step for both kinds
             per_window = self.seq_len if self.model_kind == "llama" else min(self.n_latents, self.seq_len)
             self.batch_size = max(1, 8 * self.seq_len // per_window)
