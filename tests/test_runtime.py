@@ -154,6 +154,12 @@ def test_cli_says_where_the_trace_is_and_how_to_see_it(model_dir, tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert f"`workbench serve '{trace}'`" in last, last  # quoted: the path has a space
     assert open_trace(trace).status == "complete"
+    # Bad input on a second run over the same path is refused before the trace is touched.
+    before = sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*"))
+    out = _cli("generate", "--model", str(model_dir), "--prompt", "ab", "--max-new-tokens", "3", "--record", str(trace),
+               "--overwrite", "--stop", "")
+    assert out.returncode == 2 and out.stderr.strip() == "workbench: error: a stop string must not be empty"
+    assert sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*")) == before
 
 
 def test_cli_json_output(model_dir):

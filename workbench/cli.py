@@ -44,12 +44,6 @@ def _share(text: str) -> float:
     return v
 
 
-def _stop_string(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("a stop string must not be empty")
-    return text
-
-
 def _add_generate(sub) -> None:
     from workbench.paths import DEFAULT_MODEL
     p = sub.add_parser("generate", help="generate text, optionally recording a trace")
@@ -60,7 +54,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", type=_stop_string, action="append", default=[], help="stop string; repeatable")
+    p.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--block-size", type=_positive_int, default=16, help="KV cache block size in tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"), default="float32",

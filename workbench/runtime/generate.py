@@ -63,6 +63,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_stop_strings(stop_strings: Sequence[str]) -> None:
+    if any(not s for s in stop_strings):  # "" is in every text: it would end every sequence at once
+        raise WorkbenchError("a stop string must not be empty")
+
+
 @torch.inference_mode()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampler: Sampler | SamplerConfig | None = None, stop_ids: Sequence[int] = (),
@@ -93,8 +98,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                              f"model's context of {ctx}")
     if stop_strings and decode is None:
         raise WorkbenchError("stop strings need a decode function")
-    if any(not s for s in stop_strings):  # "" is in every text: it would end every sequence at once
-        raise WorkbenchError("a stop string must not be empty")
+    check_stop_strings(stop_strings)
     if not isinstance(sampler, Sampler):
         sampler = Sampler(sampler)
     device = next(model.parameters()).device

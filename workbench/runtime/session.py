@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.runtime.generate import check_stop_strings
 from workbench.runtime.sampler import Sampler, SamplerConfig
 
 from workbench.paths import DEFAULT_MODEL, PROJECT_ROOT  # noqa: F401  (re-exported)
@@ -45,6 +46,9 @@ class RunSpec:
     hooks: list = field(default_factory=list)
     # Your own probes recorded into the trace (workbench/probes/user_probe.py; picklable under --tp).
     user_probes: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:  # before a store is created or replaced
+        check_stop_strings(self.stop_strings)
 
     def to_dict(self) -> dict:
         return asdict(self)
