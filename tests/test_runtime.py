@@ -162,6 +162,22 @@ def test_cli_says_where_the_trace_is_and_how_to_see_it(model_dir, tmp_path):
     assert sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*")) == before
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(max_new_tokens=0), "max new tokens must be >= 1"), (dict(block_size=0), "KV cache block size must be >= 1"),
+    (dict(tp=0), "tensor-parallel size must be >= 1"), (dict(tp_algorithm="ring"), "unknown tensor-parallel algorithm"),
+    (dict(stop_strings=[""]), "a stop string must not be empty"), (dict(prompts=[]), "no prompt given"),
+])
+def test_a_bad_run_spec_is_refused_before_the_trace_it_would_replace_is_touched(model_dir, tmp_path, bad, message):
+    from workbench.runtime.session import RunSpec, run
+    trace = tmp_path / "t.zarr"
+    spec = dict(model=str(model_dir), prompts=["ab"], max_new_tokens=3, record=str(trace), probes=["sampler"])
+    run(RunSpec(**spec))
+    before = sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*"))
+    with pytest.raises(WorkbenchError, match=message):
+        run(RunSpec(**{**spec, "overwrite": True, **bad}))
+    assert sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*")) == before
+
+
 def test_cli_json_output(model_dir):
     out = _cli("generate", "--model", str(model_dir), "--prompt", "ab", "--prompt", "cde",
                "--max-new-tokens", "4", "--json")

@@ -47,8 +47,18 @@ class RunSpec:
     # Your own probes recorded into the trace (workbench/probes/user_probe.py; picklable under --tp).
     user_probes: list = field(default_factory=list)
 
-    def __post_init__(self) -> None:  # before a store is created or replaced
+    def check(self) -> None:
+        """Refuse settings that are wrong whatever the model: ``run`` calls this first, before a
+        store is created or replaced (the model-dependent checks follow before it too)."""
+        from workbench.runtime.tp import check_algorithm
+        for name, what in (("max_new_tokens", "max new tokens"), ("block_size", "KV cache block size"),
+                           ("tp", "tensor-parallel size")):
+            if getattr(self, name) < 1:
+                raise WorkbenchError(f"{what} must be >= 1, got {getattr(self, name)}")
+        check_algorithm(self.tp_algorithm)
         check_stop_strings(self.stop_strings)
+        if not (self.prompts if self.prompt_ids is None else self.prompt_ids):
+            raise WorkbenchError("no prompt given")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -218,6 +228,7 @@ def run(spec: RunSpec, on_step: Callable | None = None):
     rank; there the call returns None on ranks other than 0, which print nothing.
     """
     from workbench.runtime import launch
+    spec.check()
     if launch.under_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
         return _run_torchrun(spec, on_step)
     if spec.record is not None:
