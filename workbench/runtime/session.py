@@ -48,8 +48,9 @@ class RunSpec:
     user_probes: list = field(default_factory=list)
 
     def check(self) -> None:
-        """Refuse settings that are wrong whatever the model: ``run`` calls this first, before a
-        store is created or replaced (the model-dependent checks follow before it too)."""
+        """Refuse settings that are wrong whatever the model. ``run`` calls this first; the checks
+        that need the model (context length, ARM layers, shards) come later, but also before a
+        store is created or replaced."""
         from workbench.runtime.tp import check_algorithm
         for name, what in (("max_new_tokens", "max new tokens"), ("block_size", "KV cache block size"),
                            ("tp", "tensor-parallel size")):
