@@ -107,6 +107,11 @@ def test_a_checkpoint_stops_at_every_end_token_it_names(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def files_and_times(store):
+    """Every file of a store with its modification time: equal before and after = untouched."""
+    return sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*"))
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "workbench.cli", *args], capture_output=True, text=True, timeout=120)
 
@@ -155,11 +160,11 @@ def test_cli_says_where_the_trace_is_and_how_to_see_it(model_dir, tmp_path):
     assert f"`workbench serve '{trace}'`" in last, last  # quoted: the path has a space
     assert open_trace(trace).status == "complete"
     # Bad input on a second run over the same path is refused before the trace is touched.
-    before = sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*"))
+    before = files_and_times(trace)
     out = _cli("generate", "--model", str(model_dir), "--prompt", "ab", "--max-new-tokens", "3", "--record", str(trace),
                "--overwrite", "--stop", "")
     assert out.returncode == 2 and out.stderr.strip() == "workbench: error: a stop string must not be empty"
-    assert sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*")) == before
+    assert files_and_times(trace) == before
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -172,10 +177,10 @@ def test_a_bad_run_spec_is_refused_before_the_trace_it_would_replace_is_touched(
     trace = tmp_path / "t.zarr"
     spec = dict(model=str(model_dir), prompts=["ab"], max_new_tokens=3, record=str(trace), probes=["sampler"])
     run(RunSpec(**spec))
-    before = sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*"))
+    before = files_and_times(trace)
     with pytest.raises(WorkbenchError, match=message):
         run(RunSpec(**{**spec, "overwrite": True, **bad}))
-    assert sorted((p.relative_to(trace), p.stat().st_mtime_ns) for p in trace.rglob("*")) == before
+    assert files_and_times(trace) == before
 
 
 def test_cli_json_output(model_dir):

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.runtime.kv_cache import PagedKVCache
+from workbench.runtime.kv_cache import PagedKVCache, check_block_size
 from workbench.runtime.sampler import Sampler, SamplerConfig
 from workbench.runtime.tokenizer import text_after
 
@@ -63,7 +63,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def check_stop_strings(stop_strings: Sequence[str]) -> None:
+def check_settings(max_new_tokens: int, block_size: int, stop_strings: Sequence[str]) -> None:
+    """Refuse generation settings that are wrong whatever the model and prompts."""
+    if max_new_tokens < 1:
+        raise WorkbenchError(f"max new tokens must be >= 1, got {max_new_tokens}")
+    check_block_size(block_size)
     if any(not s for s in stop_strings):  # "" is in every text: it would end every sequence at once
         raise WorkbenchError("a stop string must not be empty")
 
@@ -89,8 +93,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise WorkbenchError("every prompt must have at least one token")
-    if max_new_tokens < 1:
-        raise WorkbenchError(f"max new tokens must be >= 1, got {max_new_tokens}")
+    check_settings(max_new_tokens, block_size, stop_strings)
     ctx = model.cfg.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > ctx:
@@ -98,7 +101,6 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                              f"model's context of {ctx}")
     if stop_strings and decode is None:
         raise WorkbenchError("stop strings need a decode function")
-    check_stop_strings(stop_strings)
     if not isinstance(sampler, Sampler):
         sampler = Sampler(sampler)
     device = next(model.parameters()).device

@@ -26,12 +26,16 @@ class CacheStats:
     bytes_reserved: int
 
 
+def check_block_size(block_size: int) -> None:
+    if block_size < 1:
+        raise WorkbenchError(f"KV cache block size must be >= 1, got {block_size}")
+
+
 class PagedKVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, batch: int, max_len: int,
                  block_size: int = 16, num_blocks: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        if block_size < 1:
-            raise WorkbenchError(f"KV cache block size must be >= 1, got {block_size}")
+        check_block_size(block_size)
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.batch, self.block_size = batch, block_size
         self.blocks_per_seq = math.ceil(max_len / block_size)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.runtime.generate import check_stop_strings
+from workbench.runtime.generate import check_settings
 from workbench.runtime.sampler import Sampler, SamplerConfig
 
 from workbench.paths import DEFAULT_MODEL, PROJECT_ROOT  # noqa: F401  (re-exported)
@@ -49,15 +49,11 @@ class RunSpec:
 
     def check(self) -> None:
         """Refuse settings that are wrong whatever the model. ``run`` calls this first; the checks
-        that need the model (context length, ARM layers, shards) come later, but also before a
-        store is created or replaced."""
+        that need the model (context length, ARM layers, shards and TP size) come later, but also
+        before a store is created or replaced."""
         from workbench.runtime.tp import check_algorithm
-        for name, what in (("max_new_tokens", "max new tokens"), ("block_size", "KV cache block size"),
-                           ("tp", "tensor-parallel size")):
-            if getattr(self, name) < 1:
-                raise WorkbenchError(f"{what} must be >= 1, got {getattr(self, name)}")
+        check_settings(self.max_new_tokens, self.block_size, self.stop_strings)
         check_algorithm(self.tp_algorithm)
-        check_stop_strings(self.stop_strings)
         if not (self.prompts if self.prompt_ids is None else self.prompt_ids):
             raise WorkbenchError("no prompt given")
 
@@ -247,7 +243,6 @@ def _check_tensor_parallel(spec: RunSpec, world: int) -> None:
     """Bad sizes and prompts fail here, before any process starts."""
     from workbench.runtime import tp
     from workbench.runtime.checkpoint import read_config
-    tp.check_algorithm(spec.tp_algorithm)
     cfg = read_config(spec.model)
     tp.check_shardable(cfg, world)
     encode_prompts(spec, load_tokenizer_only(spec.model), cfg.max_seq_len)
